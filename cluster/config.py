@@ -1,0 +1,153 @@
+"""Every knob of the system, in one pydantic model, loadable from YAML.
+
+Precedence: defaults < YAML file (--config) < environment (MOGE_<SECTION>__<FIELD>) < CLI flags.
+Pydantic stays at this edge: the data plane receives plain dataclasses / values built from it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ENV_PREFIX = "MOGE_"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSection(_Section):
+    source: str = Field(
+        "preset:tiny-moge",
+        description="'preset:<name>' or a Hugging Face-format checkpoint directory",
+    )
+    name: str | None = Field(None, description="served model id; default: preset name or directory name")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "npu"] = "auto"
+    max_model_len: int | None = Field(None, ge=16, description="context length; default: the model's")
+    seed: int = 0
+    n_groups: int | None = Field(None, ge=1, description="top-k checkpoints: expert shards; MoGE: fixed")
+
+
+class EngineSection(_Section):
+    max_num_seqs: int = Field(32, ge=1, description="sequences in one decode batch")
+    max_num_batched_tokens: int = Field(2048, ge=16, description="tokens per step (prefill chunking)")
+    kv_block_size: int = Field(16, ge=1)
+    kv_cache_bytes: int | None = Field(None, ge=1, description="KV cache budget; default from memory")
+    kv_cache_fraction: float = Field(0.3, gt=0, le=0.95, description="of free device memory, if no bytes")
+    num_kv_blocks: int | None = Field(None, ge=1, description="overrides the byte budget (tests)")
+
+
+class ServerSection(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty = no auth")
+    admin_keys: list[str] = Field(default_factory=list, description="keys for /admin; default api_keys")
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_n: int = Field(8, ge=1, description="cap on n (choices per request)")
+    max_tokens_default: int = Field(256, ge=1)
+    num_replicas: int | Literal["auto"] = 1
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
+    replica_num_cpus: float = Field(1, ge=0)
+    replica_num_gpus: float = Field(0, ge=0)
+
+
+class DataPlaneSection(_Section):
+    transport: Literal["inprocess", "grpc", "collective"] = "inprocess"
+    num_workers: int = Field(1, ge=1, description="expert workers (devices) at start")
+    worker_num_cpus: float = Field(1, ge=0)
+    worker_num_gpus: float = Field(0, ge=0, description="1 per worker on GPUs; <1 to share")
+    worker_resources: dict[str, float] = Field(default_factory=dict, description='e.g. {"NPU": 1}')
+    ping_pong: bool = True
+    call_timeout_s: float = Field(30, gt=0, description="deadline of one expert call")
+    grpc_max_message_bytes: int = Field(256 << 20, ge=1 << 20)
+    grpc_tls_cert: str | None = None
+    grpc_tls_key: str | None = None
+    grpc_tls_ca: str | None = None
+    advertise_host: str | None = Field(None, description="address workers bind and advertise; default: Ray node IP")
+
+
+class PolicySection(_Section):
+    name: Literal["utilisation", "slo", "schedule", "none"] = "none"
+    min_devices: int = Field(1, ge=1)
+    max_devices: int = Field(8, ge=1)
+    period_s: float = Field(5, gt=0)
+    cooldown_s: float = Field(30, ge=0)
+    window_s: float = Field(30, gt=0)
+    # utilisation policy
+    target_utilisation: float = Field(0.6, gt=0, le=1)
+    target_queue_per_device: float = Field(4, ge=0)
+    hysteresis: float = Field(0.2, ge=0, lt=1)
+    # slo policy
+    ttft_p99_ms: float = Field(2000, gt=0)
+    itl_p99_ms: float = Field(200, gt=0)
+    # schedule policy: list of {at: "HH:MM", devices: N}
+    schedule: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class ElasticSection(_Section):
+    redis_url: str | None = Field(None, description="redis[s]://:password@host:port/db; None = embedded")
+    redis_password: str | None = None
+    key_prefix: str = "moge"
+    metrics_interval_s: float = Field(1, gt=0)
+    policy: PolicySection = Field(default_factory=PolicySection)
+
+
+class MogeConfig(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    engine: EngineSection = Field(default_factory=EngineSection)
+    server: ServerSection = Field(default_factory=ServerSection)
+    data_plane: DataPlaneSection = Field(default_factory=DataPlaneSection)
+    elastic: ElasticSection = Field(default_factory=ElasticSection)
+
+    @model_validator(mode="after")
+    def _check(self) -> "MogeConfig":
+        p = self.elastic.policy
+        if p.min_devices > p.max_devices:
+            raise ValueError(f"elastic.policy.min_devices ({p.min_devices}) > max_devices ({p.max_devices})")
+        if self.server.min_replicas > self.server.max_replicas:
+            raise ValueError("server.min_replicas > server.max_replicas")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, env: dict[str, str] | None = None, **overrides: Any) -> "MogeConfig":
+        data: dict[str, Any] = {}
+        if path is not None:
+            text = Path(path).read_text()
+            loaded = yaml.safe_load(text) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: the top level of the config must be a mapping")
+            data = loaded
+        _merge(data, _from_env(os.environ if env is None else env))
+        _merge(data, overrides)
+        return cls.model_validate(data)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _from_env(env: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX) or "__" not in key:
+            continue
+        path = key[len(ENV_PREFIX):].lower().split("__")
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = yaml.safe_load(value)
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value

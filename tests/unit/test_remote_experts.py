@@ -1,0 +1,147 @@
+"""RemoteExperts over the in-process transport: exact combine, placements, epochs, failover."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from actors.expert_worker import ExpertWorker
+from actors.experts import LocalExperts
+from actors.model_loader import random_expert_groups
+from actors.placement import Placement, pack_groups
+from actors.presets import get_preset
+from actors.remote_experts import ExpertCallFailed, RemoteExperts
+from actors.transport import WorkerRef
+from actors.transport_inprocess import InProcessTransport
+
+MOGE = get_preset("tiny-moge")
+TOPK = replace(MOGE, family="mixtral", top_k=3, router_scale=False, renormalize=True)
+SPEC = {"source": "preset:tiny-moge", "dtype": "float32", "device": "cpu", "seed": 0}
+
+
+class FlakyWorker(ExpertWorker):
+    """A worker that can be 'killed': every compute after that raises."""
+
+    dead = False
+
+    def compute(self, *args):
+        if self.dead:
+            raise ConnectionError(f"{self.worker_id} is gone")
+        return super().compute(*args)
+
+
+def make_workers(cfg, ids):
+    out = {}
+    for w in ids:
+        worker = FlakyWorker(w, SPEC)
+        worker.cfg = cfg  # same groups/experts layout as the preset, routing family may differ
+        out[w] = worker
+    return out
+
+
+def routing(cfg, t, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, cfg.hidden_size, generator=g)
+    if cfg.family == "moge":  # one expert per group per token, like moge_route
+        eg = cfg.experts_per_group
+        ids = torch.stack([torch.randint(0, eg, (t,), generator=g) + grp * eg for grp in range(cfg.n_groups)], 1)
+    else:
+        ids = torch.stack([torch.randperm(cfg.n_experts, generator=g)[: cfg.top_k] for _ in range(t)])
+    w = torch.rand(ids.shape, generator=g)
+    return x, ids, w
+
+
+def remote(cfg, placement, workers, **kw):
+    for w in placement.workers:
+        workers[w].load_groups(list(placement.groups_of(w)))
+    refs = {w: WorkerRef(w, local=workers[w]) for w in workers}
+    return RemoteExperts(cfg, InProcessTransport(), placement, refs, **kw)
+
+
+@pytest.mark.parametrize("cfg", [MOGE, TOPK], ids=["moge", "topk"])
+@pytest.mark.parametrize("d", [1, 2, 3, 4])
+def test_matches_local_experts_bit_for_bit(cfg, d):
+    ids_ = [f"w{i}" for i in range(d)]
+    rx = remote(cfg, pack_groups(cfg.n_groups, ids_), make_workers(cfg, ids_))
+    local = LocalExperts(cfg, random_expert_groups(cfg, range(cfg.n_groups), 0))
+    for layer, t in [(0, 1), (1, 7), (3, 33)]:
+        x, ids, w = routing(cfg, t, seed=layer)
+        assert torch.equal(rx.dispatch(layer, x, ids, w).wait(), local.dispatch(layer, x, ids, w).wait())
+    rx.close()
+
+
+def test_replicated_groups_split_tokens_among_holders():
+    ids_ = [f"w{i}" for i in range(6)]  # 4 groups on 6 workers: groups 0, 1 on two holders each
+    workers = make_workers(MOGE, ids_)
+    rx = remote(MOGE, pack_groups(4, ids_), workers)
+    local = LocalExperts(MOGE, random_expert_groups(MOGE, range(4), 0))
+    x, ids, w = routing(MOGE, 20)
+    torch.testing.assert_close(rx.dispatch(2, x, ids, w).wait(), local.dispatch(2, x, ids, w).wait())
+    tokens = {wid: workers[wid].stats()["tokens"] for wid in ids_}
+    assert tokens == {"w0": 10, "w1": 10, "w2": 20, "w3": 20, "w4": 10, "w5": 10}
+
+
+def test_group_load_counts_and_imbalance():
+    rx = remote(TOPK, pack_groups(4, ["a", "b"]), make_workers(TOPK, ["a", "b"]))
+    x, ids, w = routing(TOPK, 16)
+    rx.dispatch(1, x, ids, w).wait()
+    m = rx.metrics()
+    expect = [int(((ids // 4) == g).any(1).sum()) for g in range(4)]
+    assert m["group_tokens"][1] == expect and m["tokens"][1] == 16
+    assert m["imbalance"][1] == pytest.approx((max(expect) - min(expect)) / 16)
+    moge = remote(MOGE, pack_groups(4, ["a"]), make_workers(MOGE, ["a"]))
+    moge.dispatch(0, *routing(MOGE, 9)).wait()
+    assert moge.metrics()["imbalance"][0] == 0.0
+
+
+def test_failed_worker_retries_on_other_holder_within_the_step():
+    ids_ = ["a", "b", "c", "d", "e", "f", "g", "h"]  # every group on two workers
+    workers = make_workers(MOGE, ids_)
+    rx = remote(MOGE, pack_groups(4, ids_), workers)
+    local = LocalExperts(MOGE, random_expert_groups(MOGE, range(4), 0))
+    workers["b"].dead = True
+    x, ids, w = routing(MOGE, 10)
+    torch.testing.assert_close(rx.dispatch(0, x, ids, w).wait(), local.dispatch(0, x, ids, w).wait())
+    assert rx.retries >= 1 and rx.metrics()["down"] == ["b"]
+    before = workers["b"].stats()["calls"]
+    rx.dispatch(1, x, ids, w).wait()  # the next layer avoids the failed worker
+    assert workers["b"].stats()["calls"] == before
+
+
+def test_sole_holder_failure_uses_the_replacement():
+    workers = make_workers(MOGE, ["a", "b"])
+    replaced = []
+
+    def replacer(worker_id, groups):
+        fresh = FlakyWorker(worker_id, SPEC)
+        fresh.load_groups(list(groups))
+        replaced.append((worker_id, groups))
+        return WorkerRef(worker_id, local=fresh)
+
+    rx = remote(MOGE, pack_groups(4, ["a", "b"]), workers, replacer=replacer)
+    local = LocalExperts(MOGE, random_expert_groups(MOGE, range(4), 0))
+    workers["a"].dead = True
+    x, ids, w = routing(MOGE, 5)
+    assert torch.equal(rx.dispatch(0, x, ids, w).wait(), local.dispatch(0, x, ids, w).wait())
+    assert replaced == [("a", (0, 1))]
+
+
+def test_no_replacer_and_no_holder_is_a_clear_error():
+    workers = make_workers(MOGE, ["a"])
+    rx = remote(MOGE, pack_groups(4, ["a"]), workers, max_attempts=2)
+    workers["a"].dead = True
+    with pytest.raises(ExpertCallFailed, match="no replacer"):
+        rx.dispatch(0, *routing(MOGE, 3)).wait()
+
+
+def test_adopt_takes_effect_only_at_the_step_boundary():
+    workers = make_workers(MOGE, ["a", "b"])
+    rx = remote(MOGE, pack_groups(4, ["a"]), workers)
+    workers["b"].load_groups([0, 1, 2, 3])
+    new = Placement(1, (("b",), ("b",), ("b",), ("b",)))
+    rx.adopt(new, {"b": WorkerRef("b", local=workers["b"])})
+    rx.dispatch(0, *routing(MOGE, 4)).wait()
+    assert rx.epoch == 0 and workers["b"].stats()["calls"] == 0  # still the old epoch mid-step
+    assert rx.on_step_boundary() == 1
+    rx.dispatch(0, *routing(MOGE, 4)).wait()
+    assert workers["b"].stats()["calls"] == 1 and rx.transport.connected() == ["b"]

@@ -1,0 +1,115 @@
+"""gRPC and collective (gloo) transports on loopback, worker and replica in this process."""
+
+import pytest
+import torch
+
+from actors.expert_worker import ExpertWorker
+from actors.experts import LocalExperts
+from actors.model_loader import random_expert_groups
+from actors.placement import pack_groups
+from actors.presets import get_preset
+from actors.remote_experts import RemoteExperts
+from actors.transport import TransportError, WorkerRef, make_transport
+
+CFG = get_preset("tiny-moge")
+SPEC = {"source": "preset:tiny-moge", "dtype": "float32", "device": "cpu", "seed": 0}
+OPTS = {"host": "127.0.0.1"}
+
+
+def moge_routing(t, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    eg = CFG.experts_per_group
+    ids = torch.stack([torch.randint(0, eg, (t,), generator=g) + k * eg for k in range(CFG.n_groups)], 1)
+    return torch.randn(t, CFG.hidden_size, generator=g), ids, torch.rand(ids.shape, generator=g)
+
+
+@pytest.fixture(params=["grpc", "collective"])
+def kind(request):
+    return request.param
+
+
+def test_remote_experts_over_transport_match_local(kind):
+    workers = {w: ExpertWorker(w, SPEC, kind, OPTS) for w in ("a", "b")}
+    placement = pack_groups(4, list(workers))
+    for w, worker in workers.items():
+        worker.load_groups(list(placement.groups_of(w)))
+    refs = {w: WorkerRef(w, endpoint=worker.endpoint(), local=worker) for w, worker in workers.items()}
+    rx = RemoteExperts(CFG, make_transport(kind, timeout_s=20), placement, refs)
+    local = LocalExperts(CFG, random_expert_groups(CFG, range(4), 0))
+    try:
+        for layer, t in [(0, 1), (2, 17)]:
+            x, ids, w = moge_routing(t, layer)
+            assert torch.equal(rx.dispatch(layer, x, ids, w).wait(), local.dispatch(layer, x, ids, w).wait())
+        # a call for a group the worker lacks is an error from the worker, not a hang
+        x, ids, w = moge_routing(3)
+        with pytest.raises(Exception, match="does not hold"):
+            rx.transport.call("a", 0, [3], x, ids, w).result(timeout=20)
+        # the link survives a worker-side error
+        assert rx.transport.call("a", 0, [0], x, ids, w).result(timeout=20).shape == (1, 3, CFG.hidden_size)
+        # disconnecting one worker leaves the other's path intact
+        rx.transport.disconnect("a")
+        with pytest.raises(TransportError):
+            rx.transport.call("a", 0, [0], x, ids, w).result(timeout=20)
+        assert rx.transport.call("b", 0, [2], x, ids, w).result(timeout=20).shape == (1, 3, CFG.hidden_size)
+        rx.transport.connect(refs["a"])
+        assert rx.transport.call("a", 0, [1], x, ids, w).result(timeout=20).shape == (1, 3, CFG.hidden_size)
+    finally:
+        rx.close()
+        for worker in workers.values():
+            worker.shutdown()
+
+
+def test_grpc_peer_export_moves_exact_tensors():
+    from actors.transport_grpc import fetch_groups, worker_stats
+
+    holder = ExpertWorker("h", SPEC, "grpc", OPTS)
+    try:
+        holder.load_groups([1])
+        got = fetch_groups(holder.endpoint(), [1])
+        want = holder.export_groups([1])[1]
+        assert got[1]["first_expert"] == want["first_expert"] == 4
+        assert set(got[1]["w13"]) == set(want["w13"])
+        assert all(torch.equal(got[1]["w13"][l], want["w13"][l]) for l in want["w13"])
+        assert all(torch.equal(got[1]["w2"][l], want["w2"][l]) for l in want["w2"])
+        assert worker_stats(holder.endpoint())["held_groups"] == [1]
+    finally:
+        holder.shutdown()
+
+
+def test_grpc_unreachable_worker_fails_fast_with_transport_error():
+    t = make_transport("grpc", timeout_s=2)
+    t.connect(WorkerRef("gone", endpoint={"host": "127.0.0.1", "port": 1, "tls": False}))
+    x, ids, w = moge_routing(2)
+    with pytest.raises(TransportError):
+        t.call("gone", 0, [0], x, ids, w).result(timeout=10)
+    t.close()
+
+
+def test_grpc_with_tls(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+         "-days", "1", "-subj", "/CN=moge-worker", "-addext", "subjectAltName=DNS:moge-worker,IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    worker = ExpertWorker("t", SPEC, "grpc", {**OPTS, "tls_cert": str(cert), "tls_key": str(key)})
+    try:
+        worker.load_groups([0])
+        assert worker.endpoint()["tls"] is True
+        x, ids, w = moge_routing(4)
+        plain = make_transport("grpc", timeout_s=5)  # no CA: the handshake must fail, not fall back
+        plain.connect(WorkerRef("t", endpoint={**worker.endpoint(), "tls": False}))
+        with pytest.raises(TransportError):
+            plain.call("t", 0, [0], x, ids, w).result(timeout=10)
+        secure = make_transport("grpc", timeout_s=20, tls_ca=str(cert))
+        secure.connect(WorkerRef("t", endpoint=worker.endpoint()))
+        y = secure.call("t", 0, [0], x, ids, w).result(timeout=20)
+        assert torch.equal(y, worker.compute(0, [0], x, ids, w))
+        plain.close(), secure.close()
+    finally:
+        worker.shutdown()
