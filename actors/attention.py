@@ -67,15 +67,12 @@ def paged_attention(
     # [B, M, BS, Hkv, Dh] -> [B, L, Hkv, Dh]
     keys = kv.k[layer][batch.block_tables].flatten(1, 2).to(q.dtype)
     values = kv.v[layer][batch.block_tables].flatten(1, 2).to(q.dtype)
-    if kv_heads != heads:
-        keys = keys.repeat_interleave(heads // kv_heads, dim=2)
-        values = values.repeat_interleave(heads // kv_heads, dim=2)
-
     out = F.scaled_dot_product_attention(
         qp.transpose(1, 2),  # [B, H, Q, Dh]
-        keys.transpose(1, 2),  # [B, H, L, Dh]
+        keys.transpose(1, 2),  # [B, Hkv, L, Dh]
         values.transpose(1, 2),
         attn_mask=plan.mask,
         scale=scale,
+        enable_gqa=kv_heads != heads,  # query head h reads KV head h // (H / Hkv), no copies
     )  # [B, H, Q, Dh]
     return out.transpose(1, 2)[plan.seq_of_token, plan.row_of_token]

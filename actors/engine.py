@@ -10,6 +10,7 @@ Shape legend: T = tokens in the step, B = sequences in the step, M = widest bloc
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -172,7 +173,7 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        batch = self._step_batch(scheduled).to(self.device)
+        batch = self._to_device(self._step_batch(scheduled))
         logits = self.model(batch, self.kv)  # [B, V]
         self._steps += 1
 
@@ -216,6 +217,15 @@ class LLMEngine:
             slot_mapping=slots,
             logits_index=query_start[1:] - 1,
         )
+
+    def _to_device(self, batch: StepBatch) -> StepBatch:
+        """One host-to-device copy for all seven index tensors instead of seven small ones."""
+        if self.device.type == "cpu":
+            return batch
+        fields = [getattr(batch, f.name) for f in dataclasses.fields(batch)]
+        flat = torch.cat([t.reshape(-1) for t in fields]).to(self.device, non_blocking=True)
+        parts = flat.split([t.numel() for t in fields])
+        return StepBatch(*(part.view(t.shape) for part, t in zip(parts, fields)))
 
     def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
         seq.token_ids.append(token)

@@ -37,9 +37,15 @@ class Sampler:
         device = logits.device
         # greedy rows get temperature 1 so the division stays finite; their result is replaced
         temperature = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=device)
-        top_k = torch.tensor([p.top_k for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device)
-        probs = self._filtered_probs(logits / temperature[:, None], top_k, top_p)
+        scaled = logits / temperature[:, None]
+        probs = scaled.softmax(dim=-1)
+        # rows with top-k / top-p take the sorting path; which path a row takes depends only on
+        # its own parameters, so its numbers never depend on its batch mates
+        cut = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1]
+        if cut:
+            top_k = torch.tensor([params[i].top_k for i in cut], device=device)
+            top_p = torch.tensor([params[i].top_p for i in cut], device=device)
+            probs[cut] = self._filtered_probs(scaled[cut], top_k, top_p)
 
         q = torch.empty_like(probs)
         unseeded = [i for i, g in enumerate(generators) if g is None]

@@ -346,8 +346,9 @@ class ElasticController:
                         self._set_state(wid, "serving")
             result["timeline"]["decision"] = t0
             if result["phase"] == "done":
-                self.policy.record_change(t0)
-                self.store.set_controller(last_scale_at=t0, desired_devices=devices, last_reason=reason)
+                done_at = time.time()  # cooldown runs from when the new capacity serves
+                self.policy.record_change(done_at)
+                self.store.set_controller(last_scale_at=done_at, desired_devices=devices, last_reason=reason)
             return result
         finally:
             self._op_lock.release()

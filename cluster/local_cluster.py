@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -45,6 +47,8 @@ def start_ray(num_cpus: int) -> None:
     if str(REPO_ROOT) not in path.split(os.pathsep):
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), path) if p)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if on_main_thread else None
     ray.init(
         num_cpus=num_cpus,
         include_dashboard=False,
@@ -52,6 +56,10 @@ def start_ray(num_cpus: int) -> None:
         log_to_driver=False,
         configure_logging=False,
     )
+    # ray.init installs a native SIGTERM handler that aborts the process; a caller that set its own
+    # (the CLI's clean shutdown) gets it back.
+    if callable(previous):
+        signal.signal(signal.SIGTERM, previous)
 
 
 class LocalCluster:

@@ -83,7 +83,7 @@ class OpenAIServer:
         choices = self._plan(req, prompts, req.max_tokens)
         rid = p.new_id("cmpl")
         if req.stream:
-            return await self._stream(rid, req, choices, _CompletionChunks(rid, self.model.name, req))
+            return await self._stream(rid, req, choices, _CompletionChunks(rid, self.model.name))
         outs = await self._collect(rid, choices)
         return JSONResponse(
             p.CompletionResponse(
@@ -109,7 +109,7 @@ class OpenAIServer:
         choices = self._plan(req, prompts, req.completion_limit)
         rid = p.new_id("chatcmpl")
         if req.stream:
-            return await self._stream(rid, req, choices, _ChatChunks(rid, self.model.name, req))
+            return await self._stream(rid, req, choices, _ChatChunks(rid, self.model.name))
         outs = await self._collect(rid, choices)
         return JSONResponse(
             p.ChatCompletionResponse(
@@ -281,7 +281,7 @@ class _Chunks(Protocol):
 
 
 class _CompletionChunks:
-    def __init__(self, rid: str, model: str, req: p._SamplingFields) -> None:
+    def __init__(self, rid: str, model: str) -> None:
         self.rid, self.model = rid, model
         self.created = p.now()
 
@@ -302,7 +302,7 @@ class _CompletionChunks:
 
 
 class _ChatChunks:
-    def __init__(self, rid: str, model: str, req: p._SamplingFields) -> None:
+    def __init__(self, rid: str, model: str) -> None:
         self.rid, self.model = rid, model
         self.created = p.now()
 

@@ -117,6 +117,7 @@ def simulate(trace: Trace, policy: GuardedPolicy, clock: SimClock, model: Capaci
         for ready_at, n in [a for a in cl.arriving if a[0] <= t]:
             cl.devices = n
             cl.arriving.remove((ready_at, n))
+            policy.record_change(ready_at)  # cooldown from when the change took effect
 
         rps = rps_at(trace, t)
         capacity = cl.devices * model.rps_per_device
@@ -140,11 +141,11 @@ def simulate(trace: Trace, policy: GuardedPolicy, clock: SimClock, model: Capaci
         ctx = ScalingContext(t, window, cl.devices, model.n_groups)
         d = policy.decide(ctx)
         if d.devices != cl.devices and not cl.arriving:
-            policy.record_change()
             if d.devices > cl.devices:
                 cl.arriving.append((t + model.scale_up_delay_s, d.devices))
             else:
                 cl.devices = d.devices  # draining is fast next to loading
+                policy.record_change()
         steps.append(SimStep(t, rps, cl.devices, util, cl.backlog, window.ttft_p(99) or 0.0,
                              window.itl_p(99) or 0.0, d.devices, d.reason))
         t += tick_s

@@ -271,3 +271,52 @@ def test_tiny_moge_greedy_batched_equals_reference(tiny, tiny_prompts, tiny_refe
     if case == "preempting":
         assert engine.stats().preemptions > 0
     assert engine.stats().kv_usage == 0
+
+
+def test_tiny_moge_seeded_sampling_ignores_batch_mates(tiny, tiny_prompts):
+    spec = EngineSpec(max_model_len=128, num_kv_blocks=64, block_size=8, max_num_seqs=8, max_num_batched_tokens=64)
+    params = SamplingParams(temperature=0.8, top_p=0.95, seed=2024, max_tokens=10, ignore_eos=True)
+    alone = LLMEngine(tiny, spec)
+    alone.add_request("s", tiny_prompts[0], params)
+    solo = tokens_of(run_all(alone)["s"])
+    crowded = LLMEngine(tiny, spec)
+    mates = {0: [("m0", tiny_prompts[2], SamplingParams(temperature=1.0, max_tokens=12))],
+             1: [("s", tiny_prompts[0], params)],
+             2: [("m1", tiny_prompts[3], SamplingParams(temperature=0, max_tokens=5))]}
+    assert tokens_of(run_all(crowded, mates)["s"]) == solo
+
+
+# ---- building an engine from the configuration ------------------------------------------------
+
+
+def tiny_config(**engine):
+    from cluster.config import MogeConfig
+
+    return MogeConfig.load(env={}, model={"source": "preset:tiny-moge", "device": "cpu", "dtype": "float32",
+                                          "max_model_len": 64}, engine={"kv_block_size": 16, **engine})
+
+
+def test_build_engine_sizes_the_kv_cache_from_the_config():
+    from actors.engine_factory import build_engine
+    from actors.kv_cache import bytes_per_block
+
+    engine, loaded = build_engine(tiny_config(num_kv_blocks=10))
+    assert engine.spec.num_kv_blocks == 10 and engine.spec.max_model_len == 64 and engine.kv.num_blocks == 10
+    per_block = bytes_per_block(loaded.cfg, 16, torch.float32)
+    engine, _ = build_engine(tiny_config(kv_cache_bytes=7 * per_block + per_block // 2))
+    assert engine.spec.num_kv_blocks == 7
+    engine, _ = build_engine(tiny_config(kv_cache_fraction=0.5, max_num_seqs=3))
+    assert engine.spec.num_kv_blocks == 3 * 4  # never more than max_num_seqs full-length sequences
+    with pytest.raises(ValueError, match="cannot hold one sequence"):
+        build_engine(tiny_config(kv_cache_bytes=per_block))
+
+
+def test_build_engine_defaults_the_context_length_to_the_model():
+    from actors.engine_factory import build_engine
+    from cluster.config import MogeConfig
+
+    config = MogeConfig.load(env={}, model={"device": "cpu", "dtype": "float32"}, engine={"num_kv_blocks": 4})
+    engine, loaded = build_engine(config)
+    assert engine.spec.max_model_len == loaded.cfg.max_position_embeddings
+    engine.add_request("a", loaded.tokenizer.encode("hi"), SamplingParams(temperature=0, max_tokens=3))
+    assert tokens_of(run_all(engine)["a"])  # it serves

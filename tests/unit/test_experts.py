@@ -71,3 +71,32 @@ def test_random_expert_groups_do_not_depend_on_which_other_groups_are_built():
         assert torch.equal(alone.w2[layer], together.w2[layer])
         assert not torch.equal(alone.w13[layer], other_seed.w13[layer])
         assert not torch.equal(alone.w13[layer], neighbour.w13[layer])
+
+
+def test_group_forward_is_the_same_for_all_slots_or_only_the_groups_slots():
+    """What lets an in-process sum and a distributed combine agree bit for bit."""
+    groups = random_expert_groups(CFG, [1], seed=5)
+    g = groups[1]
+    x = torch.randn(9, CFG.hidden_size)
+    ids, weights = route(CFG, torch.randn(9, CFG.n_experts) * 3, None)  # MoGE: slot j in group j
+    whole = group_forward(g.w13[0], g.w2[0], x, ids - g.first_expert, weights)
+    own = group_forward(g.w13[0], g.w2[0], x, ids[:, 1:2] - g.first_expert, weights[:, 1:2])
+    assert torch.equal(whole, own) and whole.abs().sum() > 0
+
+
+def test_stacked_local_experts_match_group_by_group_and_pickle_compactly():
+    import pickle
+
+    groups = random_expert_groups(CFG, range(CFG.n_groups), seed=9)
+    single = {g: random_expert_groups(CFG, [g], seed=9)[g] for g in range(CFG.n_groups)}
+    x = torch.randn(7, CFG.hidden_size)
+    ids, weights = route(CFG, torch.randn(7, CFG.n_experts) * 3, None)
+    stacked = LocalExperts(CFG, groups)  # consecutive groups: one pass over a stack
+    assert stacked._stacked
+    expected = torch.zeros(7, CFG.hidden_size)
+    for g in single.values():  # what a distributed combine does: partials summed in group order
+        expected += group_forward(g.w13[1], g.w2[1], x, ids - g.first_expert, weights)
+    torch.testing.assert_close(stacked.dispatch(1, x, ids, weights).wait(), expected, atol=1e-6, rtol=1e-6)
+    blob = pickle.dumps(groups[2])
+    assert len(blob) < 1.2 * groups[2].nbytes  # a view of the stack ships only its own group
+    assert torch.equal(pickle.loads(blob).w13[0], single[2].w13[0])

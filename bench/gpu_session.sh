@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device-machine call: install the carried Ray bundle, run the GPU tests, then the benchmarks
+# behind docs/performance.md. Everything goes to $OUT. Usage (from the device tool, carry .bundle):
+#   bash bench/gpu_session.sh [tests|decode|dataplane|all]
+set -uo pipefail
+what=${1:-all}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if [ -d .bundle ] && [ ! -d /tmp/site/ray ]; then
+  mkdir -p /tmp/site && tar -xJf .bundle/ray.tar.xz -C /tmp/site &&
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .bundle/wheels/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c 'import torch, transformers, ray; print("torch", torch.__version__, "transformers", transformers.__version__, "ray", ray.__version__)' | tee -a "$OUT/gpu.txt"
+python3 -m protos.generate || exit 1
+if [[ $what == tests || $what == all ]]; then
+  timeout 300 python3 -m pytest -q -x tests/gpu -p no:cacheprovider 2>&1 | tail -30 | tee "$OUT/gpu_tests.txt"
+fi
+if [[ $what == decode || $what == all ]]; then
+  timeout 400 python3 bench/decode_vs_transformers.py --device cuda --dtype bfloat16 --shape gpu \
+    --batch-sizes ${DECODE_BATCHES:-1,8,32,128} --new-tokens 32 --moge-preset bench-moge 2>/dev/null | tee "$OUT/decode.jsonl"
+fi
+if [[ $what == dataplane || $what == all ]]; then
+  timeout 400 python3 bench/dataplane.py --preset bench-moge --batch-sizes ${DP_BATCHES:-1,8,32,64,128,256} \
+    --transports grpc --workers 2 --replica-gpus 0.5 --worker-gpus 0.25 --out "$OUT/dataplane.json" 2>&1 | tail -40
+fi
