@@ -173,7 +173,7 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        batch = self._to_device(self._step_batch(scheduled))
+        batch = self._step_batch(scheduled)
         logits = self.model(batch, self.kv)  # [B, V]
         self._steps += 1
 
@@ -191,12 +191,38 @@ class LLMEngine:
         return [self._append_token(seq, tok) for seq, tok in zip(seqs, tokens)]
 
     def _step_batch(self, scheduled: ScheduledBatch) -> StepBatch:
+        """The step's StepBatch on the model's device."""
+        if all(n == 1 for n in scheduled.num_new_tokens):
+            return self._decode_batch(scheduled.seqs)
+        return self._to_device(self._mixed_batch(scheduled))
+
+    def _decode_batch(self, seqs: list[Sequence]) -> StepBatch:
+        """The common step, one new token per sequence: built as one flat Python list, turned into
+        one tensor and copied to the device once; the fields are views into it."""
+        bs = self.spec.block_size
+        b = len(seqs)
+        pos = [s.num_computed_tokens for s in seqs]  # [B] the new token's position
+        width = max(len(s.block_table) for s in seqs)
+        flat = [s.token_ids[p] for s, p in zip(seqs, pos)]  # input_ids
+        flat += pos  # positions
+        flat += range(b + 1)  # query_start
+        flat += [p + 1 for p in pos]  # context_lens
+        for s in seqs:  # block_tables, padded with block 0
+            flat += s.block_table
+            flat += [0] * (width - len(s.block_table))
+        flat += [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, pos)]  # slot_mapping
+        flat += range(b)  # logits_index
+        t = torch.tensor(flat, dtype=torch.long).to(self.device, non_blocking=True)
+        ids, positions, query_start, context_lens, tables, slots, logits_index = t.split(
+            [b, b, b + 1, b, b * width, b, b]
+        )
+        return StepBatch(ids, positions, query_start, context_lens, tables.view(b, width), slots, logits_index)
+
+    def _mixed_batch(self, scheduled: ScheduledBatch) -> StepBatch:
+        """Prefill chunks (and decodes next to them), on the host."""
         seqs, counts = scheduled.seqs, scheduled.num_new_tokens
         starts = [s.num_computed_tokens for s in seqs]
-        if all(n == 1 for n in counts):  # the common all-decode step: skip the slicing
-            ids = [s.token_ids[c] for s, c in zip(seqs, starts)]
-        else:
-            ids = list(itertools.chain.from_iterable(s.token_ids[c : c + n] for s, c, n in zip(seqs, starts, counts)))
+        ids = list(itertools.chain.from_iterable(s.token_ids[c : c + n] for s, c, n in zip(seqs, starts, counts)))
         width = max(len(s.block_table) for s in seqs)
         tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])  # [B, M]
 
@@ -209,7 +235,7 @@ class LLMEngine:
         bs = self.spec.block_size
         slots = tables[seq_of_token, positions // bs] * bs + positions % bs  # [T]
         return StepBatch(
-            input_ids=torch.tensor(ids),
+            input_ids=torch.tensor(ids, dtype=torch.long),
             positions=positions,
             query_start=query_start,
             context_lens=start + count,

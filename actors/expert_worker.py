@@ -324,13 +324,16 @@ class ExpertWorker:
             "visible_devices": os.environ.get(env) if env else None,
             "device_count": torch.cuda.device_count() if kind == "cuda" else None,
             "assigned_resources": None,
+            "node_id": None,
             "pid": os.getpid(),
         }
         try:
             import ray
 
             if ray.is_initialized():
-                info["assigned_resources"] = ray.get_runtime_context().get_assigned_resources()
+                ctx = ray.get_runtime_context()
+                info["assigned_resources"] = ctx.get_assigned_resources()
+                info["node_id"] = ctx.get_node_id()  # which Ray node (machine / pod) the device is on
         except Exception:  # noqa: BLE001 - outside Ray there is nothing to report
             pass
         return info

@@ -1,4 +1,4 @@
-"""Optional Bearer API keys on every route but /health.
+"""Optional Bearer API keys on every route but /health (and routes that check their own keys).
 
 An ASGI middleware rather than a FastAPI dependency so that it also guards routes nobody declared
 (an unauthenticated client learns nothing, not even which paths exist) and answers before a request
@@ -44,12 +44,21 @@ class ApiKeys:
 
 
 class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
+    """`own_keys_prefixes`: path prefixes whose routes authenticate with keys of their own (the
+    admin API uses server.admin_keys), so an OpenAI key neither opens nor is needed for them."""
+
+    def __init__(self, app: ASGIApp, keys: ApiKeys, own_keys_prefixes: tuple[str, ...] = ()) -> None:
         self.app = app
         self.keys = keys
+        self.own_keys_prefixes = own_keys_prefixes
+
+    def _exempt(self, path: str) -> bool:
+        if path in OPEN_PATHS:
+            return True
+        return any(path == p or path.startswith(p + "/") for p in self.own_keys_prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys.enabled or _path(scope) in OPEN_PATHS:
+        if scope["type"] != "http" or not self.keys.enabled or self._exempt(_path(scope)):
             await self.app(scope, receive, send)
             return
         header = _header(scope, b"authorization")

@@ -1,11 +1,15 @@
-"""`moge serve`: an OpenAI-compatible endpoint on a local Ray cluster, in one command.
+"""`moge serve`: an OpenAI-compatible endpoint on a local Ray cluster, in one command; `moge
+status | scale | migrate` (cluster/cli_admin.py) drive a running elastic server's admin API.
 
     moge serve                                  tiny-moge preset on CPU, http://127.0.0.1:8000
     moge serve --model /ckpt/Qwen3-30B-A3B --port 9000
     moge serve --config moge.yaml --api-key sk-...
+    moge serve --elastic --workers 2 --api-key sk-...    experts on 2 gRPC expert workers under the
+                                                         controller, embedded Redis; then:
+    moge status --admin-key sk-...   /   moge scale 4 --admin-key sk-...
 
 Precedence: defaults < --config YAML < MOGE_<SECTION>__<FIELD> environment < flags.
-Runs until Ctrl-C or SIGTERM, then shuts Serve and Ray down.
+Runs until Ctrl-C or SIGTERM, then shuts Serve, the controller, the workers, Redis and Ray down.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from cluster.cli_admin import add_admin_commands
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moge", description="Elastic MoGE serving on Ray")
@@ -33,6 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
                        help="require 'Authorization: Bearer KEY' (repeatable)")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda", "npu"], help="where the model runs")
+    serve.add_argument("--transport", choices=["inprocess", "grpc", "collective"],
+                       help="how activations reach the expert workers; grpc / collective run the experts "
+                       "in separate workers owned by the elastic controller (default inprocess)")
+    serve.add_argument("--workers", type=int, metavar="N", help="expert workers (devices) at start")
+    serve.add_argument("--elastic", action="store_true",
+                       help="expert workers under the controller with an embedded Redis, scalable live "
+                       "with `moge scale` (implies --transport grpc unless given)")
+    serve.add_argument("--admin-key", action="append", dest="admin_keys", metavar="KEY",
+                       help="Bearer key for /admin and `moge status|scale|migrate` (default: the API keys)")
+    serve.set_defaults(func=serve_command)
+    add_admin_commands(sub)
     return parser
 
 
@@ -50,7 +67,23 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     put("server", "host", args.host)
     put("server", "port", args.port)
     put("server", "api_keys", args.api_keys)
+    put("server", "admin_keys", args.admin_keys)
+    put("data_plane", "transport", args.transport or ("grpc" if args.elastic else None))
+    put("data_plane", "num_workers", args.workers)
     return out
+
+
+def check_topology(args: argparse.Namespace, config: Any) -> str | None:
+    """A clear message for flags that contradict each other or the config, before Ray starts."""
+    dp, policy = config.data_plane, config.elastic.policy
+    if args.elastic and dp.transport == "inprocess":
+        return "--elastic needs expert workers: use --transport grpc or collective, not inprocess"
+    if args.workers is not None and dp.transport == "inprocess":
+        return "--workers needs expert workers: add --elastic (or --transport grpc|collective)"
+    if dp.transport != "inprocess" and not policy.min_devices <= dp.num_workers <= policy.max_devices:
+        return (f"{dp.num_workers} expert workers is outside elastic.policy [min_devices, max_devices] = "
+                f"[{policy.min_devices}, {policy.max_devices}]")
+    return None
 
 
 def check_model_dir(source: str) -> str | None:
@@ -80,7 +113,7 @@ def serve_command(args: argparse.Namespace) -> int:
     except (OSError, ValueError, ValidationError) as e:  # ValidationError: a bad knob value
         print(f"moge: invalid configuration: {e}", file=sys.stderr)
         return 2
-    problem = check_model_dir(config.model.source)
+    problem = check_model_dir(config.model.source) or check_topology(args, config)
     if problem:
         print(f"moge: {problem}", file=sys.stderr)
         return 2
@@ -97,6 +130,10 @@ def serve_command(args: argparse.Namespace) -> int:
         key = config.server.api_keys[0] if config.server.api_keys else None
         print(f"moge: ready in {elapsed:.1f}s, serving '{model}' at {base_url}/v1", flush=True)
         print(f"  try: {example_curl(base_url, model, key)}", flush=True)
+        if cluster.stack is not None:
+            dp = config.data_plane
+            print(f"  experts: {dp.num_workers} {dp.transport} worker(s) under the elastic controller; "
+                  f"admin: moge status --url {base_url}", flush=True)
         print("  Ctrl-C to stop", flush=True)
         while True:  # until SIGINT / SIGTERM raise KeyboardInterrupt here
             time.sleep(3600)
@@ -123,9 +160,7 @@ def _served_model(base_url: str, config: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        return serve_command(args)
-    return 2  # argparse already rejects unknown commands
+    return int(args.func(args))  # every subcommand sets func; argparse rejects unknown ones
 
 
 if __name__ == "__main__":

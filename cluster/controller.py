@@ -266,7 +266,7 @@ class ElasticController:
         except Exception:  # noqa: BLE001 - informational only
             node = {}
         rec = self.store.workers()[wid]
-        rec.info = {"device": node.get("device"), "pid": node.get("pid"),
+        rec.info = {"device": node.get("device"), "pid": node.get("pid"), "node_id": node.get("node_id"),
                     "resources": node.get("assigned_resources")}
         self.store.put_worker(rec)
 
@@ -374,6 +374,11 @@ class ElasticController:
 
     def repair(self) -> dict | None:
         """Take dead workers out of the placement, reloading their groups on the living."""
+        # Look before locking: pinging every worker takes up to seconds under load, and an admin
+        # scale arriving meanwhile must not be told "busy" by a check that finds nothing dead.
+        p = self.store.placement()
+        if p is None or all(self.fleet.alive(w) for w in self.devices(p)):
+            return None
         if not self._op_lock.acquire(blocking=False):
             return None
         try:

@@ -55,6 +55,18 @@ def elastic_enabled(config: MogeConfig) -> bool:
     return config.data_plane.transport != "inprocess"
 
 
+def ensure_controller(config: MogeConfig, namespace: str | None = "moge") -> Any:
+    """The controller actor, started if nobody has (a replica deployed from a Serve config file,
+    as on KubeRay, where no driver ran `start_elastic`), and asked to bootstrap the first workers.
+    Does not wait: the replica waits for the placement to appear in Redis. Cheap and idempotent
+    when the controller is already up (get_if_exists; bootstrap returns the stored placement)."""
+    from cluster.controller import start_controller
+
+    controller = start_controller(config, namespace)
+    controller.bootstrap.remote(config.data_plane.num_workers)
+    return controller
+
+
 def start_elastic(config: MogeConfig, namespace: str | None = "moge", redis_data_dir: str | None = None,
                   bootstrap_timeout_s: float = 300.0) -> ElasticStack:
     import ray

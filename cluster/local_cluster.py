@@ -1,5 +1,13 @@
-"""A whole serving stack on this machine: a fresh local Ray, Serve's HTTP proxy, the app, and a
-wait until /health answers. Used by `moge serve` and by the integration tests.
+"""A whole serving stack on this machine: a fresh local Ray, the elastic control plane when there
+are expert workers, Serve's HTTP proxy, the app, and a wait until /health answers. Used by
+`moge serve` and by the integration tests.
+
+Whenever experts run in separate workers (data_plane.transport grpc / collective) the controller
+owns them: `start_elastic` brings up Redis (embedded unless elastic.redis_url is set), the
+controller and the first workers before the app, and the app receives the config that names that
+Redis. There is no second, controller-less way to run workers locally: with the default policy
+`none` the elastic cluster is a static one that the admin API can still scale and migrate.
+The default in-process model starts none of this.
 
 Ray gets a bounded number of logical CPUs (what the replicas and expert workers ask for, not the
 machine's core count) and no dashboard: both keep start-up short on a small machine.
@@ -31,10 +39,14 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def logical_cpus(config: MogeConfig) -> int:
-    """CPUs Ray must advertise so every replica and expert worker can be placed."""
+    """CPUs Ray must advertise so every replica and expert worker can be placed (elastic: up to
+    the policy's max_devices workers)."""
+    from cluster.elastic_stack import elastic_enabled
+
     server, dp = config.server, config.data_plane
     replicas = server.max_replicas if server.num_replicas == "auto" else server.num_replicas
-    need = replicas * server.replica_num_cpus + dp.num_workers * dp.worker_num_cpus
+    workers = max(dp.num_workers, config.elastic.policy.max_devices) if elastic_enabled(config) else 0
+    need = replicas * server.replica_num_cpus + workers * dp.worker_num_cpus
     return max(1, math.ceil(need))
 
 
@@ -68,43 +80,79 @@ class LocalCluster:
         self.app_name = app_name
         self.num_cpus = num_cpus if num_cpus is not None else logical_cpus(config)
         self.base_url = ""
+        self.stack = None  # cluster.elastic_stack.ElasticStack when there are expert workers
         self._owns_ray = False
-        self._serve_started = False
+        self._owns_serve = False
+        self._app_running = False
 
     def start(self, timeout_s: float = 120) -> str:
-        """Start Ray (unless this process already has it), Serve and the app; return the base URL
-        once /health answers 200."""
+        """Start Ray (unless this process already has it), the elastic control plane (when there
+        are expert workers), Serve and the app; return the base URL once /health answers 200."""
         import ray
         from ray import serve
 
+        from cluster.elastic_stack import elastic_enabled, start_elastic
         from cluster.serve_app import app_builder
 
         deadline = time.monotonic() + timeout_s
         if not ray.is_initialized():
             start_ray(self.num_cpus)
             self._owns_ray = True
-        server = self.config.server
-        serve.start(http_options={"host": server.host, "port": server.port})
-        self._serve_started = True
-        serve.run(app_builder({"config": self.config.model_dump(mode="json")}), name=self.app_name, route_prefix="/")
+        config = self.config
+        if elastic_enabled(config):
+            from cluster.data_plane import WORKER_NAMESPACE
+
+            self.stack = start_elastic(config, namespace=WORKER_NAMESPACE,
+                                       bootstrap_timeout_s=max(1.0, deadline - time.monotonic()))
+            config = self.stack.config  # names the (embedded) Redis every replica must reach
+        server = config.server
+        port, route_prefix = self._start_serve(server.host, server.port)
+        serve.run(app_builder({"config": config.model_dump(mode="json")}), name=self.app_name,
+                  route_prefix=route_prefix)
+        self._app_running = True
         host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
-        self.base_url = f"http://{host}:{server.port}"
+        self.base_url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
         wait_until_healthy(self.base_url, deadline)
         return self.base_url
 
+    def _start_serve(self, host: str, port: int) -> tuple[int, str]:
+        """-> (port, route prefix). This process's Ray may already run Serve for another app (a
+        test session's shared server): then this app joins that proxy under /<app name>."""
+        from ray import serve
+        from ray.serve.context import _get_global_client
+
+        try:
+            running = _get_global_client(raise_if_no_controller_running=False) is not None
+        except Exception:  # noqa: BLE001 - no Serve controller in this cluster
+            running = False
+        self._owns_serve = not running
+        serve.start(http_options={"host": host, "port": port})
+        if not running:
+            return port, "/"
+        return int(_get_global_client().http_config.port), f"/{self.app_name}"
+
     def stop(self) -> None:
-        """Shut Serve down, and Ray too if this object started it."""
+        """Stop the app (Serve too, if this object started it), then the control plane and its
+        workers, then Ray if this object started it. Replicas go first: they leave the ack set."""
         import ray
         from ray import serve
 
         try:
-            if self._serve_started and ray.is_initialized():
-                serve.shutdown()
+            if ray.is_initialized():
+                if self._owns_serve:
+                    serve.shutdown()
+                elif self._app_running:
+                    serve.delete(self.app_name)
         finally:
-            self._serve_started = False
-            if self._owns_ray:
-                ray.shutdown()
-                self._owns_ray = False
+            self._app_running = self._owns_serve = False
+            try:
+                if self.stack is not None and ray.is_initialized():
+                    self.stack.stop()
+            finally:
+                self.stack = None
+                if self._owns_ray:
+                    ray.shutdown()
+                    self._owns_ray = False
 
     def __enter__(self) -> "LocalCluster":
         self.start()

@@ -16,7 +16,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,7 +27,8 @@ from cluster.config import ServerSection
 from cluster.errors import BodyTooLarge, InvalidRequest, ModelNotFound, as_api_error, install_handlers
 from cluster.metrics import CONTENT_TYPE, ReplicaMetrics
 
-KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
+                "/admin/status", "/admin/scale", "/admin/migrate")
 
 
 class Tokenizer(Protocol):
@@ -424,11 +425,16 @@ class RouteMetricsMiddleware:
 
 
 def build_http_app(
-    server: OpenAIServer, health: Callable[[], Awaitable[bool]] | None = None
+    server: OpenAIServer, health: Callable[[], Awaitable[bool]] | None = None, admin: APIRouter | None = None
 ) -> FastAPI:
-    """The ASGI app of one replica: routes, OpenAI error bodies, auth, per-route counters."""
+    """The ASGI app of one replica: routes, OpenAI error bodies, auth, per-route counters.
+    `admin`: the elastic admin routes (cluster/admin_api.py), which check the admin keys themselves."""
     app = FastAPI(title="moge", docs_url=None, redoc_url=None, openapi_url=None)
     install_handlers(app)
+    own_keys: tuple[str, ...] = ()
+    if admin is not None:
+        app.include_router(admin)
+        own_keys = (admin.prefix,)
     limit = server.settings.max_body_bytes
 
     @app.post("/v1/completions")
@@ -455,6 +461,6 @@ def build_http_app(
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
     # Outermost last: counting sees the 401s that auth answers itself.
-    app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(server.settings.api_keys))
+    app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(server.settings.api_keys), own_keys_prefixes=own_keys)
     app.add_middleware(RouteMetricsMiddleware, metrics=server.metrics)
     return app

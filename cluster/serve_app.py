@@ -3,14 +3,19 @@
 `app_builder({"config": <MogeConfig dict>})` is the Serve application builder, usable from Python
 (`serve.run(app_builder(...))`) and from a Serve config file (`import_path:
 cluster.serve_app:app_builder`). Each replica builds its engine once, in `start_engine`, the single
-place that decides how the model is put together (in-process experts today; remote expert workers
-once the data plane plugs in), then serves HTTP through cluster/openai_server.py.
+place that decides how the model is put together (`engine_mode`), then serves HTTP through
+cluster/openai_server.py, plus the admin routes (cluster/admin_api.py) when it is elastic.
+
+The config is read with `MogeConfig.load` both in the builder (to size the deployment) and again in
+each replica, so MOGE_* variables of the replica's own environment (Kubernetes Secrets: API keys,
+the Redis password) apply there and never travel inside the Serve deployment arguments.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
@@ -25,28 +30,87 @@ log = logging.getLogger(__name__)
 DEPLOYMENT_NAME = "AttentionReplica"
 
 
-def start_engine(config: MogeConfig) -> tuple[Any, ServedModel]:
-    """Build this replica's engine and start its step thread -> (AsyncEngine, what it serves)."""
-    from actors.async_engine import AsyncEngine
-    from actors.engine_factory import build_engine
+def engine_mode(config: MogeConfig) -> str:
+    """How this replica reaches its experts:
+    inprocess      every expert group in this process (data_plane.transport 'inprocess');
+    elastic        expert workers owned by the controller, placement epochs from Redis
+                   (a remote transport and elastic.redis_url set; cluster/elastic_replica.py);
+    disaggregated  expert workers started by the replica itself on a fixed placement (a remote
+                   transport without Redis: a static cluster with no control plane)."""
+    if config.data_plane.transport == "inprocess":
+        return "inprocess"
+    return "elastic" if config.elastic.redis_url else "disaggregated"
 
-    engine, loaded = build_engine(config)
+
+@dataclass
+class ReplicaEngine:
+    """What `start_engine` built: the running engine, what it serves, and the data-plane parts
+    that must be attached once metrics exist (`elastic`) and closed at shutdown."""
+
+    engine: Any  # actors.async_engine.AsyncEngine
+    served: ServedModel
+    mode: str
+    elastic: Any = None  # cluster.elastic_replica.ElasticReplica (elastic mode)
+    remote: Any = None  # actors.remote_experts.RemoteExperts (disaggregated mode)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+        if self.elastic is not None:
+            self.elastic.close()  # leaves the ack set first, so no migration waits for us
+        elif self.remote is not None:
+            self.remote.close()
+
+
+def start_engine(config: MogeConfig) -> ReplicaEngine:
+    """Build this replica's engine for `engine_mode(config)` and start its step thread."""
+    from actors.async_engine import AsyncEngine
+
+    mode = engine_mode(config)
+    elastic = remote = None
+    if mode == "elastic":
+        from cluster.elastic_replica import build_elastic_engine
+        from cluster.elastic_stack import ensure_controller
+
+        ensure_controller(config)  # a Serve config deployment (KubeRay) has nobody else to start it
+        engine, loaded, elastic = build_elastic_engine(config)
+    elif mode == "disaggregated":
+        from cluster.data_plane import build_disaggregated_engine
+
+        engine, loaded, remote = build_disaggregated_engine(config)
+    else:
+        from actors.engine_factory import build_engine
+
+        engine, loaded = build_engine(config)
     served = ServedModel(name=loaded.name, tokenizer=loaded.tokenizer, max_model_len=engine.spec.max_model_len)
-    return AsyncEngine(engine), served
+    return ReplicaEngine(AsyncEngine(engine), served, mode, elastic, remote)
 
 
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress()
 class AttentionReplica:
     def __init__(self, config: dict[str, Any]) -> None:
-        self.config = MogeConfig.model_validate(config)
-        self.engine, self.served = start_engine(self.config)
+        self.config = MogeConfig.load(**config)
+        self.replica = start_engine(self.config)
+        self.engine, self.served = self.replica.engine, self.replica.served
         self.metrics = ReplicaMetrics(self.served.name, self.engine.stats)
+        if self.replica.elastic is not None:
+            self.replica.elastic.attach(self.engine, self.metrics)
         self.front = OpenAIServer(self.engine, self.served, self.config.server, self.metrics)
-        log.info("attention replica serving %s (context %d)", self.served.name, self.served.max_model_len)
+        log.info("attention replica serving %s (context %d, experts %s)", self.served.name,
+                 self.served.max_model_len, self.replica.mode)
 
     def __serve_build_asgi_app__(self):  # Serve calls this once, after __init__
-        return build_http_app(self.front, health=self._healthy)
+        return build_http_app(self.front, health=self._healthy, admin=self._admin_routes())
+
+    def _admin_routes(self):
+        """/admin/status|scale|migrate, forwarded to the controller; only elastic replicas have one."""
+        if self.replica.mode != "elastic":
+            return None
+        from cluster.admin_api import admin_keys, admin_router
+        from cluster.controller import get_controller
+        from cluster.data_plane import WORKER_NAMESPACE
+
+        return admin_router(lambda: get_controller(WORKER_NAMESPACE), admin_keys(self.config.server))
 
     async def _healthy(self) -> bool:
         alive = getattr(self.engine, "is_alive", None)
@@ -60,9 +124,9 @@ class AttentionReplica:
             raise RuntimeError("the engine step thread is not running")
 
     def __del__(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()
+        replica = getattr(self, "replica", None)
+        if replica is not None:
+            replica.shutdown()
 
 
 def deployment_options(config: MogeConfig) -> dict[str, Any]:
@@ -89,7 +153,6 @@ def deployment_options(config: MogeConfig) -> dict[str, Any]:
 
 
 def app_builder(args: dict[str, Any]) -> Application:
-    config = MogeConfig.model_validate(args.get("config") or {})
-    payload = config.model_dump(mode="json")
-    return AttentionReplica.options(**deployment_options(config)).bind(payload)
-
+    raw = dict(args.get("config") or {})
+    config = MogeConfig.load(**raw)  # validates early and sizes the deployment with env applied
+    return AttentionReplica.options(**deployment_options(config)).bind(raw)

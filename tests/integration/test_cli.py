@@ -1,6 +1,7 @@
-"""`moge serve --model DIR` as a user runs it: a subprocess with its own local Ray, serving a
-Hugging Face-format checkpoint (tiny Pangu Pro MoE layout) under the directory's name, ready within
-a bound, and gone cleanly after SIGTERM."""
+"""`moge serve` as a user runs it: a subprocess with its own local Ray. With `--model DIR` it serves
+a Hugging Face-format checkpoint (tiny Pangu Pro MoE layout) under the directory's name, ready
+within a bound, and gone cleanly after SIGTERM; with `--elastic --workers 2` the experts run on two
+gRPC expert workers under the controller and `moge status` reports them."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from actors.reference import greedy_reference
 from cluster.local_cluster import REPO_ROOT, free_port
 from tests.unit.conftest import PANGU_TINY_CONFIG, pangu_tensors, write_checkpoint
 
@@ -36,17 +38,27 @@ def read_until(proc: subprocess.Popen, needle: str, deadline: float) -> list[str
     raise AssertionError(f"'{needle}' not printed in time; output:\n" + "\n".join(lines))
 
 
+def user_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MOGE_"))}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    return env
+
+
+def moge(*argv: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cluster.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=user_env(), cwd=REPO_ROOT, **kwargs)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+
+
 def test_moge_serve_a_checkpoint_directory_then_sigterm(tmp_path: Path):
     ckpt = write_checkpoint(tmp_path / "pangu-tiny", PANGU_TINY_CONFIG, pangu_tensors(PANGU_TINY_CONFIG, seed=3))
     port, key = free_port(), "sk-cli-test"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MOGE_"))}
-    env["PYTHONPATH"] = str(REPO_ROOT)
     started = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "serve", "--model", str(ckpt), "--port", str(port),
-         "--api-key", key, "--device", "cpu"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO_ROOT,
-    )
+    proc = moge("serve", "--model", str(ckpt), "--port", str(port), "--api-key", key, "--device", "cpu")
     try:
         lines = read_until(proc, "Ctrl-C to stop", started + READY_BOUND_S)
         banner = "\n".join(lines)
@@ -61,10 +73,40 @@ def test_moge_serve_a_checkpoint_directory_then_sigterm(tmp_path: Path):
             assert r.status_code == 200, r.text
             assert r.json()["usage"]["prompt_tokens"] == 3
 
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
+        stop(proc)
         with pytest.raises(httpx.TransportError):
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def test_moge_serve_elastic_workers_then_moge_status(reference_model):
+    port, key, admin_key = free_port(), "sk-cli-elastic", "sk-cli-admin"
+    started = time.monotonic()
+    proc = moge("serve", "--transport", "grpc", "--workers", "2", "--elastic", "--port", str(port),
+                "--api-key", key, "--admin-key", admin_key, "--device", "cpu")
+    try:
+        banner = "\n".join(read_until(proc, "Ctrl-C to stop", started + READY_BOUND_S))
+        assert "2 grpc worker(s) under the elastic controller" in banner
+
+        prompt = "two expert workers"
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
+                          headers={"Authorization": f"Bearer {key}"}) as client:
+            r = client.post("/v1/completions", json={"model": "tiny-moge", "prompt": prompt, "max_tokens": 8,
+                                                      "temperature": 0, "return_token_ids": True})
+        assert r.status_code == 200, r.text
+        ids = reference_model.tokenizer.encode(prompt)
+        assert r.json()["choices"][0]["token_ids"] == greedy_reference(reference_model, ids, 8)
+
+        status = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--url", f"http://127.0.0.1:{port}",
+                                 "--admin-key", admin_key], capture_output=True, text=True, timeout=60,
+                                env=user_env(), cwd=REPO_ROOT)
+        assert status.returncode == 0, status.stderr
+        assert "devices 2" in status.stdout.splitlines()[0]
+        assert {"w0", "w1"} <= {line.split()[0] for line in status.stdout.splitlines()[2:4]}
+        stop(proc)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -320,3 +320,17 @@ def test_build_engine_defaults_the_context_length_to_the_model():
     assert engine.spec.max_model_len == loaded.cfg.max_position_embeddings
     engine.add_request("a", loaded.tokenizer.encode("hi"), SamplingParams(temperature=0, max_tokens=3))
     assert tokens_of(run_all(engine)["a"])  # it serves
+
+
+def test_the_decode_fast_path_builds_the_same_step_batch_as_the_general_one():
+    engine = fake_engine(num_kv_blocks=32, block_size=4)
+    for i, p in enumerate([[1] * 7, [2] * 4, [3] * 13]):
+        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=8))
+    engine.step()  # prefill; every sequence now has one token to decode
+    scheduled = engine.scheduler.schedule()
+    assert scheduled.num_new_tokens == [1, 1, 1]
+    fast, general = engine._decode_batch(scheduled.seqs), engine._mixed_batch(scheduled)
+    for name in ("input_ids", "positions", "query_start", "context_lens", "block_tables", "slot_mapping",
+                 "logits_index"):
+        assert torch.equal(getattr(fast, name), getattr(general, name)), name
+    assert fast.positions.tolist() == [7, 4, 13] and fast.context_lens.tolist() == [8, 5, 14]
