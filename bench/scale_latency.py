@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--steady-s", type=float, default=5.0)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--standby", type=int, default=0,
+                    help="elastic.standby_workers: warm empty workers, so the scale-up skips process start")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
@@ -85,10 +87,13 @@ def main(argv: list[str] | None = None) -> dict:
         engine={"max_num_seqs": max(16, args.concurrency), "num_kv_blocks": 512},
         data_plane={"transport": "grpc", "num_workers": args.from_workers, "worker_num_cpus": 0.25,
                     "worker_num_gpus": args.gpus_per_worker, "ping_pong": False},
-        elastic={"key_prefix": "bench", "policy": {"name": "none", "max_devices": 16}},
+        elastic={"key_prefix": "bench", "standby_workers": args.standby,
+                 "policy": {"name": "none", "max_devices": 16}},
     )
     start_ray(4)
     stack = start_elastic(config)
+    if args.standby:
+        ray.get(stack.controller.replenish_standby.remote(), timeout=300)
     engine, loaded, replica = build_elastic_engine(stack.config, replica_id="bench-replica")
     aengine = AsyncEngine(engine)
     replica.attach(aengine)
@@ -166,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = {
         "model": args.model, "device": args.device, "workers": f"{args.from_workers}->{args.from_workers + 1}",
+        "standby_workers": args.standby, "from_standby": result.get("from_standby", []),
         "concurrency": args.concurrency, "phase": result["phase"],
         "scale_up_s": round(elastic_s, 3),
         "scale_up_breakdown_s": {k: round(v - tl["decision"], 3) for k, v in sorted(tl.items(), key=lambda kv: kv[1])},

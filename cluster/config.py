@@ -96,6 +96,9 @@ class ElasticSection(_Section):
     redis_password: str | None = None
     key_prefix: str = "moge"
     metrics_interval_s: float = Field(1, gt=0)
+    standby_workers: int = Field(
+        0, ge=0, description="expert workers kept started but empty (each on its own device), so a "
+        "scale-up skips process start and only loads groups; refilled after use")
     policy: PolicySection = Field(default_factory=PolicySection)
 
 

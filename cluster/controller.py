@@ -222,7 +222,7 @@ class ElasticController:
         """Workers nobody routes to (a scale-up that died before its journal) are stopped."""
         used = set(p.workers)
         for wid, rec in self.store.workers().items():
-            if wid not in used and rec.state != "serving":
+            if wid not in used and rec.state not in ("serving", "standby"):
                 log.warning("removing orphan worker %s (%s)", wid, rec.state)
                 self.ports.stop_worker(wid)
         inventory = set(self.store.workers())
@@ -269,6 +269,31 @@ class ElasticController:
         rec.info = {"device": node.get("device"), "pid": node.get("pid"), "node_id": node.get("node_id"),
                     "resources": node.get("assigned_resources")}
         self.store.put_worker(rec)
+
+    def _standby(self, alive_only: bool = False) -> list[str]:
+        ids = sorted((w for w, r in self.store.workers().items() if r.state == "standby"), key=_worker_order)
+        return [w for w in ids if self.fleet.alive(w)] if alive_only else ids
+
+    def replenish_standby(self) -> list[str]:
+        """Keep `elastic.standby_workers` warm, empty workers: a scale-up then only loads groups.
+        Dead standbys are forgotten; nothing happens while an operation holds the lock."""
+        want = self.cfg.elastic.standby_workers
+        if not self._op_lock.acquire(blocking=False):
+            return []
+        try:
+            for wid in self._standby():
+                if not self.fleet.alive(wid):
+                    self.fleet.stop(wid)
+                    self.store.remove_worker(wid)
+                    self._known_workers.pop(wid, None)
+            started = []
+            for wid in self._next_ids(max(0, want - len(self._standby()))):
+                self._start_worker(wid)
+                self._set_state(wid, "standby")
+                started.append(wid)
+            return started
+        finally:
+            self._op_lock.release()
 
     def devices(self, p: Placement | None = None) -> list[str]:
         """Serving workers: those in the placement plus any that hold nothing right now (a
@@ -321,10 +346,12 @@ class ElasticController:
             if devices == len(current):
                 return {"phase": "noop", "epoch": p.epoch, "workers": current}
             if devices > len(current):
-                added = self._next_ids(devices - len(current))
+                need = devices - len(current)
+                warm = self._standby(alive_only=True)[:need]
+                added = warm + self._next_ids(need - len(warm))
                 started = []
                 try:
-                    for wid in added:
+                    for wid in added[len(warm):]:
                         self._start_worker(wid)
                         started.append(wid)
                 except Exception as e:
@@ -332,9 +359,12 @@ class ElasticController:
                         self.ports.stop_worker(wid)
                     raise RuntimeError(f"could not start a worker for the new device: {e}") from e
                 t_ready = time.time()
+                for wid in warm:
+                    self._set_state(wid, "starting")
                 result = self._run("scale", plan_map(self.n_groups, current + added, groups_of(p)),
                                    added=added, p=p)
                 result["timeline"]["worker_ready"] = t_ready
+                result["from_standby"] = warm
             else:
                 retired = current[devices:]
                 for wid in retired:
@@ -424,6 +454,7 @@ class ElasticController:
             self._recover()
         self._collect_worker_samples()
         self.repair()
+        self.replenish_standby()
         if self.section.name == "none":
             return None
         p = self.store.placement()
@@ -488,6 +519,7 @@ class ElasticController:
             "epoch": p.epoch if p else None,
             "placement": {str(g): list(hs) for g, hs in enumerate(p.holders)} if p else {},
             "devices": len(self.devices(p)) if p else 0,
+            "standby": self._standby(),
             "workers": workers,
             "replicas": self.store.live_replicas(self.ports.replica_ttl_s),
             "operation": op,
@@ -522,10 +554,11 @@ class ElasticController:
         if self.store.operation() is not None:
             problems.append(f"operation still in flight: {self.store.operation().get('phase')}")
         inv = {w for w, r in self.store.workers().items() if r.state == "serving"}
-        if not set(p.workers) <= inv or set(self.store.workers()) != inv:
+        standby = set(self._standby())
+        if not set(p.workers) <= inv or set(self.store.workers()) != inv | standby:
             problems.append(f"inventory {sorted(self.store.workers())} does not match placement workers "
                             f"{sorted(p.workers)} (all serving)")
-        stray = set(self.fleet.running()) - inv
+        stray = set(self.fleet.running()) - inv - standby
         if stray:
             problems.append(f"stray worker actors {sorted(stray)}")
         return problems

@@ -75,9 +75,13 @@ def start_ray(num_cpus: int) -> None:
 
 
 class LocalCluster:
-    def __init__(self, config: MogeConfig, app_name: str = APP_NAME, num_cpus: int | None = None) -> None:
+    def __init__(self, config: MogeConfig, app_name: str = APP_NAME, num_cpus: int | None = None,
+                 control_plane: bool = True) -> None:
+        """`control_plane=False`: do not start the controller here; with elastic.redis_url set the
+        replicas start it themselves, as they do when deployed from a Serve config (KubeRay)."""
         self.config = config
         self.app_name = app_name
+        self.control_plane = control_plane
         self.num_cpus = num_cpus if num_cpus is not None else logical_cpus(config)
         self.base_url = ""
         self.stack = None  # cluster.elastic_stack.ElasticStack when there are expert workers
@@ -99,7 +103,7 @@ class LocalCluster:
             start_ray(self.num_cpus)
             self._owns_ray = True
         config = self.config
-        if elastic_enabled(config):
+        if elastic_enabled(config) and self.control_plane:
             from cluster.data_plane import WORKER_NAMESPACE
 
             self.stack = start_elastic(config, namespace=WORKER_NAMESPACE,
