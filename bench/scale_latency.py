@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--standby", type=int, default=0,
                     help="elastic.standby_workers: warm empty workers, so the scale-up skips process start")
+    ap.add_argument("--source", default="peer", choices=["peer", "checkpoint"], help="elastic.migration_source")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         engine={"max_num_seqs": max(16, args.concurrency), "num_kv_blocks": 512},
         data_plane={"transport": "grpc", "num_workers": args.from_workers, "worker_num_cpus": 0.25,
                     "worker_num_gpus": args.gpus_per_worker, "ping_pong": False},
-        elastic={"key_prefix": "bench", "standby_workers": args.standby,
+        elastic={"key_prefix": "bench", "standby_workers": args.standby, "migration_source": args.source,
                  "policy": {"name": "none", "max_devices": 16}},
     )
     start_ray(4)
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     out = {
         "model": args.model, "device": args.device, "workers": f"{args.from_workers}->{args.from_workers + 1}",
-        "standby_workers": args.standby, "from_standby": result.get("from_standby", []),
+        "standby_workers": args.standby, "migration_source": args.source, "from_standby": result.get("from_standby", []),
         "concurrency": args.concurrency, "phase": result["phase"],
         "scale_up_s": round(elastic_s, 3),
         "scale_up_breakdown_s": {k: round(v - tl["decision"], 3) for k, v in sorted(tl.items(), key=lambda kv: kv[1])},

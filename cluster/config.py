@@ -96,6 +96,9 @@ class ElasticSection(_Section):
     redis_password: str | None = None
     key_prefix: str = "moge"
     metrics_interval_s: float = Field(1, gt=0)
+    migration_source: Literal["peer", "checkpoint"] = Field(
+        "peer", description="where a migration target loads a group: a current holder over the transport "
+        "(no shared storage needed) or the checkpoint / preset (faster where the weights are on local disk)")
     standby_workers: int = Field(
         0, ge=0, description="expert workers kept started but empty (each on its own device), so a "
         "scale-up skips process start and only loads groups; refilled after use")

@@ -48,8 +48,9 @@ class RayPorts:
     """MigrationPorts over real expert workers (Ray) and the Redis store."""
 
     def __init__(self, fleet: WorkerFleet, store: ElasticStore, replica_ttl_s: float = 10.0,
-                 load_timeout_s: float = 600.0, poll_s: float = 0.02) -> None:
+                 load_timeout_s: float = 600.0, poll_s: float = 0.02, from_peers: bool = True) -> None:
         self.fleet = fleet
+        self.from_peers = from_peers
         self.store = store
         self.replica_ttl_s = replica_ttl_s
         self.load_timeout_s = load_timeout_s
@@ -63,7 +64,7 @@ class RayPorts:
             time.sleep(self.load_delay_s)
         by_peer: dict[str | None, list[int]] = {}
         for g in groups:
-            by_peer.setdefault(peers.get(g), []).append(g)
+            by_peer.setdefault(peers.get(g) if self.from_peers else None, []).append(g)
         for peer, gs in by_peer.items():
             peer_handle = None
             if peer is not None:
@@ -127,7 +128,7 @@ class ElasticController:
             raise ValueError("the controller needs elastic.redis_url (the embedded Redis sets it at start)")
         self.store = ElasticStore(connect(el.redis_url, el.redis_password), el.key_prefix)
         self.fleet = WorkerFleet(self.cfg, namespace)
-        self.ports = RayPorts(self.fleet, self.store)
+        self.ports = RayPorts(self.fleet, self.store, from_peers=el.migration_source == "peer")
         self.runner = MigrationRunner(self.ports, ack_timeout_s=60.0)
         self.n_groups = model_config_of(model_spec(self.cfg)).n_groups
         self.section = el.policy
@@ -278,6 +279,8 @@ class ElasticController:
         """Keep `elastic.standby_workers` warm, empty workers: a scale-up then only loads groups.
         Dead standbys are forgotten; nothing happens while an operation holds the lock."""
         want = self.cfg.elastic.standby_workers
+        if want == 0 and not self._standby():
+            return []  # nothing to do: do not take the lock an admin scale may be asking for
         if not self._op_lock.acquire(blocking=False):
             return []
         try:
