@@ -131,9 +131,11 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"moge: ready in {elapsed:.1f}s, serving '{model}' at {base_url}/v1", flush=True)
         print(f"  try: {example_curl(base_url, model, key)}", flush=True)
         if cluster.stack is not None:
-            dp = config.data_plane
+            dp, server = config.data_plane, config.server
+            admin = (f"moge status --url {base_url} --admin-key KEY" if server.admin_keys or server.api_keys
+                     else "disabled (no --admin-key / --api-key)")
             print(f"  experts: {dp.num_workers} {dp.transport} worker(s) under the elastic controller; "
-                  f"admin: moge status --url {base_url}", flush=True)
+                  f"admin: {admin}", flush=True)
         print("  Ctrl-C to stop", flush=True)
         while True:  # until SIGINT / SIGTERM raise KeyboardInterrupt here
             time.sleep(3600)
