@@ -152,6 +152,17 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def run_to_completion(self, max_steps: int = 10_000) -> dict[str, list[int]]:
+        """Step until nothing is left (bounded): new token ids per request id, in order. For
+        offline use, benchmarks and tests; the server streams through AsyncEngine instead."""
+        out: dict[str, list[int]] = {rid: [] for rid in self._seqs}
+        for _ in range(max_steps):
+            if not self.has_unfinished():
+                break
+            for o in self.step():
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+        return out
+
     def unfinished_request_ids(self) -> list[str]:
         return list(self._seqs)
 

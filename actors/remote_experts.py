@@ -79,6 +79,7 @@ class RemoteExperts:
         replacer: Replacer | None = None,
         max_attempts: int = 3,
         wait_timeout_s: float = 60.0,
+        restage_poll_s: float = 0.05,
     ) -> None:
         if placement.n_groups != cfg.n_groups:
             raise ValueError(f"placement has {placement.n_groups} groups, the model {cfg.n_groups}")
@@ -87,6 +88,7 @@ class RemoteExperts:
         self.replacer = replacer
         self.max_attempts = max_attempts
         self.wait_timeout_s = wait_timeout_s
+        self.restage_poll_s = restage_poll_s  # how often a step waiting on a replacement looks for a new epoch
         self.load = GroupLoad(cfg.n_groups)
         self.retries = 0  # calls re-sent after a failure (metric)
         self._placement = placement
@@ -169,7 +171,7 @@ class RemoteExperts:
         live = [h for h in holders if h not in self._down]
         if live:
             return live
-        return [self._replace(holders[0], g)]
+        return [self._staged_holder(g) or self._replace_unless_restaged(holders[0], g)]
 
     def _send(self, layer, worker, entries, x, topk_ids, topk_weights, group_of) -> _Call:
         groups = [g for g, _ in entries]
@@ -212,14 +214,16 @@ class RemoteExperts:
         ids = torch.where(group_of == g, call.ids, -1)  # [T', k] only this group's slots
         error: Exception = first_error
         for _ in range(self.max_attempts):
-            target = self._alternative(g, call.worker)
             self.retries += 1
-            fut = self.transport.call(target, layer, [g], call.x, ids, call.weights)
+            target = None
             try:
+                target = self._alternative(g, call.worker)
+                fut = self.transport.call(target, layer, [g], call.x, ids, call.weights)
                 return g, call.rows, fut.result(timeout=self.wait_timeout_s)[0]
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - no holder found (target None) or it failed too
                 error = exc
-                self._mark_down(target)
+                if target is not None:
+                    self._mark_down(target)
         raise ExpertCallFailed(
             f"layer {layer} group {g}: no holder answered after {self.max_attempts} attempts: {error}"
         ) from error
@@ -228,7 +232,46 @@ class RemoteExperts:
         for holder in self._placement.holders_of(g):
             if holder not in self._down:
                 return holder
-        return self._replace(failed if failed in self._placement.holders_of(g) else self._placement.holders_of(g)[0], g)
+        staged = self._staged_holder(g)
+        if staged is not None:
+            return staged
+        holders = self._placement.holders_of(g)
+        return self._replace_unless_restaged(failed if failed in holders else holders[0], g)
+
+    def _staged_holder(self, g: int) -> str | None:
+        """A live, connected holder of `g` in the staged (not yet current) epoch. Sending one group's
+        retry there mid-step is safe: the controller loads and warms a group before publishing
+        the epoch, so its weights are the same; routing for the step still follows the current epoch."""
+        with self._lock:
+            staged = self._staged
+        if staged is None:
+            return None
+        connected = set(self.transport.connected())
+        for holder in staged[0].holders_of(g):
+            if holder not in self._down and holder in connected:
+                return holder
+        return None
+
+    def _replace_unless_restaged(self, worker_id: str, g: int) -> str:
+        """A replacement may wait long for a free device; meanwhile the controller's repair can
+        publish an epoch that moves the group to a live worker. Whichever comes first wins (a
+        replacement that finishes later is simply not used and the controller retires it)."""
+        box: Future = Future()
+
+        def replace() -> None:
+            try:
+                box.set_result(self._replace(worker_id, g))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting step
+                box.set_exception(exc)
+
+        threading.Thread(target=replace, name=f"replace-{worker_id}", daemon=True).start()
+        while True:
+            try:
+                return box.result(timeout=self.restage_poll_s)
+            except TimeoutError:
+                holder = self._staged_holder(g)
+                if holder is not None:
+                    return holder
 
     def _mark_down(self, worker_id: str) -> None:
         with self._lock:

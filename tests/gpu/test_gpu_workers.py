@@ -49,13 +49,7 @@ def greedy(engine) -> dict[str, list[int]]:
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     for i, p in enumerate(PROMPTS):
         engine.add_request(str(i), p, params)
-    out = {str(i): [] for i in range(len(PROMPTS))}
-    for _ in range(100):
-        if not engine.has_unfinished():
-            break
-        for o in engine.step():
-            out[o.request_id] += o.new_token_ids
-    return out
+    return engine.run_to_completion(max_steps=100)
 
 
 def run_replica(config_dict: dict, namespace: str) -> dict:

@@ -14,13 +14,7 @@ PROMPTS = [[5, 6, 7], list(range(40, 61)), [9], list(range(100, 108))]
 def run(engine, max_tokens=6):
     for i, p in enumerate(PROMPTS):
         engine.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
-    out = {f"r{i}": [] for i in range(len(PROMPTS))}
-    for _ in range(100):
-        if not engine.has_unfinished():
-            break
-        for o in engine.step():
-            out[o.request_id] += o.new_token_ids
-    return out
+    return engine.run_to_completion(max_steps=100)
 
 
 def test_same_greedy_tokens_as_the_plain_model():

@@ -126,6 +126,38 @@ def test_sole_holder_failure_uses_the_replacement():
     assert replaced == [("a", (0, 1))]
 
 
+def test_a_staged_epoch_rescues_a_step_waiting_for_a_replacement():
+    """A lost node with no free device: the replacement waits, the controller's repair publishes
+    an epoch holding the group elsewhere, and the waiting step finishes on that holder."""
+    import threading
+
+    workers = make_workers(MOGE, ["a", "b"])
+    entered, release = threading.Event(), threading.Event()
+
+    def replacer(worker_id, groups):  # no device free: blocks until the test lets it fail
+        entered.set()
+        release.wait(30)
+        raise RuntimeError("no device for a replacement")
+
+    rx = remote(MOGE, pack_groups(4, ["a"]), workers, replacer=replacer)
+    workers["b"].load_groups([0, 1, 2, 3])
+    local = LocalExperts(MOGE, random_expert_groups(MOGE, range(4), 0))
+    workers["a"].dead = True
+    x, ids, w = routing(MOGE, 6)
+
+    def repair() -> None:
+        assert entered.wait(30)
+        rx.adopt(Placement(1, (("b",),) * 4), {"b": WorkerRef("b", local=workers["b"])})
+
+    threading.Thread(target=repair, daemon=True).start()
+    try:
+        assert torch.equal(rx.dispatch(0, x, ids, w).wait(), local.dispatch(0, x, ids, w).wait())
+    finally:
+        release.set()
+    assert rx.epoch == 0 and workers["b"].stats()["calls"] >= 1  # epoch switches only at the boundary
+    assert rx.on_step_boundary() == 1
+
+
 def test_no_replacer_and_no_holder_is_a_clear_error():
     workers = make_workers(MOGE, ["a"])
     rx = remote(MOGE, pack_groups(4, ["a"]), workers, max_attempts=2)
