@@ -271,6 +271,25 @@ class ElasticController:
                     "resources": node.get("assigned_resources")}
         self.store.put_worker(rec)
 
+    def sweep_strays(self) -> list[str]:
+        """Stop worker actors that neither the placement nor the inventory knows: e.g. a replacement
+        a replica started for a dead worker after the controller's repair had already moved its
+        groups elsewhere. Only between operations, so a worker being added is never mistaken."""
+        if not self._op_lock.acquire(blocking=False):
+            return []
+        try:
+            p = self.store.placement()
+            if p is None:
+                return []
+            known = set(p.workers) | set(self.store.workers())
+            strays = [w for w in self.fleet.running() if w not in known]
+            for wid in strays:
+                log.warning("stopping stray worker %s (not in the placement or inventory)", wid)
+                self.fleet.stop(wid)
+            return strays
+        finally:
+            self._op_lock.release()
+
     def _standby(self, alive_only: bool = False) -> list[str]:
         ids = sorted((w for w, r in self.store.workers().items() if r.state == "standby"), key=_worker_order)
         return [w for w in ids if self.fleet.alive(w)] if alive_only else ids
@@ -457,6 +476,7 @@ class ElasticController:
             self._recover()
         self._collect_worker_samples()
         self.repair()
+        self.sweep_strays()
         self.replenish_standby()
         if self.section.name == "none":
             return None
@@ -585,11 +605,16 @@ def _worker_order(wid: str) -> tuple[int, str]:
     return (int(wid[1:]) if wid[1:].isdigit() else 1 << 30, wid)
 
 
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # what Ray puts on the head node only
+
+
 def start_controller(config: MogeConfig, namespace: str | None = None) -> Any:
     """The detached controller actor (created once; a live one is returned as is)."""
     actor = ray.remote(ElasticController).options(
         name=CONTROLLER_NAME, namespace=namespace, lifetime="detached", get_if_exists=True,
         max_restarts=-1, max_task_retries=0, max_concurrency=16, num_cpus=0,
+        # on the head node, like Serve's own controller: worker nodes come and go with scaling
+        resources={HEAD_NODE_RESOURCE: 0.001},
     )
     return actor.remote(config.model_dump(mode="json"), namespace)
 
