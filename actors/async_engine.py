@@ -112,6 +112,12 @@ class AsyncEngine:
         self._wake.set()
         return fut
 
+    def is_alive(self) -> bool:
+        """The step thread runs and no shutdown was asked for: what /health and Serve's probe report."""
+        with self._lock:
+            stopping = self._stopping
+        return self._thread.is_alive() and not stopping
+
     def stats(self) -> EngineStats:
         stats = self.engine.stats()
         with self._lock:

@@ -174,7 +174,9 @@ def test_shutdown_ends_open_streams_and_refuses_new_ones(tiny):
     async def main():
         stream = eng.generate("open", [1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True))
         await asyncio.wait_for(anext(stream), WAIT_S)
+        assert eng.is_alive()
         await asyncio.get_running_loop().run_in_executor(None, eng.shutdown)
+        assert not eng.is_alive()  # /health and Serve's probe now fail
         rest = [o async for o in stream]
         assert rest and rest[-1].finished and rest[-1].finish_reason == "abort"
 
