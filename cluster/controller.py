@@ -56,6 +56,7 @@ class RayPorts:
         self.load_timeout_s = load_timeout_s
         self.poll_s = poll_s
         self.load_delay_s = 0.0  # test hook: widen the loading window so a test can kill the target
+        self.before_stop: Any = None  # called with a worker id before it is stopped (last metrics)
         self.loaded_bytes = 0
 
     def load(self, worker: str, groups: list[int], peers: dict[int, str | None]) -> None:
@@ -110,6 +111,8 @@ class RayPorts:
             time.sleep(self.poll_s)
 
     def stop_worker(self, worker: str) -> None:
+        if self.before_stop is not None:
+            self.before_stop(worker)
         self.fleet.stop(worker)
         self.store.remove_worker(worker)
 
@@ -129,6 +132,7 @@ class ElasticController:
         self.store = ElasticStore(connect(el.redis_url, el.redis_password), el.key_prefix)
         self.fleet = WorkerFleet(self.cfg, namespace)
         self.ports = RayPorts(self.fleet, self.store, from_peers=el.migration_source == "peer")
+        self.ports.before_stop = self._sample_last
         self.runner = MigrationRunner(self.ports, ack_timeout_s=60.0)
         self.n_groups = model_config_of(model_spec(self.cfg)).n_groups
         self.section = el.policy
@@ -266,6 +270,9 @@ class ElasticController:
             node = ray.get(self.fleet.handle(wid).device_info.remote(), timeout=30)
         except Exception:  # noqa: BLE001 - informational only
             node = {}
+        # a fresh worker's counters start at zero: count its first interval instead of using it as
+        # a baseline, or the per-group token windows undercount (and show MoGE as imbalanced)
+        self._last_stats[wid] = {"tokens": 0, "busy_s": 0.0, "group_tokens": {}, "_at": time.time()}
         rec = self.store.workers()[wid]
         rec.info = {"device": node.get("device"), "pid": node.get("pid"), "node_id": node.get("node_id"),
                     "resources": node.get("assigned_resources")}
@@ -508,25 +515,35 @@ class ElasticController:
             self.store.set_controller(last_scale_at=self.policy.last_change_at)
 
     def _collect_worker_samples(self) -> None:
-        p = self._known
-        if p is None:
+        if self._known is None:
             return
-        now = time.time()
         for wid in self.devices():
-            try:
-                s = ray.get(self.fleet.handle(wid).stats.remote(), timeout=5)
-            except Exception:  # noqa: BLE001 - a dead worker shows up in repair()
-                continue
-            prev = self._last_stats.get(wid)
-            self._last_stats[wid] = {**s, "_at": now}
-            if prev is None:
-                continue  # first look after a (re)start: a baseline only
-            interval = max(now - prev["_at"], 1e-6)
-            groups = {int(g): int(n) - int(prev["group_tokens"].get(g, 0)) for g, n in s["group_tokens"].items()}
-            self.store.add_worker_sample(WorkerSample(
-                wid, now, interval, tokens=int(s["tokens"]) - int(prev["tokens"]),
-                busy_s=float(s["busy_s"]) - float(prev["busy_s"]),
-                step_ms=(1000.0 * float(s.get("step_latency_s", 0.0)),), group_tokens=groups))
+            self._sample_worker(wid)
+
+    def _sample_last(self, wid: str) -> None:
+        """A worker about to be stopped: record what it did since the last sample."""
+        try:
+            self._sample_worker(wid)
+        except Exception as e:  # noqa: BLE001 - metrics never block a scale-down
+            log.info("last sample of %s failed: %s", wid, e)
+        self._last_stats.pop(wid, None)
+
+    def _sample_worker(self, wid: str) -> None:
+        now = time.time()
+        try:
+            s = ray.get(self.fleet.handle(wid).stats.remote(), timeout=5)
+        except Exception:  # noqa: BLE001 - a dead worker shows up in repair()
+            return
+        prev = self._last_stats.get(wid)
+        self._last_stats[wid] = {**s, "_at": now}
+        if prev is None:
+            return  # first look after a controller restart: a baseline only
+        interval = max(now - prev["_at"], 1e-6)
+        groups = {int(g): int(n) - int(prev["group_tokens"].get(g, 0)) for g, n in s["group_tokens"].items()}
+        self.store.add_worker_sample(WorkerSample(
+            wid, now, interval, tokens=int(s["tokens"]) - int(prev["tokens"]),
+            busy_s=float(s["busy_s"]) - float(prev["busy_s"]),
+            step_ms=(1000.0 * float(s.get("step_latency_s", 0.0)),), group_tokens=groups))
 
     # ---- reading ------------------------------------------------------------------------------
 
