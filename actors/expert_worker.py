@@ -27,6 +27,7 @@ from actors.device import resolve_device, resolve_dtype, synchronize, visible_de
 from actors.experts import ExpertGroupWeights, group_forward
 from actors.model_config import ModelConfig
 from actors.presets import get_preset
+from actors.tensor_codec import from_host_buffer, to_host_buffer
 
 PRESET_PREFIX = "preset:"
 STATS_WINDOW_S = 10.0  # tokens/s and busy fraction are reported over this sliding window
@@ -227,18 +228,24 @@ class ExpertWorker:
         return load_expert_groups(Path(source), self.cfg, groups, self.dtype, self.device)
 
     def _from_peer(self, peer: Any, groups: list[int]) -> dict[int, ExpertGroupWeights]:
+        """Copy from a holder through Ray's object store as raw numpy buffers, whatever the
+        activation transport: measured 0.5-2.7 GB/s on the 2-core CI machine, against ~0.12 GB/s
+        for the same bytes streamed over gRPC (ExportGroups stays for callers outside Ray)."""
         import ray
 
-        if self.transport == "grpc":
-            from actors.transport_grpc import fetch_groups
-
-            exported = fetch_groups(ray.get(peer.endpoint.remote()), groups)
-        else:  # Ray object store (CPU tensors), good for any transport
-            exported = ray.get(peer.export_groups.remote(groups))
+        exported = ray.get(peer.export_groups_raw.remote(groups))
         missing = [g for g in groups if g not in exported]
         if missing:
             raise RuntimeError(f"peer did not export groups {missing}")
-        return {g: weights_from_export(exported[g]).to(self.dtype, self.device) for g in groups}
+        return {g: weights_from_raw(exported[g]).to(self.dtype, self.device) for g in groups}
+
+    def export_groups_raw(self, groups: list[int]) -> dict[int, dict]:
+        """export_groups with every tensor as (dtype, shape, uint8 numpy buffer) for the object store."""
+        return {
+            g: {**data, "w13": {layer: to_host_buffer(t) for layer, t in data["w13"].items()},
+                "w2": {layer: to_host_buffer(t) for layer, t in data["w2"].items()}}
+            for g, data in self.export_groups(groups).items()
+        }
 
     def export_groups(self, groups: list[int]) -> dict[int, dict]:
         """CPU copies of held groups for a peer: {g: {"group", "first_expert", "w13": {layer: t}, "w2": ...}}."""
@@ -362,6 +369,11 @@ def export_weights(w: ExpertGroupWeights) -> dict:
         "w13": {layer: cpu(t) for layer, t in w.w13.items()},
         "w2": {layer: cpu(t) for layer, t in w.w2.items()},
     }
+
+
+def weights_from_raw(data: dict) -> ExpertGroupWeights:
+    tensors = {name: {layer: from_host_buffer(*raw) for layer, raw in data[name].items()} for name in ("w13", "w2")}
+    return weights_from_export({**data, **tensors})
 
 
 def weights_from_export(data: dict) -> ExpertGroupWeights:

@@ -55,3 +55,21 @@ def decode(dtype: str, shape: tuple[int, ...] | list[int], data: bytes, device: 
         return torch.empty(shape, dtype=torch_dtype, device=device)
     raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # bytearray: writable, owned copy
     return raw.view(torch_dtype).reshape(shape).to(device)
+
+
+def to_host_buffer(t: torch.Tensor) -> tuple[str, tuple[int, ...], "numpy.ndarray"]:
+    """(dtype, shape, uint8 numpy array) of `t`'s bytes: Ray's object store moves numpy buffers
+    without pickling them (zero-copy reads on the same node), any dtype included."""
+    name = dtype_name(t.dtype)
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return name, tuple(int(s) for s in t.shape), flat.view(torch.uint8).numpy()
+
+
+def from_host_buffer(dtype: str, shape: tuple[int, ...], buffer) -> torch.Tensor:
+    """Inverse of to_host_buffer; copies once, since object-store buffers are read-only."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"tensor_codec: unknown dtype {dtype!r}")
+    import numpy
+
+    owned = torch.from_numpy(numpy.array(buffer, dtype=numpy.uint8, copy=True))
+    return owned.view(_DTYPES[dtype]).reshape(tuple(int(s) for s in shape))

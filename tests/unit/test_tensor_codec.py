@@ -47,3 +47,16 @@ def test_bad_input_is_a_clear_error():
         decode("complex_thing", (1,), b"\x00")
     with pytest.raises(ValueError, match="not supported"):
         encode(torch.zeros(2, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+def test_host_buffer_round_trip_is_exact_and_owned(dtype):
+    from actors.tensor_codec import from_host_buffer, to_host_buffer
+
+    t = (torch.randn(4, 3, 2) * 50).to(dtype).transpose(0, 2)  # non-contiguous on purpose
+    name, shape, buf = to_host_buffer(t)
+    buf.flags.writeable = False  # what an object-store read hands back
+    back = from_host_buffer(name, shape, buf)
+    assert back.dtype == dtype and back.shape == t.shape and torch.equal(back, t)
+    back += 1  # owned and writable, never a view of the read-only buffer
+    assert torch.equal(from_host_buffer(name, shape, buf), t)
