@@ -27,7 +27,7 @@ from actors.device import resolve_device, resolve_dtype, synchronize, visible_de
 from actors.experts import ExpertGroupWeights, group_forward
 from actors.model_config import ModelConfig
 from actors.presets import get_preset
-from actors.tensor_codec import from_host_buffer, to_host_buffer
+from actors.tensor_codec import decode, to_host_buffer
 
 PRESET_PREFIX = "preset:"
 STATS_WINDOW_S = 10.0  # tokens/s and busy fraction are reported over this sliding window
@@ -372,7 +372,7 @@ def export_weights(w: ExpertGroupWeights) -> dict:
 
 
 def weights_from_raw(data: dict) -> ExpertGroupWeights:
-    tensors = {name: {layer: from_host_buffer(*raw) for layer, raw in data[name].items()} for name in ("w13", "w2")}
+    tensors = {name: {layer: decode(*raw) for layer, raw in data[name].items()} for name in ("w13", "w2")}
     return weights_from_export({**data, **tensors})
 
 

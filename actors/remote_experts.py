@@ -171,7 +171,7 @@ class RemoteExperts:
         live = [h for h in holders if h not in self._down]
         if live:
             return live
-        return [self._staged_holder(g) or self._replace_unless_restaged(holders[0], g)]
+        return [self._fallback_holder(g, holders[0])]
 
     def _send(self, layer, worker, entries, x, topk_ids, topk_weights, group_of) -> _Call:
         groups = [g for g, _ in entries]
@@ -232,11 +232,13 @@ class RemoteExperts:
         for holder in self._placement.holders_of(g):
             if holder not in self._down:
                 return holder
-        staged = self._staged_holder(g)
-        if staged is not None:
-            return staged
         holders = self._placement.holders_of(g)
-        return self._replace_unless_restaged(failed if failed in holders else holders[0], g)
+        return self._fallback_holder(g, failed if failed in holders else holders[0])
+
+    def _fallback_holder(self, g: int, dead: str) -> str:
+        """Every holder of `g` in the current epoch is down: a holder in the staged epoch, else
+        `dead`'s replacement (or that staged holder, if it appears while the replacement waits)."""
+        return self._staged_holder(g) or self._replace_unless_restaged(dead, g)
 
     def _staged_holder(self, g: int) -> str | None:
         """A live, connected holder of `g` in the staged (not yet current) epoch. Sending one group's

@@ -36,13 +36,13 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def encode(t: torch.Tensor) -> EncodedTensor:
-    name = dtype_name(t.dtype)
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-    return EncodedTensor(name, tuple(int(s) for s in t.shape), data)
+    name, shape, buffer = to_host_buffer(t)
+    return EncodedTensor(name, shape, buffer.tobytes())
 
 
-def decode(dtype: str, shape: tuple[int, ...] | list[int], data: bytes, device: torch.device | str = "cpu") -> torch.Tensor:
+def decode(dtype: str, shape: tuple[int, ...] | list[int], data, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`data`: bytes, or any 1-D byte buffer (a read-only object-store numpy array included);
+    always copied once into a fresh, writable tensor."""
     if dtype not in _DTYPES:
         raise ValueError(f"tensor_codec: unknown dtype {dtype!r}")
     torch_dtype = _DTYPES[dtype]
@@ -64,12 +64,3 @@ def to_host_buffer(t: torch.Tensor) -> tuple[str, tuple[int, ...], "numpy.ndarra
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     return name, tuple(int(s) for s in t.shape), flat.view(torch.uint8).numpy()
 
-
-def from_host_buffer(dtype: str, shape: tuple[int, ...], buffer) -> torch.Tensor:
-    """Inverse of to_host_buffer; copies once, since object-store buffers are read-only."""
-    if dtype not in _DTYPES:
-        raise ValueError(f"tensor_codec: unknown dtype {dtype!r}")
-    import numpy
-
-    owned = torch.from_numpy(numpy.array(buffer, dtype=numpy.uint8, copy=True))
-    return owned.view(_DTYPES[dtype]).reshape(tuple(int(s) for s in shape))

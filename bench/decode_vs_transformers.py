@@ -64,8 +64,7 @@ def time_engine(source: str, device: str, dtype: str, batch: int, new_tokens: in
             engine.add_request(f"r{r}-{i}", [(7 * i + j) % 200 + 3 for j in range(PROMPT_LEN)], params)
         synchronize(engine.device)
         t0 = time.perf_counter()
-        while engine.has_unfinished():
-            engine.step()
+        engine.run_to_completion()
         synchronize(engine.device)
         return time.perf_counter() - t0
 

@@ -113,10 +113,7 @@ class AttentionReplica:
         return admin_router(lambda: get_controller(WORKER_NAMESPACE), admin_keys(self.config.server))
 
     async def _healthy(self) -> bool:
-        alive = getattr(self.engine, "is_alive", None)
-        if alive is None:
-            return True
-        return bool(alive() if callable(alive) else alive)
+        return self.engine.is_alive()
 
     async def check_health(self) -> None:
         """Serve's periodic probe: a dead step thread makes Serve replace this replica."""

@@ -51,12 +51,12 @@ def test_bad_input_is_a_clear_error():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
 def test_host_buffer_round_trip_is_exact_and_owned(dtype):
-    from actors.tensor_codec import from_host_buffer, to_host_buffer
+    from actors.tensor_codec import to_host_buffer
 
     t = (torch.randn(4, 3, 2) * 50).to(dtype).transpose(0, 2)  # non-contiguous on purpose
     name, shape, buf = to_host_buffer(t)
     buf.flags.writeable = False  # what an object-store read hands back
-    back = from_host_buffer(name, shape, buf)
+    back = decode(name, shape, buf)
     assert back.dtype == dtype and back.shape == t.shape and torch.equal(back, t)
     back += 1  # owned and writable, never a view of the read-only buffer
-    assert torch.equal(from_host_buffer(name, shape, buf), t)
+    assert torch.equal(decode(name, shape, buf), t)
