@@ -60,17 +60,19 @@ def measure(config_dict: dict, mode: str, batch_sizes: list[int], prompt_len: in
     import torch
 
     from actors.device import synchronize
-    from actors.engine_factory import build_engine
-    from actors.sampling_params import SamplingParams
+    from cluster.serve.replica_engine import build_engine
+    from actors.engine.sampling_params import SamplingParams
     from cluster.config import MogeConfig
-    from cluster.data_plane import DataPlane, build_disaggregated_engine
+    from cluster.serve.data_plane import DataPlane
+    from cluster.serve.replica_engine import assemble
 
     config = MogeConfig.model_validate(config_dict)
     remote = None
     if mode == "monolithic":
         engine, loaded = build_engine(config)
     else:
-        engine, loaded, remote = build_disaggregated_engine(config, data_plane=DataPlane(config, namespace=namespace))
+        parts = assemble(config, data_plane=DataPlane(config, namespace=namespace))
+        engine, loaded, remote = parts.engine, parts.loaded, parts.remote
     timed = TimedExperts(loaded.model.experts)
     loaded.model.experts = timed
     vocab = loaded.cfg.vocab_size
@@ -134,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from cluster.config import MogeConfig
-    from cluster.data_plane import DataPlane, worker_ids
-    from cluster.local_cluster import start_ray
+    from cluster.serve.data_plane import DataPlane, worker_ids
+    from cluster.cli.local_cluster import start_ray
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     gpu = args.device == "cuda"

@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors.device import synchronize  # noqa: E402
-from actors.sampling_params import SamplingParams  # noqa: E402
-from actors.engine_factory import build_engine  # noqa: E402
+from actors.engine.sampling_params import SamplingParams  # noqa: E402
+from cluster.serve.replica_engine import build_engine  # noqa: E402
 from cluster.config import MogeConfig  # noqa: E402
 
 # Qwen3-30B-A3B per-layer shape (hidden 2048, 128 experts, top-8, expert width 768), fewer layers.

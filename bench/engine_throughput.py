@@ -18,9 +18,9 @@ import time
 import torch
 
 from actors.device import resolve_device, synchronize
-from actors.engine import EngineSpec, LLMEngine
-from actors.model_loader import load_model
-from actors.sampling_params import SamplingParams
+from actors.engine.engine import EngineSpec, LLMEngine
+from actors.weights.loader import load_model
+from actors.engine.sampling_params import SamplingParams
 
 
 def measure(loaded, batch: int, prompt_len: int, warmup: int, steps: int, block_size: int) -> dict:

@@ -12,9 +12,9 @@ import argparse
 import json
 
 from cluster.config import MogeConfig
-from cluster.policies import make_policy
-from cluster.policy_sim import CapacityModel, SimClock, load_trace, plot, shape_trace, simulate, summary
-from cluster.policy_wrapper import guarded_from_config
+from cluster.elastic.policy.policies import make_policy
+from cluster.elastic.policy.sim import CapacityModel, SimClock, load_trace, plot, shape_trace, simulate, summary
+from cluster.elastic.policy.guarded import guarded_from_config
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -29,13 +29,13 @@ class WholeReplica:
     """The baseline: a full replica of the model (attention and every expert group in one actor)."""
 
     def __init__(self, config: dict) -> None:
-        from actors.engine_factory import build_engine
+        from cluster.serve.replica_engine import build_engine
         from cluster.config import MogeConfig
 
         self.engine, self.loaded = build_engine(MogeConfig.model_validate(config))
 
     def first_token(self, prompt: str) -> int:
-        from actors.sampling_params import SamplingParams
+        from actors.engine.sampling_params import SamplingParams
 
         self.engine.add_request("warm", self.loaded.tokenizer.encode(prompt), SamplingParams(temperature=0, max_tokens=1))
         while True:
@@ -75,12 +75,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out")
     args = ap.parse_args(argv)
 
-    from actors.async_engine import AsyncEngine
-    from actors.sampling_params import SamplingParams
+    from actors.engine.async_engine import AsyncEngine
+    from actors.engine.sampling_params import SamplingParams
     from cluster.config import MogeConfig
-    from cluster.elastic_replica import build_elastic_engine
-    from cluster.elastic_stack import start_elastic
-    from cluster.local_cluster import start_ray
+    from cluster.elastic.replica import ElasticReplica
+    from cluster.serve.replica_engine import build_engine
+    from cluster.elastic.stack import start_elastic
+    from cluster.cli.local_cluster import start_ray
 
     config = MogeConfig.load(
         env={},
@@ -95,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict:
     stack = start_elastic(config)
     if args.standby:
         ray.get(stack.controller.replenish_standby.remote(), timeout=300)
-    engine, loaded, replica = build_elastic_engine(stack.config, replica_id="bench-replica")
+    replica = ElasticReplica.connect(stack.config, "bench-replica")
+    engine, loaded = build_engine(stack.config, experts=replica.experts)
     aengine = AsyncEngine(engine)
     replica.attach(aengine)
     meter = TokenMeter()

@@ -2,7 +2,7 @@
 
     python -m loadtest.runner --shape step --users 8 --duration 60 --out out/loadtest
 
-1. starts `python -m cluster.cli serve --port <free port> --api-key <random>` on 127.0.0.1 (or
+1. starts `python -m cluster.cli.main serve --port <free port> --api-key <random>` on 127.0.0.1 (or
    uses --url, which must be a loopback address) and waits, bounded, for /health;
 2. polls the device count once a second (loadtest/device_poller.py);
 3. runs locust headless in its own process (never in this one: gevent) with the chosen traffic
@@ -83,7 +83,7 @@ def _tail(log: Path | None, lines: int = 30) -> str:
 
 
 def start_server(port: int, out: Path, config: str | None, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--port", str(port), *(["--config", config] if config else []), *extra]
+    cmd = [sys.executable, "-m", "cluster.cli.main", "serve", "--port", str(port), *(["--config", config] if config else []), *extra]
     log = (out / "server.log").open("w")
     env = {**os.environ, "PYTHONPATH": _pythonpath()}
     # Own session: the server's Ray processes are its children, and stop_server ends them together.

@@ -9,7 +9,7 @@ py=${PYTHON:-.venv/bin/python}
 port=${PORT:-8100}
 key=$("$py" -c 'import secrets; print("sk-" + secrets.token_hex(12))')
 export MOGE_ADMIN_KEY=$key
-timeout 400 "$py" -m cluster.cli serve --elastic --workers 1 --port "$port" --api-key "$key" --admin-key "$key" \
+timeout 400 "$py" -m cluster.cli.main serve --elastic --workers 1 --port "$port" --api-key "$key" --admin-key "$key" \
   > /tmp/moge-elastic-serve.log 2>&1 &
 server=$!
 trap 'kill -INT $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
@@ -19,12 +19,12 @@ for _ in $(seq 1 120); do
 done
 url="http://127.0.0.1:$port"
 (
-  sleep 20; timeout 120 "$py" -m cluster.cli scale 2 --url "$url"
-  sleep 20; timeout 120 "$py" -m cluster.cli scale 4 --url "$url"
-  sleep 20; timeout 120 "$py" -m cluster.cli scale 2 --url "$url"
+  sleep 20; timeout 120 "$py" -m cluster.cli.main scale 2 --url "$url"
+  sleep 20; timeout 120 "$py" -m cluster.cli.main scale 4 --url "$url"
+  sleep 20; timeout 120 "$py" -m cluster.cli.main scale 2 --url "$url"
 ) > "/tmp/moge-elastic-scale.log" 2>&1 &
 scaler=$!
 timeout 300 "$py" -m loadtest.runner --url "$url" --api-key "$key" --shape constant --users 8 --duration 90 --out "$out"
 wait $scaler
 cat /tmp/moge-elastic-scale.log
-"$py" -m cluster.cli status --url "$url"
+"$py" -m cluster.cli.main status --url "$url"

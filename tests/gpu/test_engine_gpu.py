@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(scope="module")
 def tiny():
-    from actors.model_loader import load_model
+    from actors.weights.loader import load_model
 
     return load_model("preset:tiny-moge", "float32", "cuda")
 
@@ -31,9 +31,9 @@ def run_all(engine, arrivals, max_steps=3000):
 
 @pytest.mark.parametrize("kv_blocks, batched_tokens", [(256, 512), (12, 32)])
 def test_cuda_batched_greedy_equals_reference(tiny, kv_blocks, batched_tokens):
-    from actors.engine import EngineSpec, LLMEngine
-    from actors.reference import greedy_reference
-    from actors.sampling_params import SamplingParams
+    from actors.engine.engine import EngineSpec, LLMEngine
+    from actors.model.reference import greedy_reference
+    from actors.engine.sampling_params import SamplingParams
 
     texts = ["GPU", "a", "Mixture of grouped experts on one device, many sequences.", "0123456789" * 5, "hey"]
     prompts = [tiny.tokenizer.encode(t) for t in texts]
@@ -48,8 +48,8 @@ def test_cuda_batched_greedy_equals_reference(tiny, kv_blocks, batched_tokens):
 
 
 def test_cuda_seeded_sampling_ignores_batch_mates(tiny):
-    from actors.engine import EngineSpec, LLMEngine
-    from actors.sampling_params import SamplingParams
+    from actors.engine.engine import EngineSpec, LLMEngine
+    from actors.engine.sampling_params import SamplingParams
 
     spec = EngineSpec(160, 128, 8, 8, 256)
     params = SamplingParams(temperature=0.9, top_k=50, seed=5, max_tokens=12, ignore_eos=True)

@@ -24,7 +24,7 @@ PROMPTS = [[(5 * i + j) % 250 for j in range(n)] for i, n in enumerate([1, 7, 19
 def ray_gpu():
     import ray
 
-    from cluster.local_cluster import start_ray
+    from cluster.cli.local_cluster import start_ray
 
     start_ray(num_cpus=8)
     yield
@@ -44,7 +44,7 @@ def gpu_config(transport: str, num_workers: int, worker_gpus: float):
 
 
 def greedy(engine) -> dict[str, list[int]]:
-    from actors.sampling_params import SamplingParams
+    from actors.engine.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     for i, p in enumerate(PROMPTS):
@@ -54,13 +54,15 @@ def greedy(engine) -> dict[str, list[int]]:
 
 def run_replica(config_dict: dict, namespace: str) -> dict:
     """A replica as Ray actor task with its own GPU: reference tokens, then disaggregated tokens."""
-    from actors.engine_factory import build_engine
+    from cluster.serve.replica_engine import build_engine
     from cluster.config import MogeConfig
-    from cluster.data_plane import DataPlane, build_disaggregated_engine
+    from cluster.serve.data_plane import DataPlane
+    from cluster.serve.replica_engine import assemble
 
     config = MogeConfig.model_validate(config_dict)
     reference = greedy(build_engine(config)[0])
-    engine, _, remote = build_disaggregated_engine(config, data_plane=DataPlane(config, namespace=namespace))
+    parts = assemble(config, data_plane=DataPlane(config, namespace=namespace))
+    engine, remote = parts.engine, parts.remote
     try:
         return {"reference": reference, "remote": greedy(engine), "metrics": remote.metrics()}
     finally:
@@ -70,7 +72,7 @@ def run_replica(config_dict: dict, namespace: str) -> dict:
 def test_each_worker_sees_only_its_own_gpu(ray_gpu):
     import ray
 
-    from cluster.data_plane import DataPlane, worker_ids
+    from cluster.serve.data_plane import DataPlane, worker_ids
 
     n = min(N_GPUS, 4)
     whole = n >= 2
@@ -94,7 +96,7 @@ def test_each_worker_sees_only_its_own_gpu(ray_gpu):
 def test_disaggregated_matches_single_process_on_gpu(ray_gpu, transport):
     import ray
 
-    from cluster.data_plane import DataPlane, worker_ids
+    from cluster.serve.data_plane import DataPlane, worker_ids
 
     if transport == "collective" and N_GPUS < 2:
         pytest.skip("NCCL needs the replica and the worker on different GPUs")

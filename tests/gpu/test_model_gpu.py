@@ -8,12 +8,12 @@ import time
 import pytest
 import torch
 
-from actors import experts as experts_module
+from actors.model.model import experts as experts_module
 from actors.device import synchronize
-from actors.experts import group_forward
-from actors.model_loader import load_model, random_expert_groups
-from actors.presets import PRESETS
-from actors.reference import greedy_reference
+from actors.model.experts import group_forward
+from actors.weights.loader import load_model, random_expert_groups
+from actors.model.presets import PRESETS
+from actors.model.reference import greedy_reference
 
 pytestmark = [
     pytest.mark.gpu,

@@ -14,7 +14,7 @@ Starting Ray and Serve costs ~20 s on 2 cores, so every integration test shares 
     def test_ray_only(ray_local):     # just the Ray cluster (actors, controller, workers);
         ...                           # ray.init is already done in this process
 
-    def test_tokens(reference_model): # the single-process model (actors.model_loader.LoadedModel)
+    def test_tokens(reference_model): # the single-process model (actors.weights.loader.LoadedModel)
         ...                           # built from the same config: the greedy-token reference
 
 To change what the server runs, override the session fixture `moge_server_config` in a conftest.py
@@ -33,7 +33,7 @@ import httpx
 import pytest
 
 from cluster.config import MogeConfig
-from cluster.local_cluster import LocalCluster, free_port, logical_cpus, start_ray
+from cluster.cli.local_cluster import LocalCluster, free_port, logical_cpus, start_ray
 
 TEST_API_KEY = "sk-moge-integration-test"
 RAY_LOGICAL_CPUS = 4  # one replica plus room for expert workers started by other tests
@@ -107,7 +107,7 @@ def moge_server(ray_local: None, moge_server_config: MogeConfig) -> Iterator[Run
 
 @pytest.fixture(scope="session")
 def reference_model(moge_server_config: MogeConfig):
-    from actors.model_loader import load_model
+    from actors.weights.loader import load_model
 
     m = moge_server_config.model
     return load_model(m.source, m.dtype, "cpu", n_groups=m.n_groups, seed=m.seed, name=m.name)

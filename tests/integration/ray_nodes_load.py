@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from actors.sampling_params import SamplingParams
+from actors.engine.sampling_params import SamplingParams
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Finished:
 
 @dataclass
 class GreedyLoad:
-    engine: object  # actors.async_engine.AsyncEngine
+    engine: object  # actors.engine.async_engine.AsyncEngine
     tokenizer: object
     prompts: list[str]
     max_tokens: int

@@ -124,11 +124,12 @@ class NodesScenario:
         import ray
         from ray.cluster_utils import Cluster
 
-        from actors.async_engine import AsyncEngine
-        from actors.model_loader import load_model
-        from actors.reference import greedy_reference
-        from cluster.elastic_replica import build_elastic_engine
-        from cluster.elastic_stack import start_elastic
+        from actors.engine.async_engine import AsyncEngine
+        from actors.weights.loader import load_model
+        from actors.model.reference import greedy_reference
+        from cluster.elastic.replica import ElasticReplica
+        from cluster.serve.replica_engine import build_engine
+        from cluster.elastic.stack import start_elastic
         from tests.integration.ray_nodes_load import GreedyLoad
 
         config = scenario_config()
@@ -140,7 +141,8 @@ class NodesScenario:
         self.out["w0_node_id"] = self.ctl("status")["workers"]["w0"]["info"].get("node_id")
         self.mark("elastic_up")
 
-        engine, loaded, self.replica = build_elastic_engine(self.stack.config, replica_id="nodes-replica")
+        self.replica = ElasticReplica.connect(self.stack.config, "nodes-replica")
+        engine, loaded = build_engine(self.stack.config, experts=self.replica.experts)
         self.async_engine = AsyncEngine(engine)
         self.replica.attach(self.async_engine)
         m = config.model

@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from actors.reference import greedy_reference
-from cluster.local_cluster import REPO_ROOT, free_port
+from actors.model.reference import greedy_reference
+from cluster.cli.local_cluster import REPO_ROOT, free_port
 from tests.unit.conftest import PANGU_TINY_CONFIG, pangu_tensors, write_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -45,7 +45,7 @@ def user_env() -> dict[str, str]:
 
 
 def moge(*argv: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cluster.cli", *argv], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "cluster.cli.main", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=user_env(), cwd=REPO_ROOT, **kwargs)
 
 
@@ -100,7 +100,7 @@ def test_moge_serve_elastic_workers_then_moge_status(reference_model):
         ids = reference_model.tokenizer.encode(prompt)
         assert r.json()["choices"][0]["token_ids"] == greedy_reference(reference_model, ids, 8)
 
-        status = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--url", f"http://127.0.0.1:{port}",
+        status = subprocess.run([sys.executable, "-m", "cluster.cli.main", "status", "--url", f"http://127.0.0.1:{port}",
                                  "--admin-key", admin_key], capture_output=True, text=True, timeout=60,
                                 env=user_env(), cwd=REPO_ROOT)
         assert status.returncode == 0, status.stderr
@@ -115,7 +115,7 @@ def test_moge_serve_elastic_workers_then_moge_status(reference_model):
 
 def test_moge_serve_refuses_a_directory_that_is_not_a_checkpoint(tmp_path: Path):
     proc = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "serve", "--model", str(tmp_path)],
+        [sys.executable, "-m", "cluster.cli.main", "serve", "--model", str(tmp_path)],
         capture_output=True, text=True, timeout=60, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
     assert proc.returncode == 2 and "config.json" in proc.stderr

@@ -18,15 +18,14 @@ import pytest
 import ray
 import torch
 
-from actors.engine_factory import build_engine
-from actors.expert_worker import model_config_of
-from actors.ping_pong import PingPongRunner
-from actors.placement import pack_groups
-from actors.remote_experts import RemoteExperts
-from actors.sampling_params import SamplingParams
+from cluster.serve.replica_engine import build_engine
+from actors.experts.worker import model_config_of
+from actors.experts.placement import pack_groups
+from actors.experts.remote_experts import RemoteExperts
+from actors.engine.sampling_params import SamplingParams
 from cluster.config import MogeConfig
-from cluster.data_plane import DataPlane, client_transport, worker_ids
-from cluster.worker_fleet import model_spec
+from cluster.serve.data_plane import DataPlane, client_transport, worker_ids
+from cluster.elastic.worker_fleet import model_spec
 
 pytestmark = pytest.mark.integration
 
@@ -88,8 +87,8 @@ def generate(engines, prompt_lists) -> dict[int, list[int]]:
 def replica(config, cfg, placement, refs, plane, ping_pong: bool):
     transport = client_transport(config, torch.device("cpu"), uuid.uuid4().hex[:8])
     remote = RemoteExperts(cfg, transport, placement, {w: refs[w] for w in placement.workers}, replacer=plane.replace)
+    config = config.model_copy(update={"data_plane": config.data_plane.model_copy(update={"ping_pong": ping_pong})})
     engine, loaded = build_engine(config, experts=remote)
-    engine.model = PingPongRunner(loaded.model, enabled=ping_pong)
     return engine, remote
 
 

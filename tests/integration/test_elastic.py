@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from actors.reference import greedy_reference
-from actors.sampling_params import SamplingParams
+from actors.model.reference import greedy_reference
+from actors.engine.sampling_params import SamplingParams
 from cluster.config import MogeConfig
 
 pytestmark = pytest.mark.integration
@@ -44,7 +44,7 @@ def elastic_config(tmp_path_factory) -> MogeConfig:
 
 @pytest.fixture(scope="module")
 def stack(ray_local, elastic_config, tmp_path_factory):
-    from cluster.elastic_stack import start_elastic
+    from cluster.elastic.stack import start_elastic
 
     # Append-only file so the Redis restart below keeps state; the no-persistence path (controller
     # restores Redis) is covered by test_controller_restores_an_emptied_redis.
@@ -57,10 +57,12 @@ def stack(ray_local, elastic_config, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def replica(stack):
-    from actors.async_engine import AsyncEngine
-    from cluster.elastic_replica import build_elastic_engine
+    from actors.engine.async_engine import AsyncEngine
+    from cluster.elastic.replica import ElasticReplica
+    from cluster.serve.replica_engine import build_engine
 
-    engine, loaded, er = build_elastic_engine(stack.config, replica_id="test-replica")
+    er = ElasticReplica.connect(stack.config, "test-replica")
+    engine, loaded = build_engine(stack.config, experts=er.experts)
     async_engine = AsyncEngine(engine)
     er.attach(async_engine)
     try:
@@ -184,8 +186,8 @@ def test_failed_migration_rolls_back_without_failures(stack, replica, expected):
         with Load(engine, loaded.tokenizer, CONCURRENCY) as load:
             load.wait_for(CONCURRENCY)
             pending = stack.controller.scale.remote(3)
-            from cluster.store import ElasticStore
-            from cluster.redis_server import connect
+            from cluster.elastic.store import ElasticStore
+            from cluster.elastic.redis_server import connect
 
             store = ElasticStore(connect(stack.config.elastic.redis_url), stack.config.elastic.key_prefix)
             wait_until(lambda: (store.operation() or {}).get("phase") == "loading", 60, "loading phase")
@@ -204,15 +206,15 @@ def test_failed_migration_rolls_back_without_failures(stack, replica, expected):
 def test_controller_killed_mid_scale_resumes_from_redis(stack, replica, expected):
     import ray
 
-    from cluster.controller import get_controller
+    from cluster.elastic.controller import get_controller
 
     engine, loaded, er = replica
     with Load(engine, loaded.tokenizer, CONCURRENCY) as load:
         load.wait_for(CONCURRENCY)
         ctl(stack, "set_test_load_delay", 2.0)
         pending = stack.controller.scale.remote(4)
-        from cluster.store import ElasticStore
-        from cluster.redis_server import connect
+        from cluster.elastic.store import ElasticStore
+        from cluster.elastic.redis_server import connect
 
         store = ElasticStore(connect(stack.config.elastic.redis_url), stack.config.elastic.key_prefix)
         wait_until(lambda: (store.operation() or {}).get("phase") == "loading", 60, "loading phase")
@@ -248,7 +250,7 @@ def test_redis_restart_mid_load_keeps_serving(stack, replica, expected):
 
 
 def test_controller_restores_an_emptied_redis(stack, replica, expected):
-    from cluster.redis_server import connect
+    from cluster.elastic.redis_server import connect
 
     engine, loaded, er = replica
     before = ctl(stack, "placement")
@@ -275,8 +277,8 @@ def _answers(handle) -> bool:
 
 
 def _acked(stack, er) -> bool:
-    from cluster.redis_server import connect
-    from cluster.store import ElasticStore
+    from cluster.elastic.redis_server import connect
+    from cluster.elastic.store import ElasticStore
 
     try:
         store = ElasticStore(connect(stack.config.elastic.redis_url), stack.config.elastic.key_prefix)

@@ -13,9 +13,9 @@ import time
 import httpx
 import pytest
 
-from actors.reference import greedy_reference
+from actors.model.reference import greedy_reference
 from cluster.config import MogeConfig
-from cluster.local_cluster import LocalCluster, free_port
+from cluster.cli.local_cluster import LocalCluster, free_port
 from tests.integration.conftest import RunningServer
 
 pytestmark = pytest.mark.integration

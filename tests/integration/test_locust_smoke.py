@@ -2,7 +2,7 @@
 
 - against a small OpenAI-compatible stub (SSE streaming), to pin down what the locustfile records
   (TTFT and ITL entries, whole-stream latency) and that a failing server fails the run;
-- against the real embedded cluster (`python -m cluster.cli serve`): CI's smoke test, which fails
+- against the real embedded cluster (`python -m cluster.cli.main serve`): CI's smoke test, which fails
   on any failed request.
 """
 
@@ -147,7 +147,7 @@ def test_only_loopback_targets_are_accepted(tmp_path):
     assert runner.main(["--url", "http://10.1.2.3:8000", "--duration", "1", "--out", str(tmp_path)]) == 2
 
 
-@pytest.mark.skipif(importlib.util.find_spec("cluster.cli") is None, reason="cluster/cli.py (moge serve) not in this tree yet")
+@pytest.mark.skipif(importlib.util.find_spec("cluster.cli.main") is None, reason="cluster/cli/main.py (moge serve) not in this tree yet")
 def test_embedded_cluster_serves_a_short_load_without_a_failed_request(tmp_path):
     rc = runner.main(["--shape", "constant", "--users", "3", "--duration", "25", "--server-timeout", "420", "--out", str(tmp_path)])
     log = lambda name: (tmp_path / name).read_text()[-4000:] if (tmp_path / name).exists() else ""  # noqa: E731

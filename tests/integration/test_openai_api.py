@@ -1,7 +1,7 @@
 """The OpenAI API end to end: official `openai` client and plain HTTP against a real local Ray +
 Serve app on 127.0.0.1 (fixture `moge_server` in conftest.py).
 
-Greedy tokens over HTTP must equal the single-process reference (actors.reference); every client
+Greedy tokens over HTTP must equal the single-process reference (actors.model.reference); every client
 mistake must come back as a 4xx OpenAI error body and leave the replica serving.
 """
 
@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from actors.reference import greedy_reference
+from actors.model.reference import greedy_reference
 
 pytestmark = pytest.mark.integration
 

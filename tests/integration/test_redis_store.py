@@ -7,9 +7,9 @@ import threading
 import pytest
 import redis
 
-from cluster.metrics_window import ReplicaSample, WorkerSample
-from cluster.redis_server import EmbeddedRedis, connect
-from cluster.store import ElasticStore, EpochConflict, WorkerRecord
+from cluster.elastic.metrics_window import ReplicaSample, WorkerSample
+from cluster.elastic.redis_server import EmbeddedRedis, connect
+from cluster.elastic.store import ElasticStore, EpochConflict, WorkerRecord
 
 pytestmark = pytest.mark.integration
 
@@ -86,7 +86,7 @@ def test_two_concurrent_writers_cannot_both_write_the_next_epoch(store):
 def test_restore_never_overwrites_a_newer_placement(store):
     store.publish_placement({0: ["a"]}, None)
     store.publish_placement({0: ["b"]}, 0)
-    from actors.placement import Placement
+    from actors.experts.placement import Placement
     store.restore_placement(Placement(0, (("a",),)))
     assert store.placement().epoch == 1
     store.r.delete(store.key("placement"))  # Redis came back empty

@@ -9,10 +9,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from actors.reference import greedy_reference
+from actors.model.reference import greedy_reference
 from cluster.config import MogeConfig
-from cluster.local_cluster import LocalCluster, free_port
-from cluster.redis_server import EmbeddedRedis
+from cluster.cli.local_cluster import LocalCluster, free_port
+from cluster.elastic.redis_server import EmbeddedRedis
 
 pytestmark = pytest.mark.integration
 
@@ -20,9 +20,9 @@ KEY = "sk-serve-config"
 
 
 def test_replica_starts_the_controller_when_deployed_from_a_serve_config(ray_local, reference_model):
-    from cluster.controller import get_controller
-    from cluster.data_plane import WORKER_NAMESPACE
-    from cluster.elastic_stack import ElasticStack
+    from cluster.elastic.controller import get_controller
+    from cluster.serve.data_plane import WORKER_NAMESPACE
+    from cluster.elastic.stack import ElasticStack
 
     redis = EmbeddedRedis().start()
     config = MogeConfig.load(

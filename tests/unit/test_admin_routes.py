@@ -9,11 +9,11 @@ import asyncio
 import httpx
 import pytest
 
-from cluster.admin_api import admin_keys, admin_router
+from cluster.serve.admin_api import admin_keys, admin_router
 from cluster.config import MogeConfig
-from cluster.controller import BadRequest, ControllerBusy
-from cluster.metrics import ReplicaMetrics
-from cluster.openai_server import OpenAIServer, ServedModel, build_http_app
+from cluster.elastic.controller import BadRequest, ControllerBusy
+from cluster.serve.metrics import ReplicaMetrics
+from cluster.serve.openai_server import OpenAIServer, ServedModel, build_http_app
 
 API_KEY, ADMIN_KEY = "sk-api", "sk-admin"
 
@@ -112,7 +112,7 @@ def test_unreachable_controller_is_503_on_admin_routes_only():
 
 
 def test_serve_flags_for_expert_workers():
-    from cluster.cli import build_parser, check_topology, overrides_from_args
+    from cluster.cli.main import build_parser, check_topology, overrides_from_args
 
     def parse(*argv):
         args = build_parser().parse_args(["serve", *argv])

@@ -7,17 +7,17 @@ import threading
 
 import pytest
 
-from actors.async_engine import AsyncEngine, EngineStopped
-from actors.engine import EngineSpec, LLMEngine
-from actors.request_rejected import RequestRejected
-from actors.sampling_params import SamplingParams
+from actors.engine.async_engine import AsyncEngine, EngineStopped
+from actors.engine.engine import EngineSpec, LLMEngine
+from actors.engine.request_rejected import RequestRejected
+from actors.engine.sampling_params import SamplingParams
 
 WAIT_S = 60  # upper bound for anything that should take well under a second
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    from actors.model_loader import load_model
+    from actors.weights.loader import load_model
 
     return load_model("preset:tiny-moge", "float32", "cpu")
 
@@ -40,7 +40,7 @@ async def collect(eng: AsyncEngine, rid: str, prompt: list[int], params: Samplin
 
 
 def test_concurrent_streams_each_equal_the_reference(engine, tiny):
-    from actors.reference import greedy_reference
+    from actors.model.reference import greedy_reference
 
     prompts = [tiny.tokenizer.encode(t) for t in ["alpha", "a much longer prompt than the others", "z"]]
     params = SamplingParams(temperature=0, max_tokens=10)
@@ -107,7 +107,7 @@ def test_rejected_requests_raise_before_streaming(engine):
 
 
 def test_step_boundary_hooks_run_between_steps_never_inside(engine):
-    inner = engine.engine.model
+    inner = engine.engine.runner.model
     state = {"in_step": False, "steps": 0, "hook_calls": 0, "overlaps": 0}
 
     def model(batch, kv):
@@ -122,7 +122,7 @@ def test_step_boundary_hooks_run_between_steps_never_inside(engine):
         state["hook_calls"] += 1
         state["overlaps"] += state["in_step"]
 
-    engine.engine.model = model
+    engine.engine.runner.model = model
     engine.on_step_boundary(hook)
 
     async def main():
@@ -190,7 +190,7 @@ def test_a_failing_step_fails_its_requests_instead_of_hanging(engine):
     def broken(batch, kv):
         raise RuntimeError("expert worker unreachable")
 
-    engine.engine.model = broken
+    engine.engine.runner.model = broken
 
     async def main():
         with pytest.raises(RuntimeError, match="unreachable"):

@@ -1,10 +1,10 @@
 import pytest
 
-from actors.block_manager import BlockManager
-from actors.detokenizer import IncrementalDetokenizer
-from actors.sampling_params import SamplingParams
-from actors.sequence import Sequence
-from actors.tokenizer import ByteTokenizer
+from actors.engine.block_manager import BlockManager
+from actors.engine.detokenizer import IncrementalDetokenizer
+from actors.engine.sampling_params import SamplingParams
+from actors.engine.sequence import Sequence
+from actors.weights.tokenizer import ByteTokenizer
 
 
 def make_seq(rid: str, n_prompt: int) -> Sequence:

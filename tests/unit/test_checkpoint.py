@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from actors.checkpoint import CheckpointError, CheckpointReader, load_attention_part, load_expert_groups
-from actors.hf_config import UnsupportedModelError, config_from_dict, read_config
-from actors.model_loader import load_model
-from actors.reference import greedy_reference
+from actors.weights.checkpoint import CheckpointError, CheckpointReader, load_attention_part, load_expert_groups
+from actors.weights.hf_config import UnsupportedModelError, config_from_dict, read_config
+from actors.weights.loader import load_model
+from actors.model.reference import greedy_reference
 from tests.unit.conftest import PANGU_TINY_CONFIG, write_checkpoint
 
 

@@ -1,7 +1,7 @@
 import random
 
-from actors.detokenizer import IncrementalDetokenizer
-from actors.tokenizer import ByteTokenizer
+from actors.engine.detokenizer import IncrementalDetokenizer
+from actors.weights.tokenizer import ByteTokenizer
 
 BYTES = ByteTokenizer()
 

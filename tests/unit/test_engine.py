@@ -8,11 +8,11 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from actors.engine import EngineSpec, LLMEngine, RequestOutput
-from actors.model_config import ModelConfig
-from actors.request_rejected import RequestRejected
-from actors.sampling_params import SamplingParams
-from actors.tokenizer import ByteTokenizer
+from actors.engine.engine import EngineSpec, LLMEngine, RequestOutput
+from actors.model.config import ModelConfig
+from actors.engine.request_rejected import RequestRejected
+from actors.engine.sampling_params import SamplingParams
+from actors.weights.tokenizer import ByteTokenizer
 
 # ---- a fake model whose next token depends on every token in its KV cache -----------------------
 
@@ -230,7 +230,7 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batch_mates():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from actors.model_loader import load_model
+    from actors.weights.loader import load_model
 
     torch.manual_seed(0)
     return load_model("preset:tiny-moge", "float32", "cpu")
@@ -247,7 +247,7 @@ MAX_NEW = 12
 
 @pytest.fixture(scope="module")
 def tiny_reference(tiny, tiny_prompts):
-    from actors.reference import greedy_reference
+    from actors.model.reference import greedy_reference
 
     return [greedy_reference(tiny, p, MAX_NEW) for p in tiny_prompts]
 
@@ -297,8 +297,8 @@ def tiny_config(**engine):
 
 
 def test_build_engine_sizes_the_kv_cache_from_the_config():
-    from actors.engine_factory import build_engine
-    from actors.kv_cache import bytes_per_block
+    from cluster.serve.replica_engine import build_engine
+    from actors.model.kv_cache import bytes_per_block
 
     engine, loaded = build_engine(tiny_config(num_kv_blocks=10))
     assert engine.spec.num_kv_blocks == 10 and engine.spec.max_model_len == 64 and engine.kv.num_blocks == 10
@@ -312,7 +312,7 @@ def test_build_engine_sizes_the_kv_cache_from_the_config():
 
 
 def test_build_engine_defaults_the_context_length_to_the_model():
-    from actors.engine_factory import build_engine
+    from cluster.serve.replica_engine import build_engine
     from cluster.config import MogeConfig
 
     config = MogeConfig.load(env={}, model={"device": "cpu", "dtype": "float32"}, engine={"num_kv_blocks": 4})
@@ -329,7 +329,7 @@ def test_the_decode_fast_path_builds_the_same_step_batch_as_the_general_one():
     engine.step()  # prefill; every sequence now has one token to decode
     scheduled = engine.scheduler.schedule()
     assert scheduled.num_new_tokens == [1, 1, 1]
-    fast, general = engine._decode_batch(scheduled.seqs), engine._mixed_batch(scheduled)
+    fast, general = engine.runner._decode_batch(scheduled.seqs), engine.runner._mixed_batch(scheduled)
     for name in ("input_ids", "positions", "query_start", "context_lens", "block_tables", "slot_mapping",
                  "logits_index"):
         assert torch.equal(getattr(fast, name), getattr(general, name)), name

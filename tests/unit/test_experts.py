@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from actors.experts import LocalExperts, group_forward
-from actors.model_loader import random_expert_groups
-from actors.presets import PRESETS
-from actors.routing import route
+from actors.model.experts import LocalExperts, group_forward
+from actors.weights.loader import random_expert_groups
+from actors.model.presets import PRESETS
+from actors.model.routing import route
 
 CFG = PRESETS["tiny-moge"]
 

@@ -185,7 +185,7 @@ def test_invalid_values_stop_the_install_with_a_clear_message(values, message):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_serve_config_deploys_the_app_with_a_valid_moge_config(variant):
     app = serve_app(variant)
-    assert app["import_path"] == "cluster.serve_app:app_builder"
+    assert app["import_path"] == "cluster.serve.app:app_builder"
     assert set(app["args"]) == {"config"}
     cfg = MogeConfig.model_validate(app["args"]["config"])
     values = merged_values(variant)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from actors.model_loader import load_model
-from actors.reference import greedy_reference, one_sequence_batch
-from actors.kv_cache import PagedKVCache
+from actors.weights.loader import load_model
+from actors.model.reference import greedy_reference, one_sequence_batch
+from actors.model.kv_cache import PagedKVCache
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 PROMPT = [5, 17, 99, 3, 64, 2 + 40, 77, 11, 120, 8]

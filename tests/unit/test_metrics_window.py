@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.metrics_window import MetricsWindow, ReplicaSample, WorkerSample, percentile
+from cluster.elastic.metrics_window import MetricsWindow, ReplicaSample, WorkerSample, percentile
 
 
 def test_percentile_interpolates_between_order_statistics():

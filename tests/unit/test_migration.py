@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.migration import MigrationRunner, Operation, Phase, validate_map
-from cluster.store import EpochConflict
+from cluster.elastic.migration import MigrationRunner, Operation, Phase, validate_map
+from cluster.elastic.store import EpochConflict
 
 
 class FakeWorld:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from actors.expert_compute import Done
-from actors.kv_cache import PagedKVCache
-from actors.model_loader import load_model
-from actors.reference import greedy_reference, one_sequence_batch
-from actors.step_batch import StepBatch
+from actors.model.expert_compute import Done
+from actors.model.kv_cache import PagedKVCache
+from actors.weights.loader import load_model
+from actors.model.reference import greedy_reference, one_sequence_batch
+from actors.model.step_batch import StepBatch
 
 BS = 16
 

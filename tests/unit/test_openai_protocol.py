@@ -8,8 +8,8 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from cluster import openai_protocol as p
-from cluster.errors import from_validation
+from cluster.serve import openai_protocol as p
+from cluster.serve.errors import from_validation
 
 
 def completion(**fields) -> p.CompletionRequest:

@@ -11,12 +11,12 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from actors.sampling_params import SamplingParams
-from cluster.auth import ApiKeys
+from actors.engine.sampling_params import SamplingParams
+from cluster.serve.auth import ApiKeys
 from cluster.config import MogeConfig
-from cluster.errors import AuthenticationFailed
-from cluster.metrics import ReplicaMetrics
-from cluster.openai_server import ClosingStreamingResponse, OpenAIServer, ServedModel, _merge, build_http_app
+from cluster.serve.errors import AuthenticationFailed
+from cluster.serve.metrics import ReplicaMetrics
+from cluster.serve.openai_server import ClosingStreamingResponse, OpenAIServer, ServedModel, _merge, build_http_app
 
 KEY = "sk-unit"
 
@@ -292,7 +292,7 @@ def test_closing_streaming_response_closes_its_body_when_the_client_is_gone():
 
 
 def test_serve_options_follow_the_server_section():
-    from cluster.serve_app import deployment_options
+    from cluster.serve.app import deployment_options
 
     fixed = deployment_options(MogeConfig.load(env={}, server={"num_replicas": 2, "replica_num_cpus": 0.5}))
     assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
@@ -308,7 +308,7 @@ def test_serve_options_follow_the_server_section():
 
 
 def test_cli_flags_override_config_and_bad_model_dirs_are_named(tmp_path):
-    from cluster.cli import build_parser, check_model_dir, example_curl, overrides_from_args
+    from cluster.cli.main import build_parser, check_model_dir, example_curl, overrides_from_args
 
     args = build_parser().parse_args(["serve", "--model", str(tmp_path), "--port", "9001", "--api-key", "a",
                                       "--api-key", "b"])

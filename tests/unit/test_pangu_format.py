@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from actors.model_loader import load_model
-from actors.reference import greedy_reference, one_sequence_batch
-from actors.kv_cache import PagedKVCache
+from actors.weights.loader import load_model
+from actors.model.reference import greedy_reference, one_sequence_batch
+from actors.model.kv_cache import PagedKVCache
 from tests.unit.conftest import PANGU_TINY_CONFIG
 
 PROMPT = [3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26]

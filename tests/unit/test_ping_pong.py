@@ -1,12 +1,14 @@
 """Ping-pong runner: same greedy tokens as the plain model; halves overlap expert calls."""
 
+import dataclasses
+
 import torch
 
-from actors.engine import EngineSpec, LLMEngine
-from actors.model_loader import load_model
-from actors.ping_pong import PingPongRunner, balanced_cut, split_batch
-from actors.sampling_params import SamplingParams
-from actors.step_batch import StepBatch
+from actors.engine.engine import EngineSpec, LLMEngine
+from actors.weights.loader import load_model
+from actors.engine.ping_pong import balanced_cut, split_batch
+from actors.engine.sampling_params import SamplingParams
+from actors.model.step_batch import StepBatch
 
 PROMPTS = [[5, 6, 7], list(range(40, 61)), [9], list(range(100, 108))]
 
@@ -21,8 +23,7 @@ def test_same_greedy_tokens_as_the_plain_model():
     loaded = load_model("preset:tiny-moge", dtype="float32", device="cpu")
     spec = EngineSpec(max_model_len=128, num_kv_blocks=64, block_size=16, max_num_seqs=8)
     plain = run(LLMEngine(loaded, spec))
-    engine = LLMEngine(loaded, spec)
-    engine.model = PingPongRunner(loaded.model)
+    engine = LLMEngine(loaded, dataclasses.replace(spec, ping_pong=True))
     calls = []
     real = loaded.model.experts
 

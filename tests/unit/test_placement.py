@@ -1,6 +1,6 @@
 import pytest
 
-from actors.placement import Placement, pack_groups, split_rows
+from actors.experts.placement import Placement, pack_groups, split_rows
 
 
 def workers(d):

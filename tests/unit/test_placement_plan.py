@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from actors.placement import pack_groups
-from cluster.placement_plan import move_group, moved_groups, plan_map
+from actors.experts.placement import pack_groups
+from cluster.elastic.placement_plan import move_group, moved_groups, plan_map
 
 
 def as_map(p):

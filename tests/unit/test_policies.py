@@ -7,8 +7,8 @@ import calendar
 import pytest
 
 from cluster.config import PolicySection
-from cluster.metrics_window import MetricsWindow, ReplicaSample, WorkerSample
-from cluster.policies import (NoPolicy, SchedulePolicy, ScalingContext, SloPolicy, UtilisationPolicy,
+from cluster.elastic.metrics_window import MetricsWindow, ReplicaSample, WorkerSample
+from cluster.elastic.policy.policies import (NoPolicy, SchedulePolicy, ScalingContext, SloPolicy, UtilisationPolicy,
                               make_policy, parse_schedule)
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from cluster.config import PolicySection
-from cluster.policies import make_policy
-from cluster.policy_sim import CapacityModel, SimClock, load_trace, plot, rps_at, shape_trace, simulate, summary
-from cluster.policy_wrapper import guarded_from_config
+from cluster.elastic.policy.policies import make_policy
+from cluster.elastic.policy.sim import CapacityModel, SimClock, load_trace, plot, rps_at, shape_trace, simulate, summary
+from cluster.elastic.policy.guarded import guarded_from_config
 
 
 def run(name, trace, **knobs):

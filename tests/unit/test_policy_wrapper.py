@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from cluster.config import PolicySection
-from cluster.metrics_window import MetricsWindow, WorkerSample
-from cluster.policies import Decision, ScalingContext, make_policy
-from cluster.policy_wrapper import GuardedPolicy, guarded_from_config
+from cluster.elastic.metrics_window import MetricsWindow, WorkerSample
+from cluster.elastic.policy.policies import Decision, ScalingContext, make_policy
+from cluster.elastic.policy.guarded import GuardedPolicy, guarded_from_config
 
 import pytest
 

@@ -5,14 +5,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from actors.expert_worker import ExpertWorker
-from actors.experts import LocalExperts
-from actors.model_loader import random_expert_groups
-from actors.placement import Placement, pack_groups
-from actors.presets import get_preset
-from actors.remote_experts import ExpertCallFailed, RemoteExperts
-from actors.transport import WorkerRef
-from actors.transport_inprocess import InProcessTransport
+from actors.experts.worker import ExpertWorker
+from actors.model.experts import LocalExperts
+from actors.weights.loader import random_expert_groups
+from actors.experts.placement import Placement, pack_groups
+from actors.model.presets import get_preset
+from actors.experts.remote_experts import ExpertCallFailed, RemoteExperts
+from actors.experts.transport.base import WorkerRef
+from actors.experts.transport.inprocess import InProcessTransport
 
 MOGE = get_preset("tiny-moge")
 TOPK = replace(MOGE, family="mixtral", top_k=3, router_scale=False, renormalize=True)

@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from actors.presets import PRESETS
-from actors.routing import expert_load, imbalance_score, moge_route, route, tokens_per_group, topk_route
+from actors.model.presets import PRESETS
+from actors.model.routing import expert_load, imbalance_score, moge_route, route, tokens_per_group, topk_route
 
 MOGE = PRESETS["tiny-moge"]  # 16 experts, 4 groups, K = 4 (1 per group)
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from actors.request_rejected import RequestRejected
-from actors.sampler import Sampler, make_generator
-from actors.sampling_params import SamplingParams
+from actors.engine.request_rejected import RequestRejected
+from actors.engine.sampler import Sampler, make_generator
+from actors.engine.sampling_params import SamplingParams
 
 CPU = torch.device("cpu")
 

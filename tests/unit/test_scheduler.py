@@ -1,11 +1,11 @@
 """The scheduler alone, with the model replaced by "every fully computed sequence gets a token"."""
 
-from actors.block_manager import BlockManager
-from actors.detokenizer import IncrementalDetokenizer
-from actors.sampling_params import SamplingParams
-from actors.scheduler import Scheduler
-from actors.sequence import Sequence, SequenceStatus
-from actors.tokenizer import ByteTokenizer
+from actors.engine.block_manager import BlockManager
+from actors.engine.detokenizer import IncrementalDetokenizer
+from actors.engine.sampling_params import SamplingParams
+from actors.engine.scheduler import Scheduler
+from actors.engine.sequence import Sequence, SequenceStatus
+from actors.weights.tokenizer import ByteTokenizer
 
 _arrival = iter(range(10**6))
 

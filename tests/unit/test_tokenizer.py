@@ -8,7 +8,7 @@ import json
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from actors.tokenizer import ByteTokenizer, ChatTemplateError, HFTokenizer
+from actors.weights.tokenizer import ByteTokenizer, ChatTemplateError, HFTokenizer
 
 SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CHATML = (

@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from actors.expert_worker import ExpertWorker
-from actors.experts import LocalExperts
-from actors.model_loader import random_expert_groups
-from actors.placement import pack_groups
-from actors.presets import get_preset
-from actors.remote_experts import RemoteExperts
-from actors.transport import TransportError, WorkerRef, make_transport
+from actors.experts.worker import ExpertWorker
+from actors.model.experts import LocalExperts
+from actors.weights.loader import random_expert_groups
+from actors.experts.placement import pack_groups
+from actors.model.presets import get_preset
+from actors.experts.remote_experts import RemoteExperts
+from actors.experts.transport.base import TransportError, WorkerRef, make_transport
 
 CFG = get_preset("tiny-moge")
 SPEC = {"source": "preset:tiny-moge", "dtype": "float32", "device": "cpu", "seed": 0}
@@ -60,7 +60,7 @@ def test_remote_experts_over_transport_match_local(kind):
 
 
 def test_grpc_peer_export_moves_exact_tensors():
-    from actors.transport_grpc import fetch_groups, worker_stats
+    from actors.experts.transport.grpc import fetch_groups, worker_stats
 
     holder = ExpertWorker("h", SPEC, "grpc", OPTS)
     try:

@@ -78,7 +78,7 @@ Arguments: (list $accelerator isExpertPool)
 {{- $app := dict
   "name" .Values.serve.appName
   "route_prefix" .Values.serve.routePrefix
-  "import_path" "cluster.serve_app:app_builder"
+  "import_path" "cluster.serve.app:app_builder"
   "args" (dict "config" (include "moge.mogeConfig" . | fromYaml)) -}}
 {{- $serve := dict
   "proxy_location" "EveryNode"

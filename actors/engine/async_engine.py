@@ -1,0 +1,218 @@
+"""Serves an LLMEngine to asyncio code: one background thread steps the engine while there is work,
+and every request streams its RequestOutputs through its own asyncio queue.
+
+Only the step thread touches the engine's mutable state. Callers hand it work through an inbox
+(add / abort) that it drains between steps; the same point runs the step-boundary hooks, which is
+where an attention replica adopts a new placement epoch (DESIGN.md invariant 2: never inside a step).
+A consumer that stops listening (client disconnect: the generator is cancelled or closed) aborts its
+request, which frees its KV blocks at the next boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from actors.engine.engine import EngineStats, LLMEngine, RequestOutput
+from actors.engine.request_rejected import RequestRejected
+from actors.engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineStopped(RuntimeError):
+    """The engine was shut down; no new requests."""
+
+
+@dataclasses.dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue  # RequestOutput items, or an exception that ends the stream
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05) -> None:
+        self.engine = engine
+        # an idle thread still wakes this often, so step-boundary hooks run without traffic
+        self.idle_wait_s = idle_wait_s
+        self._lock = threading.Lock()  # guards the inbox, the streams and the hooks
+        self._inbox: list[tuple[Any, ...]] = []  # ("add", id, prompt ids, params) | ("abort", id)
+        self._streams: dict[str, _Stream] = {}
+        self._hooks: list[Callable[[], None]] = []
+        self._once: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
+        self._thread.start()
+
+    # ---- caller side (any thread / event loop) -----------------------------------------------
+
+    def generate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Validate now (RequestRejected raises here, before any streaming starts) and return the
+        stream of outputs; the request is queued when iteration begins."""
+        params = params or SamplingParams()
+        if self._stopping:
+            raise EngineStopped("the engine is shutting down")
+        self.engine.check_request(prompt_ids, params)
+        with self._lock:
+            if request_id in self._streams:
+                raise RequestRejected(f"request id {request_id!r} is already running")
+        return self._stream(request_id, list(prompt_ids), params)
+
+    async def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if self._stopping:
+                raise EngineStopped("the engine is shutting down")
+            if request_id in self._streams:
+                raise RequestRejected(f"request id {request_id!r} is already running")
+            self._streams[request_id] = stream
+            self._inbox.append(("add", request_id, prompt_ids, params))
+        self._wake.set()
+        done = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                done = item.finished
+                yield item
+                if done:
+                    return
+        finally:
+            if not done:  # cancelled or closed by the consumer: free the slot
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+            self._inbox.append(("abort", request_id))
+        self._wake.set()
+
+    def on_step_boundary(self, fn: Callable[[], None]) -> None:
+        """Run fn between every two steps (and periodically while idle), on the step thread."""
+        with self._lock:
+            self._hooks.append(fn)
+
+    def run_at_step_boundary(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run fn once at the next step boundary; the future holds its result or exception."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._stopping:
+                raise EngineStopped("the engine is shutting down")
+            self._once.append((fn, fut))
+        self._wake.set()
+        return fut
+
+    def is_alive(self) -> bool:
+        """The step thread runs and no shutdown was asked for: what /health and Serve's probe report."""
+        with self._lock:
+            stopping = self._stopping
+        return self._thread.is_alive() and not stopping
+
+    def stats(self) -> EngineStats:
+        stats = self.engine.stats()
+        with self._lock:
+            queued = sum(1 for item in self._inbox if item[0] == "add")
+        return dataclasses.replace(stats, waiting=stats.waiting + queued)
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop stepping, end every open stream with finish_reason 'abort', join the thread."""
+        with self._lock:
+            self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.error("engine step thread did not stop within %.1fs", timeout_s)
+
+    # ---- step thread ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            self._boundary()
+            if self._stopping:
+                break
+            if self.engine.has_unfinished():
+                try:
+                    outputs = self.engine.step()
+                except Exception as exc:  # a failed step must not hang its requests
+                    log.exception("engine step failed; aborting its requests")
+                    self._fail_all(exc)
+                    continue
+                self._deliver(outputs)
+            else:
+                self._wake.wait(self.idle_wait_s)
+        self._boundary()
+        self._deliver([o for rid in self.engine.unfinished_request_ids() if (o := self.engine.abort_request(rid))])
+        with self._lock:
+            once, self._once = self._once, []
+        for _, fut in once:
+            fut.set_exception(EngineStopped("the engine was shut down"))
+
+    def _boundary(self) -> None:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            hooks = list(self._hooks)
+            once, self._once = self._once, []
+        for item in inbox:
+            if item[0] == "add":
+                _, rid, prompt, params = item
+                try:
+                    self.engine.add_request(rid, prompt, params)
+                except Exception as exc:  # e.g. a duplicate id that raced past generate()
+                    self._deliver_to(rid, exc)
+            else:
+                self.engine.abort_request(item[1])
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("step-boundary hook %r failed", hook)
+        for fn, fut in once:
+            try:
+                fut.set_result(fn())
+            except Exception as exc:
+                fut.set_exception(exc)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for rid in self.engine.unfinished_request_ids():
+            self.engine.abort_request(rid)
+            self._deliver_to(rid, exc)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        with self._lock:
+            for out in outputs:
+                stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            self._post(loop, items)
+
+    def _deliver_to(self, request_id: str, item: Any) -> None:
+        with self._lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            self._post(stream.loop, [(stream.queue, item)])
+
+    def _post(self, loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, Any]]) -> None:
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+            for queue, item in items:
+                if isinstance(item, RequestOutput) and not item.finished:
+                    self.abort(item.request_id)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)

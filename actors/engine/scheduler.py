@@ -1,0 +1,111 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each.
+
+Every step the running sequences go first, oldest first: a decode takes one token, an unfinished
+prefill takes the next chunk that fits the token budget. Then waiting sequences are admitted in
+arrival order (FCFS: the first one that does not fit stops admission, nobody overtakes it) while
+there are KV blocks, sequence slots and token budget left. A prompt longer than the budget is
+prefilled in chunks over several steps.
+
+When a running sequence needs a KV block and none is free, the newest running sequence is
+preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed
+(prompt + tokens generated so far are prefilled again). The oldest sequence therefore always
+progresses, so the engine never deadlocks as long as one request fits the whole cache, which
+add_request guarantees.
+
+Ordering invariant kept by construction: `running` is sorted by arrival, `waiting` too, and every
+running sequence arrived before every waiting one except preempted ones, which are put back first.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from actors.engine.block_manager import BlockManager
+from actors.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)  # tokens each sequence feeds this step
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def add(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(n)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        # admission keeps this many blocks spare for running decodes, so that admitting a request
+        # rarely forces a preemption on the very next step; waived when nothing runs (no deadlock)
+        self.watermark_blocks = max(1, blocks.num_blocks // 100)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.blocks.can_allocate(seq, n):
+                victim = self.running[-1]  # the newest; never one already scheduled (index < i)
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                break  # seq preempted itself: it was the last running one
+            self.blocks.allocate(seq, n)
+            batch.add(seq, n)
+            budget -= n
+            i += 1
+
+        # after a preemption the cache is full: admitting now would only preempt again
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            spare = self.watermark_blocks if self.running else 0
+            if self.blocks.blocks_needed(seq, n) + spare > self.blocks.num_free_blocks:
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq, n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.add(seq, n)
+            budget -= n
+        return batch
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take a sequence out of the running set for good and return its KV blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1

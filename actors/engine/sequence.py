@@ -1,0 +1,69 @@
+"""One request's state inside the engine: its tokens, how many of them are in the KV cache, and
+where in the cache they live.
+
+A sequence is WAITING (queued, or preempted and waiting to be recomputed), RUNNING (owns KV blocks
+and is scheduled every step), or FINISHED. `num_computed_tokens` counts the tokens whose K/V are
+written; the scheduler feeds the model the rest (a prefill chunk, or the one new token of a decode).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from actors.engine.detokenizer import IncrementalDetokenizer
+from actors.engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    token_ids: list[int]  # prompt then generated tokens
+    num_prompt_tokens: int
+    params: SamplingParams
+    max_total_tokens: int  # prompt + completion cap (max_tokens, bounded by the context length)
+    arrival: int  # admission order: FCFS and "newest is preempted first"
+    detokenizer: IncrementalDetokenizer
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)  # physical KV block ids, in order
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None  # per-request RNG when params.seed is set
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def reset_for_recompute(self) -> None:
+        """Preemption: the KV is gone; prompt and generated tokens are prefilled again later."""
+        self.num_computed_tokens = 0
+        self.block_table = []
+        self.status = SequenceStatus.WAITING

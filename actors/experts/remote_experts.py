@@ -1,0 +1,313 @@
+"""RemoteExperts: the attention replica's ExpertCompute when the routed experts live on expert
+workers. Per MoE layer it splits the work by group per the current Placement, sends one call per
+holder (all at once), and adds the per-group partials back in group order — the order LocalExperts
+uses, so the sums (and greedy tokens) match the single-process model.
+
+  MoGE      every token hits every group: x is broadcast, each holder gets its groups' slots.
+  top-k     the tokens that hit a group are gathered for its holders and scattered back.
+  replicas  a group held by R workers has its tokens split into R contiguous chunks.
+
+Invariant 2: `adopt(placement)` only stages a placement; `on_step_boundary()` (called by the engine
+between steps) makes it current. Invariant 4: a call that fails is re-sent to another holder of the
+group, or to a replacement worker from `replacer`, inside the same step.
+
+Shape legend: T = tokens of the layer, D = hidden, K = slots per token, G = groups,
+T' = rows of one call, k = slots of one call, n = groups of one call.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from actors.model.expert_compute import PendingExperts
+from actors.experts.group_load import GroupLoad
+from actors.model.config import ModelConfig
+from actors.experts.placement import Placement, split_rows
+from actors.experts.transport.base import ExpertTransport, WorkerRef
+
+# replacer(worker_id, groups) -> a WorkerRef holding `groups`, ready to be connected
+Replacer = Callable[[str, tuple[int, ...]], WorkerRef]
+
+
+class ExpertCallFailed(RuntimeError):
+    """Every holder and replacement of a group failed within the retry budget."""
+
+
+@dataclass
+class _Call:
+    worker: str
+    groups: list[int]
+    rows: torch.Tensor | None  # [T'] rows of the layer's x in this call; None = all rows, in order
+    x: torch.Tensor  # [T', D]
+    ids: torch.Tensor  # [T', k] global expert ids, -1 for slots not sent to this worker
+    weights: torch.Tensor  # [T', k]
+    future: "Future[torch.Tensor]"  # -> [n, T', D]
+
+
+class _PendingRemote:
+    def __init__(self, owner: "RemoteExperts", layer: int, x: torch.Tensor, calls: list[_Call]) -> None:
+        self.owner, self.layer, self.x, self.calls = owner, layer, x, calls
+
+    def wait(self) -> torch.Tensor:
+        x = self.x
+        parts: dict[int, list[tuple[torch.Tensor | None, torch.Tensor]]] = {}
+        for call in self.calls:
+            for g, rows, partial in self.owner._collect(self.layer, call):
+                parts.setdefault(g, []).append((rows, partial))
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, D]
+        for g in sorted(parts):
+            for rows, partial in parts[g]:
+                if rows is None:
+                    out += partial.float()
+                else:
+                    out.index_add_(0, rows, partial.float())
+        return out.to(x.dtype)
+
+
+class RemoteExperts:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        transport: ExpertTransport,
+        placement: Placement,
+        workers: dict[str, WorkerRef],
+        replacer: Replacer | None = None,
+        max_attempts: int = 3,
+        wait_timeout_s: float = 60.0,
+        restage_poll_s: float = 0.05,
+    ) -> None:
+        if placement.n_groups != cfg.n_groups:
+            raise ValueError(f"placement has {placement.n_groups} groups, the model {cfg.n_groups}")
+        self.cfg = cfg
+        self.transport = transport
+        self.replacer = replacer
+        self.max_attempts = max_attempts
+        self.wait_timeout_s = wait_timeout_s
+        self.restage_poll_s = restage_poll_s  # how often a step waiting on a replacement looks for a new epoch
+        self.load = GroupLoad(cfg.n_groups)
+        self.retries = 0  # calls re-sent after a failure (metric)
+        self._placement = placement
+        self._staged: tuple[Placement, dict[str, WorkerRef]] | None = None
+        self._workers = dict(workers)
+        self._down: set[str] = set()  # failed workers, avoided until replaced or a new placement
+        self._lock = threading.Lock()
+        for worker_id in placement.workers:
+            self.transport.connect(self._workers[worker_id])
+
+    # ---- placement epochs (invariant 2) ------------------------------------------------------------
+
+    @property
+    def placement(self) -> Placement:
+        return self._placement
+
+    @property
+    def epoch(self) -> int:
+        return self._placement.epoch
+
+    def adopt(self, placement: Placement, workers: dict[str, WorkerRef] | None = None) -> None:
+        """Stage `placement`; new workers are connected now, off the step path. It becomes current
+        at the next on_step_boundary()."""
+        if placement.n_groups != self.cfg.n_groups:
+            raise ValueError(f"placement has {placement.n_groups} groups, the model {self.cfg.n_groups}")
+        refs = {**self._workers, **(workers or {})}
+        missing = [w for w in placement.workers if w not in refs]
+        if missing:
+            raise ValueError(f"placement epoch {placement.epoch} names unknown workers {missing}")
+        for worker_id in placement.workers:
+            if worker_id not in self.transport.connected() or (workers and worker_id in workers):
+                self.transport.connect(refs[worker_id])
+        with self._lock:
+            self._staged = (placement, refs)
+
+    def on_step_boundary(self) -> int:
+        """Make a staged placement current; -> the epoch in force (what this replica acknowledges)."""
+        with self._lock:
+            staged, self._staged = self._staged, None
+        if staged is not None:
+            placement, refs = staged
+            unused = set(self._placement.workers) - set(placement.workers)
+            self._placement = placement
+            self._workers = {w: refs[w] for w in placement.workers}
+            self._down &= set(placement.workers)
+            for worker_id in unused:
+                self.transport.disconnect(worker_id)
+        return self._placement.epoch
+
+    # ---- dispatch --------------------------------------------------------------------------------
+
+    def dispatch(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> PendingExperts:
+        t = x.shape[0]
+        n_groups = self.cfg.n_groups
+        group_of = topk_ids // self.cfg.experts_per_group  # [T, K]
+        hits = torch.zeros(t, n_groups, dtype=torch.bool, device=x.device)
+        hits.scatter_(1, group_of, True)  # [T, G]: token t sends at least one slot to group g
+        counts = hits.sum(0).tolist()  # one host sync per layer
+        self.load.record(layer, counts, t)
+
+        plan: dict[str, list[tuple[int, torch.Tensor | None]]] = {}
+        for g, n in enumerate(counts):
+            if n == 0:
+                continue
+            holders = self._live_holders(g)
+            rows = None if n == t else hits[:, g].nonzero().squeeze(1)
+            if len(holders) == 1:
+                plan.setdefault(holders[0], []).append((g, rows))
+                continue
+            if rows is None:
+                rows = torch.arange(t, device=x.device)
+            for holder, (a, b) in zip(holders, split_rows(n, len(holders))):
+                if b > a:
+                    plan.setdefault(holder, []).append((g, rows[a:b]))
+        calls = [self._send(layer, w, entries, x, topk_ids, topk_weights, group_of) for w, entries in plan.items()]
+        return _PendingRemote(self, layer, x, calls)
+
+    def _live_holders(self, g: int) -> list[str]:
+        holders = self._placement.holders_of(g)
+        live = [h for h in holders if h not in self._down]
+        if live:
+            return live
+        return [self._fallback_holder(g, holders[0])]
+
+    def _send(self, layer, worker, entries, x, topk_ids, topk_weights, group_of) -> _Call:
+        groups = [g for g, _ in entries]
+        if all(rows is None for _, rows in entries):  # broadcast: every row, these groups' slots
+            rows_union = None
+            mask = torch.isin(group_of, torch.tensor(groups, device=x.device))  # [T, K]
+            xs, ids, weights = x, topk_ids, topk_weights
+        else:  # gather: only rows that hit (this worker's share of) its groups
+            mask = torch.zeros_like(group_of, dtype=torch.bool)
+            for g, rows in entries:
+                if rows is None:
+                    mask |= group_of == g
+                else:
+                    mask[rows] |= group_of[rows] == g
+            rows_union = mask.any(1).nonzero().squeeze(1)  # [T']
+            mask, xs = mask[rows_union], x[rows_union]
+            ids, weights = topk_ids[rows_union], topk_weights[rows_union]
+        ids, weights = _compact(mask, ids, weights, self._slots_per_row(len(groups), rows_union is None))
+        return _Call(worker, groups, rows_union, xs, ids, weights,
+                     self.transport.call(worker, layer, groups, xs, ids, weights))
+
+    def _slots_per_row(self, n_groups: int, broadcast: bool) -> int | None:
+        # MoGE keeps exactly K/G slots per group per token: no host sync needed to size the call.
+        if self.cfg.family == "moge" and broadcast:
+            return self.cfg.k_per_group * n_groups
+        return None
+
+    # ---- results and failures (invariant 4) ----------------------------------------------------------
+
+    def _collect(self, layer: int, call: _Call) -> list[tuple[int, torch.Tensor | None, torch.Tensor]]:
+        try:
+            y = call.future.result(timeout=self.wait_timeout_s)  # [n, T', D]
+            return [(g, call.rows, y[i]) for i, g in enumerate(call.groups)]
+        except Exception as exc:  # noqa: BLE001 - any failure of the call: re-send, never lose the step
+            self._mark_down(call.worker)
+            return [self._retry(layer, call, g, exc) for g in call.groups]
+
+    def _retry(self, layer: int, call: _Call, g: int, first_error: Exception):
+        group_of = call.ids // self.cfg.experts_per_group
+        ids = torch.where(group_of == g, call.ids, -1)  # [T', k] only this group's slots
+        error: Exception = first_error
+        for _ in range(self.max_attempts):
+            self.retries += 1
+            target = None
+            try:
+                target = self._alternative(g, call.worker)
+                fut = self.transport.call(target, layer, [g], call.x, ids, call.weights)
+                return g, call.rows, fut.result(timeout=self.wait_timeout_s)[0]
+            except Exception as exc:  # noqa: BLE001 - no holder found (target None) or it failed too
+                error = exc
+                if target is not None:
+                    self._mark_down(target)
+        raise ExpertCallFailed(
+            f"layer {layer} group {g}: no holder answered after {self.max_attempts} attempts: {error}"
+        ) from error
+
+    def _alternative(self, g: int, failed: str) -> str:
+        for holder in self._placement.holders_of(g):
+            if holder not in self._down:
+                return holder
+        holders = self._placement.holders_of(g)
+        return self._fallback_holder(g, failed if failed in holders else holders[0])
+
+    def _fallback_holder(self, g: int, dead: str) -> str:
+        """Every holder of `g` in the current epoch is down: a holder in the staged epoch, else
+        `dead`'s replacement (or that staged holder, if it appears while the replacement waits)."""
+        return self._staged_holder(g) or self._replace_unless_restaged(dead, g)
+
+    def _staged_holder(self, g: int) -> str | None:
+        """A live, connected holder of `g` in the staged (not yet current) epoch. Sending one group's
+        retry there mid-step is safe: the controller loads and warms a group before publishing
+        the epoch, so its weights are the same; routing for the step still follows the current epoch."""
+        with self._lock:
+            staged = self._staged
+        if staged is None:
+            return None
+        connected = set(self.transport.connected())
+        for holder in staged[0].holders_of(g):
+            if holder not in self._down and holder in connected:
+                return holder
+        return None
+
+    def _replace_unless_restaged(self, worker_id: str, g: int) -> str:
+        """A replacement may wait long for a free device; meanwhile the controller's repair can
+        publish an epoch that moves the group to a live worker. Whichever comes first wins (a
+        replacement that finishes later is simply not used and the controller retires it)."""
+        box: Future = Future()
+
+        def replace() -> None:
+            try:
+                box.set_result(self._replace(worker_id, g))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting step
+                box.set_exception(exc)
+
+        threading.Thread(target=replace, name=f"replace-{worker_id}", daemon=True).start()
+        while True:
+            try:
+                return box.result(timeout=self.restage_poll_s)
+            except TimeoutError:
+                holder = self._staged_holder(g)
+                if holder is not None:
+                    return holder
+
+    def _mark_down(self, worker_id: str) -> None:
+        with self._lock:
+            self._down.add(worker_id)
+
+    def _replace(self, worker_id: str, g: int) -> str:
+        """Ask for a replacement of `worker_id` holding its groups; connect it under the same id."""
+        if self.replacer is None:
+            raise ExpertCallFailed(f"group {g}: every holder failed and no replacer is configured")
+        ref = self.replacer(worker_id, self._placement.groups_of(worker_id))
+        self.transport.disconnect(worker_id)
+        self.transport.connect(ref)
+        with self._lock:
+            self._workers[worker_id] = ref
+            self._down.discard(worker_id)
+        return worker_id
+
+    # ---- metrics and teardown ------------------------------------------------------------------------
+
+    def metrics(self, reset: bool = False) -> dict:
+        """Group load per layer (see actors/experts/group_load.py) + epoch, retries and failed workers."""
+        return {**self.load.snapshot(reset), "epoch": self.epoch, "retries": self.retries, "down": sorted(self._down)}
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def _compact(mask: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, width: int | None):
+    """Keep only the slots in `mask`, moved to the front of each row: [T', K] -> [T', k].
+    Dropped slots become id -1 / weight 0 (ignored by the worker)."""
+    ids = torch.where(mask, ids, -1)
+    weights = torch.where(mask, weights, 0.0)
+    k = int(mask.sum(1).max()) if width is None and mask.numel() else (width or 0)
+    if k >= mask.shape[1]:
+        return ids, weights
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :k]
+    return ids.gather(1, order), weights.gather(1, order)

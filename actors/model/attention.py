@@ -1,0 +1,78 @@
+"""Paged causal attention over a StepBatch: prefill chunks and decode tokens in one call.
+
+Shape legend: T = new tokens of the step, B = sequences, Q = most new tokens of any sequence,
+M = block-table width, BS = block size, L = M * BS keys per sequence (padded), H = query heads,
+Hkv = KV heads, Dh = head dim.
+
+The new tokens are scattered into a padded [B, Q] query layout, every sequence's keys are gathered
+from its blocks, and one masked SDPA call does the lot. Key j is visible to a query at position p
+iff j <= p: positions are cache indices, so this is both the causal mask and the context length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from actors.model.kv_cache import PagedKVCache
+from actors.model.step_batch import StepBatch
+
+
+@dataclass
+class AttentionPlan:
+    """Index tensors derived once per step and shared by every layer."""
+
+    seq_of_token: torch.Tensor  # [T] sequence of each new token
+    row_of_token: torch.Tensor  # [T] its row in the padded [B, Q] layout
+    max_query: int  # Q
+    mask: torch.Tensor  # [B, 1, Q, L] bool, True = attend
+
+
+def plan_attention(batch: StepBatch, block_size: int) -> AttentionPlan:
+    device = batch.input_ids.device
+    starts = batch.query_start
+    num_seqs = batch.num_seqs
+    token = torch.arange(batch.num_tokens, device=device)
+    seq = torch.searchsorted(starts[1:], token, right=True)  # [T]
+    row = token - starts[seq]
+    max_query = int((starts[1:] - starts[:-1]).max().item()) if num_seqs else 0
+    # Padded query rows get position 0: they see key 0 only (never an all-masked row, which SDPA
+    # turns into NaN) and their outputs are dropped.
+    qpos = torch.zeros(num_seqs, max_query, dtype=torch.long, device=device)
+    qpos[seq, row] = batch.positions
+    keys = torch.arange(batch.block_tables.shape[1] * block_size, device=device)  # [L]
+    mask = keys.view(1, 1, -1) <= qpos.unsqueeze(-1)  # [B, Q, L]
+    return AttentionPlan(seq, row, max_query, mask.unsqueeze(1))
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, Dh], RoPE applied
+    k: torch.Tensor,  # [T, Hkv, Dh], RoPE applied
+    v: torch.Tensor,  # [T, Hkv, Dh]
+    layer: int,
+    batch: StepBatch,
+    kv: PagedKVCache,
+    plan: AttentionPlan,
+    scale: float,
+) -> torch.Tensor:
+    """-> [T, H, Dh]. Stores the new k, v in the cache first, then attends over the whole context."""
+    kv.store(layer, k, v, batch.slot_mapping)
+    num_seqs, heads, head_dim = batch.num_seqs, q.shape[1], q.shape[2]
+    kv_heads = k.shape[1]
+
+    qp = q.new_zeros(num_seqs, plan.max_query, heads, head_dim)
+    qp[plan.seq_of_token, plan.row_of_token] = q
+    # [B, M, BS, Hkv, Dh] -> [B, L, Hkv, Dh]
+    keys = kv.k[layer][batch.block_tables].flatten(1, 2).to(q.dtype)
+    values = kv.v[layer][batch.block_tables].flatten(1, 2).to(q.dtype)
+    out = F.scaled_dot_product_attention(
+        qp.transpose(1, 2),  # [B, H, Q, Dh]
+        keys.transpose(1, 2),  # [B, Hkv, L, Dh]
+        values.transpose(1, 2),
+        attn_mask=plan.mask,
+        scale=scale,
+        enable_gqa=kv_heads != heads,  # query head h reads KV head h // (H / Hkv), no copies
+    )  # [B, H, Q, Dh]
+    return out.transpose(1, 2)[plan.seq_of_token, plan.row_of_token]

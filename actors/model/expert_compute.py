@@ -1,0 +1,43 @@
+"""The seam between the model and wherever its routed experts run.
+
+The model computes routing itself (router, per-group top-K/G or top-k) and hands the tokens to an
+ExpertCompute. In one process that is LocalExperts (actors/model/experts.py); in the cluster it is a
+dispatcher that sends each group's tokens to a worker holding the group and sums the partials.
+The model file never knows which.
+
+Shape legend: T = tokens, D = hidden size, K = experts kept per token.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class PendingExperts(Protocol):
+    def wait(self) -> torch.Tensor:
+        """[T, D] sum over kept experts of weight * expert(x); blocks until every group answered."""
+        ...
+
+
+class ExpertCompute(Protocol):
+    def dispatch(
+        self,
+        layer: int,
+        x: torch.Tensor,  # [T, D] activations after the post-attention norm
+        topk_ids: torch.Tensor,  # [T, K] int64 global expert ids
+        topk_weights: torch.Tensor,  # [T, K] float32 routing weights (already scaled / renormalised)
+    ) -> PendingExperts:
+        """Start the routed-expert computation; may return before it is done (ping-pong)."""
+        ...
+
+
+class Done:
+    """A PendingExperts whose result is already there (local compute)."""
+
+    def __init__(self, y: torch.Tensor) -> None:
+        self._y = y
+
+    def wait(self) -> torch.Tensor:
+        return self._y

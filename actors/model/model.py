@@ -1,0 +1,249 @@
+"""The decoder: embeddings, pre-norm attention + MoE blocks, LM head. One device, no Ray.
+
+Shape legend: T = tokens in the step, B = sequences, D = hidden, V = vocab, H / Hkv = query / KV
+heads, Dh = head dim, N = routed experts, K = experts kept per token.
+
+    h = embed(ids)                                          [T, D]
+    for layer l:
+        h = h + attn(norm_in(h))                            paged KV cache
+        x = norm_post(h); ids, w = router(x)                x [T, D], ids/w [T, K]
+        routed = experts.dispatch(l, x, ids, w).wait()      [T, D], wherever the experts are
+        h = h + routed + shared(x)                          (dense layers: h + mlp(x))
+    logits = lm_head(norm(h[last token of each sequence]))  [B, V] float32
+
+The routed experts are not part of this module: `self.experts` is any ExpertCompute, swapped by
+whoever distributes the model. The per-layer pieces are public so a ping-pong runner can interleave
+two micro-batches (attention of one while the experts of the other are away).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from actors.model.attention import AttentionPlan, paged_attention, plan_attention
+from actors.model.expert_compute import ExpertCompute
+from actors.model.kv_cache import PagedKVCache
+from actors.model.config import ModelConfig
+from actors.model.routing import route
+from actors.model.step_batch import StepBatch
+
+
+class Linear(nn.Module):
+    """nn.Linear without the init pass: weights always come from a loader (and random init on the
+    meta device would drag in torch's slow reference-op imports)."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_out, d_in))
+        self.bias = nn.Parameter(torch.empty(d_out)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Module):
+    def __init__(self, vocab: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab, dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rotary:
+    """RoPE, rotate-half convention (HF Llama / Qwen / Mixtral). Not a module on purpose: the
+    frequencies stay float32 when the model is cast to bf16."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+        self.inv_freq = 1.0 / theta**exponents  # built on cpu even under a meta-device context
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)  # [T, Dh/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, Dh]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, Dh]; cos, sin [T, Dh]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)): dense MLP layers and shared experts."""
+
+    def __init__(self, dim: int, inner: int) -> None:
+        super().__init__()
+        self.gate_proj = Linear(dim, inner)
+        self.up_proj = Linear(dim, inner)
+        self.down_proj = Linear(inner, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        d = cfg.hidden_size
+        self.q_proj = Linear(d, self.heads * self.head_dim, bias=cfg.attention_bias)
+        self.k_proj = Linear(d, self.kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.v_proj = Linear(d, self.kv_heads * self.head_dim, bias=cfg.attention_bias)
+        self.o_proj = Linear(self.heads * self.head_dim, d, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+
+    def forward(
+        self, x: torch.Tensor, layer: int, batch: StepBatch, kv: PagedKVCache, step: "_StepContext"
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q = self.q_proj(x).view(t, self.heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, step.cos, step.sin), apply_rotary(k, step.cos, step.sin)
+        out = paged_attention(q, k, v, layer, batch, kv, step.plan, self.head_dim**-0.5)  # [T, H, Dh]
+        return self.o_proj(out.reshape(t, self.heads * self.head_dim))
+
+
+class MoEBlock(nn.Module):
+    """Everything of an MoE layer except the routed experts: router, scale, shared expert."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate = Linear(cfg.hidden_size, cfg.n_experts)  # router, [N, D]
+        if cfg.router_scale:
+            self.router_scale = nn.Parameter(torch.ones(cfg.n_experts))  # [N]
+        if cfg.shared_intermediate_size:
+            self.shared_expert = SwiGLU(cfg.hidden_size, cfg.shared_intermediate_size)
+        if cfg.shared_expert_gate:
+            self.shared_expert_gate = Linear(cfg.hidden_size, 1)
+
+    def shared(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not hasattr(self, "shared_expert"):
+            return None
+        y = self.shared_expert(x)
+        if hasattr(self, "shared_expert_gate"):
+            y = torch.sigmoid(self.shared_expert_gate(x)) * y
+        return y
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer)
+        self.mlp = MoEBlock(cfg) if self.is_moe else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+
+class _StepContext:
+    """Per-step values every layer shares (RoPE tables, attention plan)."""
+
+    def __init__(self, batch: StepBatch, plan: AttentionPlan, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.batch, self.plan, self.cos, self.sin = batch, plan, cos, sin
+
+
+class MoGEModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, experts: ExpertCompute | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, layer) for layer in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.experts = experts
+        self._steps: dict[int, _StepContext] = {}  # two slots: the ping-pong micro-batches
+
+    # ---- per-layer pieces -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[T] -> h [T, D]."""
+        return self.embed_tokens(input_ids)
+
+    @torch.no_grad()
+    def attention_block(self, layer: int, h: torch.Tensor, batch: StepBatch, kv: PagedKVCache) -> torch.Tensor:
+        """h + attention(input_norm(h)); writes this step's K/V for `layer`."""
+        block = self.layers[layer]
+        step = self._step_context(batch, kv.block_size, h.dtype)
+        return h + block.self_attn(block.input_layernorm(h), layer, batch, kv, step)
+
+    @torch.no_grad()
+    def route(
+        self, layer: int, h: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """-> (x_normed [T, D], topk_ids [T, K], topk_weights [T, K] float32).
+        Dense layers return (x_normed, None, None): nothing to dispatch."""
+        block = self.layers[layer]
+        x = block.post_attention_layernorm(h)
+        if not block.is_moe:
+            return x, None, None
+        moe: MoEBlock = block.mlp
+        ids, weights = route(self.cfg, moe.gate(x), getattr(moe, "router_scale", None))
+        return x, ids, weights
+
+    @torch.no_grad()
+    def finish_moe(
+        self, layer: int, h: torch.Tensor, x_normed: torch.Tensor, routed: torch.Tensor | None
+    ) -> torch.Tensor:
+        """h + routed + shared(x_normed); for a dense layer (routed None) h + mlp(x_normed)."""
+        block = self.layers[layer]
+        if not block.is_moe:
+            return h + block.mlp(x_normed)
+        shared = block.mlp.shared(x_normed)
+        out = routed if shared is None else routed + shared
+        return h + out
+
+    @torch.no_grad()
+    def head(self, h: torch.Tensor, logits_index: torch.Tensor) -> torch.Tensor:
+        """-> logits [B, V] float32 of the rows logits_index."""
+        return self.lm_head(self.norm(h[logits_index])).float()
+
+    # ---- whole step ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(self, batch: StepBatch, kv: PagedKVCache) -> torch.Tensor:
+        h = self.embed(batch.input_ids)
+        for layer in range(self.cfg.num_layers):
+            h = self.attention_block(layer, h, batch, kv)
+            x, ids, weights = self.route(layer, h)
+            routed = None if ids is None else self.experts.dispatch(layer, x, ids, weights).wait()
+            h = self.finish_moe(layer, h, x, routed)
+        return self.head(h, batch.logits_index)
+
+    def _step_context(self, batch: StepBatch, block_size: int, dtype: torch.dtype) -> _StepContext:
+        step = self._steps.get(id(batch))
+        if step is None or step.batch is not batch:  # the stored ref keeps id(batch) from being reused
+            cos, sin = self.rotary.cos_sin(batch.positions, dtype)
+            step = _StepContext(batch, plan_attention(batch, block_size), cos, sin)
+            if len(self._steps) >= 2:
+                self._steps.pop(next(iter(self._steps)))
+            self._steps[id(batch)] = step
+        return step

@@ -1,0 +1,184 @@
+"""A whole serving stack on this machine: a fresh local Ray, the elastic control plane when there
+are expert workers, Serve's HTTP proxy, the app, and a wait until /health answers. Used by
+`moge serve` and by the integration tests.
+
+Whenever experts run in separate workers (data_plane.transport grpc / collective) the controller
+owns them: `start_elastic` brings up Redis (embedded unless elastic.redis_url is set), the
+controller and the first workers before the app, and the app receives the config that names that
+Redis. There is no second, controller-less way to run workers locally: with the default policy
+`none` the elastic cluster is a static one that the admin API can still scale and migrate.
+The default in-process model starts none of this.
+
+Ray gets a bounded number of logical CPUs (what the replicas and expert workers ask for, not the
+machine's core count) and no dashboard: both keep start-up short on a small machine.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import httpx
+
+from cluster.config import MogeConfig
+
+APP_NAME = "moge"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def logical_cpus(config: MogeConfig) -> int:
+    """CPUs Ray must advertise so every replica and expert worker can be placed (elastic: up to
+    the policy's max_devices workers)."""
+    from cluster.elastic.stack import elastic_enabled
+
+    server, dp = config.server, config.data_plane
+    replicas = server.max_replicas if server.num_replicas == "auto" else server.num_replicas
+    workers = max(dp.num_workers, config.elastic.policy.max_devices) if elastic_enabled(config) else 0
+    need = replicas * server.replica_num_cpus + workers * dp.worker_num_cpus
+    return max(1, math.ceil(need))
+
+
+def start_ray(num_cpus: int) -> None:
+    """ray.init for this machine: bounded logical CPUs, no dashboard, workers that can import
+    this checkout (they are separate processes and do not inherit the driver's sys.path)."""
+    import ray
+
+    path = os.environ.get("PYTHONPATH", "")
+    if str(REPO_ROOT) not in path.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), path) if p)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if on_main_thread else None
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        namespace=APP_NAME,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    # ray.init installs a native SIGTERM handler that aborts the process; a caller that set its own
+    # (the CLI's clean shutdown) gets it back.
+    if callable(previous):
+        signal.signal(signal.SIGTERM, previous)
+
+
+class LocalCluster:
+    def __init__(self, config: MogeConfig, app_name: str = APP_NAME, num_cpus: int | None = None,
+                 control_plane: bool = True) -> None:
+        """`control_plane=False`: do not start the controller here; with elastic.redis_url set the
+        replicas start it themselves, as they do when deployed from a Serve config (KubeRay)."""
+        self.config = config
+        self.app_name = app_name
+        self.control_plane = control_plane
+        self.num_cpus = num_cpus if num_cpus is not None else logical_cpus(config)
+        self.base_url = ""
+        self.stack = None  # cluster.elastic.stack.ElasticStack when there are expert workers
+        self._owns_ray = False
+        self._owns_serve = False
+        self._app_running = False
+
+    def start(self, timeout_s: float = 120) -> str:
+        """Start Ray (unless this process already has it), the elastic control plane (when there
+        are expert workers), Serve and the app; return the base URL once /health answers 200."""
+        import ray
+        from ray import serve
+
+        from cluster.elastic.stack import elastic_enabled, start_elastic
+        from cluster.serve.app import app_builder
+
+        deadline = time.monotonic() + timeout_s
+        if not ray.is_initialized():
+            start_ray(self.num_cpus)
+            self._owns_ray = True
+        config = self.config
+        if elastic_enabled(config) and self.control_plane:
+            from cluster.serve.data_plane import WORKER_NAMESPACE
+
+            self.stack = start_elastic(config, namespace=WORKER_NAMESPACE,
+                                       bootstrap_timeout_s=max(1.0, deadline - time.monotonic()))
+            config = self.stack.config  # names the (embedded) Redis every replica must reach
+        server = config.server
+        port, route_prefix = self._start_serve(server.host, server.port)
+        serve.run(app_builder({"config": config.model_dump(mode="json")}), name=self.app_name,
+                  route_prefix=route_prefix)
+        self._app_running = True
+        host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
+        self.base_url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
+        wait_until_healthy(self.base_url, deadline)
+        return self.base_url
+
+    def _start_serve(self, host: str, port: int) -> tuple[int, str]:
+        """-> (port, route prefix). This process's Ray may already run Serve for another app (a
+        test session's shared server): then this app joins that proxy under /<app name>."""
+        from ray import serve
+        from ray.serve.context import _get_global_client
+
+        try:
+            running = _get_global_client(raise_if_no_controller_running=False) is not None
+        except Exception:  # noqa: BLE001 - no Serve controller in this cluster
+            running = False
+        self._owns_serve = not running
+        serve.start(http_options={"host": host, "port": port})
+        if not running:
+            return port, "/"
+        return int(_get_global_client().http_config.port), f"/{self.app_name}"
+
+    def stop(self) -> None:
+        """Stop the app (Serve too, if this object started it), then the control plane and its
+        workers, then Ray if this object started it. Replicas go first: they leave the ack set."""
+        import ray
+        from ray import serve
+
+        try:
+            if ray.is_initialized():
+                if self._owns_serve:
+                    serve.shutdown()
+                elif self._app_running:
+                    serve.delete(self.app_name)
+        finally:
+            self._app_running = self._owns_serve = False
+            try:
+                if self.stack is not None and ray.is_initialized():
+                    self.stack.stop()
+            finally:
+                self.stack = None
+                if self._owns_ray:
+                    ray.shutdown()
+                    self._owns_ray = False
+
+    def __enter__(self) -> "LocalCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def wait_until_healthy(
+    base_url: str, deadline: float, clock: Callable[[], float] = time.monotonic, interval_s: float = 0.2
+) -> None:
+    """Poll /health until it answers 200; raise TimeoutError at `deadline` (a `clock` time)."""
+    last = "no answer"
+    with httpx.Client(timeout=5) as client:
+        while clock() < deadline:
+            try:
+                r = client.get(f"{base_url}/health")
+                if r.status_code == 200:
+                    return
+                last = f"HTTP {r.status_code}"
+            except httpx.HTTPError as e:
+                last = type(e).__name__
+            time.sleep(interval_s)  # a poll interval, not a wait for luck: bounded by the deadline
+    raise TimeoutError(f"{base_url}/health did not answer 200 in time (last: {last})")

@@ -1,0 +1,89 @@
+"""Bringing the elastic control plane up and down next to a Serve app: Redis (embedded unless
+elastic.redis_url is set), the controller actor, and the first expert workers.
+
+    stack = start_elastic(config, namespace="moge")   # after ray.init, before serve.run
+    serve.run(app_builder({"config": stack.config.model_dump(mode="json")}))
+    ...
+    stack.stop()
+
+`stack.config` carries the Redis URL (with the embedded server's generated password) so replicas
+and the controller reach the same Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from cluster.config import MogeConfig
+from cluster.elastic.redis_server import EmbeddedRedis
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ElasticStack:
+    config: MogeConfig
+    redis: EmbeddedRedis | None
+    controller: Any
+    namespace: str | None
+
+    def stop(self) -> None:
+        """Stop the controller and every expert worker, then the embedded Redis."""
+        import ray
+
+        from cluster.elastic.worker_fleet import WorkerFleet
+
+        try:
+            ray.get(self.controller.shutdown.remote(), timeout=10)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        try:
+            ray.kill(self.controller, no_restart=True)
+        except Exception:  # noqa: BLE001
+            pass
+        fleet = WorkerFleet(self.config, self.namespace)
+        for wid in fleet.running():
+            fleet.stop(wid)
+        if self.redis is not None:
+            self.redis.stop()
+
+
+def elastic_enabled(config: MogeConfig) -> bool:
+    """Expert workers are separate actors (and so need a controller) unless experts run in-process."""
+    return config.data_plane.transport != "inprocess"
+
+
+def ensure_controller(config: MogeConfig, namespace: str | None = "moge") -> Any:
+    """The controller actor, started if nobody has (a replica deployed from a Serve config file,
+    as on KubeRay, where no driver ran `start_elastic`), and asked to bootstrap the first workers.
+    Does not wait: the replica waits for the placement to appear in Redis. Cheap and idempotent
+    when the controller is already up (get_if_exists; bootstrap returns the stored placement)."""
+    from cluster.elastic.controller import start_controller
+
+    controller = start_controller(config, namespace)
+    controller.bootstrap.remote(config.data_plane.num_workers)
+    return controller
+
+
+def start_elastic(config: MogeConfig, namespace: str | None = "moge", redis_data_dir: str | None = None,
+                  bootstrap_timeout_s: float = 300.0) -> ElasticStack:
+    import ray
+
+    from cluster.elastic.controller import start_controller
+
+    redis = None
+    if not config.elastic.redis_url:
+        redis = EmbeddedRedis(data_dir=redis_data_dir).start()
+        elastic = config.elastic.model_copy(update={"redis_url": redis.url})
+        config = config.model_copy(update={"elastic": elastic})
+        log.info("embedded redis-server on 127.0.0.1:%d", redis.port)
+    controller = start_controller(config, namespace)
+    try:
+        ray.get(controller.bootstrap.remote(config.data_plane.num_workers), timeout=bootstrap_timeout_s)
+    except Exception:
+        if redis is not None:
+            redis.stop()
+        raise
+    return ElasticStack(config, redis, controller, namespace)
