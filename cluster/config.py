@@ -40,6 +40,7 @@ class EngineSection(_Section):
     kv_cache_bytes: int | None = Field(None, ge=1, description="KV cache budget; default from memory")
     kv_cache_fraction: float = Field(0.3, gt=0, le=0.95, description="of free device memory, if no bytes")
     num_kv_blocks: int | None = Field(None, ge=1, description="overrides the byte budget (tests)")
+    enable_prefix_caching: bool = Field(True, description="reuse the KV of prompt prefixes seen before")
 
 
 class ServerSection(_Section):

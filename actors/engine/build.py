@@ -42,6 +42,7 @@ class EngineSettings:
     kv_cache_fraction: float = 0.3
     num_kv_blocks: int | None = None
     ping_pong: bool = False
+    enable_prefix_caching: bool = True
 
 
 def kv_block_budget(settings: EngineSettings, loaded: LoadedModel, max_model_len: int) -> int:
@@ -79,5 +80,6 @@ def build_engine(
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         ping_pong=settings.ping_pong,
+        enable_prefix_caching=settings.enable_prefix_caching,
     )
     return LLMEngine(loaded, spec), loaded

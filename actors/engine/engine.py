@@ -33,6 +33,7 @@ class EngineSpec:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
     ping_pong: bool = False  # two micro-batches per step (remote experts)
+    enable_prefix_caching: bool = True  # share full KV blocks of identical prefixes between requests
 
 
 @dataclass
@@ -44,6 +45,7 @@ class RequestOutput:
     finish_reason: str | None  # 'stop' | 'length' | 'abort' | None while running
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass
@@ -56,6 +58,8 @@ class EngineStats:
     preemptions: int
     tokens_generated: int
     steps: int
+    prefix_cache_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hit_tokens: int = 0  # ... of which were found there
 
 
 class LLMEngine:
@@ -68,7 +72,7 @@ class LLMEngine:
         self.spec = spec
         self.runner = ModelRunner(self.model, self.cfg, spec.num_kv_blocks, spec.block_size, ping_pong=spec.ping_pong)
         self.kv = self.runner.kv
-        self.blocks = BlockManager(spec.num_kv_blocks, spec.block_size)
+        self.blocks = BlockManager(spec.num_kv_blocks, spec.block_size, spec.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, spec.max_num_seqs, spec.max_num_batched_tokens)
         self.sampler = Sampler()
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.cfg.eos_token_ids)
@@ -159,6 +163,8 @@ class LLMEngine:
             preemptions=self.scheduler.num_preemptions,
             tokens_generated=self._tokens_generated,
             steps=self._steps,
+            prefix_cache_queried_tokens=self.blocks.queried_tokens,
+            prefix_cache_hit_tokens=self.blocks.hit_tokens,
         )
 
     # ---- one step ---------------------------------------------------------------------------
@@ -173,6 +179,7 @@ class LLMEngine:
         sampling: list[int] = []  # rows of sequences whose whole context is now in the cache
         for row, (seq, n) in enumerate(zip(scheduled.seqs, scheduled.num_new_tokens)):
             seq.num_computed_tokens += n
+            self.blocks.commit(seq)  # its K/V are written now: full blocks may serve other requests
             if seq.num_computed_tokens == seq.num_tokens:
                 sampling.append(row)
         if not sampling:
@@ -211,4 +218,5 @@ class LLMEngine:
             finish_reason=seq.finish_reason,
             prompt_tokens=seq.num_prompt_tokens,
             completion_tokens=seq.num_completion_tokens,
+            cached_tokens=seq.num_cached_tokens or 0,
         )

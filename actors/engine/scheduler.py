@@ -12,6 +12,10 @@ preempted: its blocks are freed and it goes back to the front of the queue, to b
 progresses, so the engine never deadlocks as long as one request fits the whole cache, which
 add_request guarantees.
 
+Prefix caching: a sequence admitted from the queue starts after the longest prefix of full blocks
+already in the cache (BlockManager.cached_prefix); only the rest counts against the token budget.
+A preempted sequence usually finds its own released blocks still cached when it comes back.
+
 Ordering invariant kept by construction: `running` is sorted by arrival, `waiting` too, and every
 running sequence arrived before every waiting one except preempted ones, which are put back first.
 """
@@ -81,12 +85,13 @@ class Scheduler:
         # after a preemption the cache is full: admitting now would only preempt again
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
+            hit = self.blocks.cached_prefix(seq)  # waiting sequences hold no blocks
+            n = min(seq.num_tokens - len(hit) * self.blocks.block_size, budget)
             spare = self.watermark_blocks if self.running else 0
-            if self.blocks.blocks_needed(seq, n) + spare > self.blocks.num_free_blocks:
+            if self.blocks.admission_cost(seq, hit, n) + spare > self.blocks.num_free_blocks:
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq, n)
+            self.blocks.admit(seq, hit, n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.add(seq, n)

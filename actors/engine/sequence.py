@@ -1,5 +1,5 @@
 """One request's state inside the engine: its tokens, how many of them are in the KV cache, and
-where in the cache they live.
+where in the cache they live (some blocks may be shared with other sequences: prefix caching).
 
 A sequence is WAITING (queued, or preempted and waiting to be recomputed), RUNNING (owns KV blocks
 and is scheduled every step), or FINISHED. `num_computed_tokens` counts the tokens whose K/V are
@@ -35,6 +35,12 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)  # physical KV block ids, in order
+    # prefix caching (actors/engine/block_manager.py): chain hashes of the full blocks worked out so
+    # far (a function of token_ids, so kept across preemption), how many of block_table's blocks
+    # have been offered to the cache, and the prompt tokens found cached at first admission
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_hashed_blocks: int = 0
+    num_cached_tokens: int | None = None
     finish_reason: str | None = None
     generator: torch.Generator | None = None  # per-request RNG when params.seed is set
 
@@ -66,4 +72,5 @@ class Sequence:
         """Preemption: the KV is gone; prompt and generated tokens are prefilled again later."""
         self.num_computed_tokens = 0
         self.block_table = []
+        self.num_hashed_blocks = 0
         self.status = SequenceStatus.WAITING

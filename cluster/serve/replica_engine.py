@@ -33,6 +33,7 @@ def engine_settings(config: MogeConfig, ping_pong: bool = False) -> EngineSettin
         kv_cache_fraction=e.kv_cache_fraction,
         num_kv_blocks=e.num_kv_blocks,
         ping_pong=ping_pong,
+        enable_prefix_caching=e.enable_prefix_caching,
     )
 
 
