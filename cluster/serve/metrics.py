@@ -44,6 +44,10 @@ class ReplicaMetrics:
         self.waiting = Gauge("moge_num_requests_waiting", "sequences queued, not yet scheduled", registry=r)
         self.running = Gauge("moge_num_requests_running", "sequences in the running batch", registry=r)
         self.kv_usage = Gauge("moge_kv_cache_usage_ratio", "fraction of KV cache blocks in use", registry=r)
+        self.prefix_hit = Gauge(
+            "moge_prefix_cache_hit_ratio", "share of admitted prompt tokens found in the prefix cache, since start",
+            registry=r,
+        )
         info = Gauge("moge_model_info", "the model this replica serves", ["model"], registry=r)
         info.labels(model=model).set(1)
 
@@ -64,6 +68,8 @@ class ReplicaMetrics:
         self.waiting.set(_field(stats, "waiting"))
         self.running.set(_field(stats, "running"))
         self.kv_usage.set(_field(stats, "kv_usage"))
+        queried = _field(stats, "prefix_cache_queried_tokens")
+        self.prefix_hit.set(_field(stats, "prefix_cache_hit_tokens") / queried if queried else 0.0)
 
     def render(self) -> bytes:
         self.refresh_engine_gauges()

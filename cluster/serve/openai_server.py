@@ -99,7 +99,7 @@ class OpenAIServer:
                     )
                     for c, o in zip(choices, outs)
                 ],
-                usage=_usage(prompts, outs),
+                usage=_usage(choices, outs),
             ).model_dump(mode="json")
         )
 
@@ -125,7 +125,7 @@ class OpenAIServer:
                     )
                     for c, o in zip(choices, outs)
                 ],
-                usage=_usage(prompts, outs),
+                usage=_usage(choices, outs),
             ).model_dump(mode="json")
         )
 
@@ -237,7 +237,7 @@ class OpenAIServer:
                     item = await anext(events, None)
                 self._count_tokens(choices, results)
                 if req.include_usage_in_stream:
-                    yield p.sse_event(chunks.usage(p.Usage.of(*_token_totals(choices, results))))
+                    yield p.sse_event(chunks.usage(_usage(choices, results)))
             except Exception as exc:  # the stream has started: report in-band, then end it
                 yield p.sse_event(as_api_error(exc).body())
             finally:
@@ -247,7 +247,7 @@ class OpenAIServer:
         return ClosingStreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     def _count_tokens(self, choices: list[_Choice], results: list["_Result"]) -> None:
-        self.metrics.count_tokens(*_token_totals(choices, results))
+        self.metrics.count_tokens(*_token_totals(choices, results)[:2])
 
 
 class _Result:
@@ -256,21 +256,28 @@ class _Result:
         self.text = ""
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
+        self.cached_tokens = 0
 
     def add(self, out: Any) -> None:
         self.text += out.new_text
+        self.cached_tokens = getattr(out, "cached_tokens", 0)
         self.token_ids.extend(out.new_token_ids)
         if out.finished:
             self.finish_reason = out.finish_reason
 
 
-def _token_totals(choices: list[_Choice], results: list[_Result]) -> tuple[int, int]:
+def _token_totals(choices: list[_Choice], results: list[_Result]) -> tuple[int, int, int]:
+    """Prompt, completion and cached prompt tokens. Each prompt counts once however many choices
+    it has; its cached tokens are those every one of its choices found in the prefix cache."""
     prompt = sum(len(ids) for ids in {c.prompt_index: c.prompt_ids for c in choices}.values())
-    return prompt, sum(len(r.token_ids) for r in results)
+    cached: dict[int, int] = {}
+    for r in results:
+        cached[r.prompt_index] = min(cached.get(r.prompt_index, r.cached_tokens), r.cached_tokens)
+    return prompt, sum(len(r.token_ids) for r in results), sum(cached.values())
 
 
-def _usage(prompts: list[list[int]], results: list[_Result]) -> p.Usage:
-    return p.Usage.of(sum(len(x) for x in prompts), sum(len(r.token_ids) for r in results))
+def _usage(choices: list[_Choice], results: list[_Result]) -> p.Usage:
+    return p.Usage.of(*_token_totals(choices, results))
 
 
 class _Chunks(Protocol):

@@ -28,6 +28,7 @@ class Out:
     new_text: str
     finished: bool
     finish_reason: str | None
+    cached_tokens: int = 0
 
 
 class LetterTokenizer:
@@ -51,6 +52,7 @@ class ScriptedEngine:
         self.requests: dict[str, tuple[list[int], SamplingParams]] = {}
         self.aborted: list[str] = []
         self.running = 0
+        self.cached: dict[int, int] = {}  # choice index -> prompt tokens it reports as cached
 
     def generate(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
         self.requests[request_id] = (prompt_ids, params)
@@ -63,7 +65,8 @@ class ScriptedEngine:
                 for k in range(n):
                     await asyncio.sleep(0)
                     finished = k == n - 1
-                    yield Out(request_id, [97 + k], chr(97 + k), finished, "length" if finished else None)
+                    cached = self.cached.get(int(request_id.rsplit("-", 1)[1]), 0)
+                    yield Out(request_id, [97 + k], chr(97 + k), finished, "length" if finished else None, cached)
             finally:
                 self.running -= 1
                 if not finished:
@@ -72,7 +75,8 @@ class ScriptedEngine:
         return stream()
 
     def stats(self):
-        return {"waiting": 0, "running": self.running, "kv_usage": 0.0}
+        return {"waiting": 0, "running": self.running, "kv_usage": 0.0, "prefix_cache_queried_tokens": 8,
+                "prefix_cache_hit_tokens": 2}
 
 
 def make_app(**server):
@@ -102,7 +106,8 @@ def test_completion_maps_the_request_onto_engine_params():
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["choices"][0]["text"] == "abc" and body["choices"][0]["token_ids"] == [97, 98, 99]
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     (ids, params), = engine.requests.values()
     assert ids == [104, 101, 121]
     assert (params.temperature, params.top_p, params.top_k, params.seed, params.max_tokens, params.stop) == (
@@ -215,6 +220,26 @@ def test_route_counters_and_engine_gauges():
     assert 'moge_requests_total{route="/v1/models",status="401"} 1.0' in text
     assert "moge_completion_tokens_total 2.0" in text and "moge_prompt_tokens_total 1.0" in text
     assert "moge_num_requests_running 0.0" in text
+    assert "moge_prefix_cache_hit_ratio 0.25" in text
+
+
+def test_cached_tokens_are_reported_once_per_prompt_whole_and_streamed():
+    app, engine, _ = make_app()
+    # prompts "abcd" (choices 0, 1) and "xy" (choices 2, 3): a prompt's cached tokens are those all
+    # of its choices found cached, each prompt counted once
+    engine.cached = {0: 4, 1: 2, 2: 1, 3: 2}
+    body = {"model": "m", "prompt": ["abcd", "xy"], "n": 2, "max_tokens": 2}
+    r = run(call(app, "POST", "/v1/completions", json=body))
+    assert r.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}
+    r = run(call(app, "POST", "/v1/completions", json={**body, "stream": True,
+                                                       "stream_options": {"include_usage": True}}))
+    usage = json.loads([e for e in r.text.split("\n\n") if e][-2][len("data: "):])["usage"]
+    assert usage == {"prompt_tokens": 6, "completion_tokens": 8, "total_tokens": 14,
+                     "prompt_tokens_details": {"cached_tokens": 3}}
+    engine.cached = {0: 5}
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 1}
+    assert run(call(app, "POST", "/v1/chat/completions", json=chat)).json()["usage"]["prompt_tokens_details"] == {
+        "cached_tokens": 5}
 
 
 def test_token_timer_records_ttft_then_gaps_with_an_injected_clock():
