@@ -53,6 +53,7 @@ class BlockManager:
         # prompt tokens looked up at first admission, and how many of them were cached
         self.queried_tokens = 0
         self.hit_tokens = 0
+        self.evictions = 0  # cached blocks reclaimed for new contents
 
     @property
     def num_free_blocks(self) -> int:
@@ -173,5 +174,6 @@ class BlockManager:
         else:  # reclaim the least recently released cached block
             block, _ = self._evictable.popitem(last=False)
             del self._cached[self._hash_of.pop(block)]
+            self.evictions += 1
         self._refs[block] = 1
         return block
