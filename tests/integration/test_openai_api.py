@@ -353,3 +353,20 @@ def test_metrics_count_requests_and_tokens(moge_server):
     with moge_server.http() as client:
         client.get("/v1/engines")
     assert moge_server.metric("moge_requests_total", 'route="other",status="404"') >= 1
+
+
+def test_a_repeated_prompt_reports_cached_tokens_and_the_same_tokens(moge_server, reference_model):
+    # a prompt no other test sends, long enough for several KV blocks
+    prompt = "Prefix caching check: " + " ".join(f"w{i}" for i in range(30))
+    n = len(reference_model.tokenizer.encode(prompt))
+    block = moge_server.config.engine.kv_block_size
+    client = moge_server.openai()
+    args = dict(model=moge_server.model, prompt=prompt, max_tokens=6, temperature=0)
+    first = client.completions.create(**args, extra_body={"return_token_ids": True})
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True},
+                                            extra_body={"return_token_ids": True}))
+    # every full block but the one holding the last prompt token, which is always computed
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (n - 1) // block * block > 0
+    assert [t for c in chunks if c.choices for t in c.choices[0].model_extra["token_ids"]] == token_ids(first.choices[0])
+    assert moge_server.metric("moge_prefix_cache_hit_ratio") > 0
