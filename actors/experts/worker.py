@@ -27,14 +27,11 @@ from actors.device import resolve_device, resolve_dtype, synchronize, visible_de
 from actors.model.experts import ExpertGroupWeights, group_forward
 from actors.model.config import ModelConfig
 from actors.model.presets import get_preset
+from actors.experts.transport.base import GroupNotHeld
 from actors.experts.transport.codec import decode, to_host_buffer
 
 PRESET_PREFIX = "preset:"
 STATS_WINDOW_S = 10.0  # tokens/s and busy fraction are reported over this sliding window
-
-
-class GroupNotHeld(KeyError):
-    """A call named a group this worker does not hold (stale placement on the caller's side)."""
 
 
 def model_config_of(spec: dict) -> ModelConfig:

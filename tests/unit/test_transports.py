@@ -9,7 +9,8 @@ from actors.weights.loader import random_expert_groups
 from actors.experts.placement import pack_groups
 from actors.model.presets import get_preset
 from actors.experts.remote_experts import RemoteExperts
-from actors.experts.transport.base import TransportError, WorkerRef, make_transport
+from actors.experts.transport.base import TransportError, WorkerRef
+from actors.experts.transport.factory import make_transport
 
 CFG = get_preset("tiny-moge")
 SPEC = {"source": "preset:tiny-moge", "dtype": "float32", "device": "cpu", "seed": 0}

@@ -1,5 +1,5 @@
 """How activations move between an attention replica and expert workers: one interface, three
-implementations chosen by `data_plane.transport` (grpc, collective, inprocess).
+implementations chosen by `data_plane.transport` (grpc, collective, inprocess; factory.py picks one).
 
 Control (load/drop groups, stats) always goes through Ray actor calls; a transport only carries
 the per-layer expert call. Calls are asynchronous: `call` returns a Future so a replica dispatches
@@ -21,6 +21,11 @@ import torch
 class TransportError(RuntimeError):
     """The call did not complete (worker gone, deadline passed, connection broken). The caller
     retries on another holder or a replacement (invariant 4)."""
+
+
+class GroupNotHeld(KeyError):
+    """A worker was asked for groups it does not hold (the caller's placement is stale). Lives here,
+    not in worker.py, so a transport can map it to its wire error without importing the worker."""
 
 
 @dataclass
@@ -73,20 +78,3 @@ class ExpertTransport(ABC):
     @abstractmethod
     def connected(self) -> list[str]:
         """Ids of the workers this transport has a path to."""
-
-
-def make_transport(name: str, **options: Any) -> ExpertTransport:
-    """The transport named in the config. Options per kind are documented in each module."""
-    if name == "grpc":
-        from actors.experts.transport.grpc import GrpcTransport
-
-        return GrpcTransport(**options)
-    if name == "collective":
-        from actors.experts.transport.collective import CollectiveTransport
-
-        return CollectiveTransport(**options)
-    if name == "inprocess":
-        from actors.experts.transport.inprocess import InProcessTransport
-
-        return InProcessTransport(**options)
-    raise ValueError(f"unknown transport {name!r}; expected grpc, collective or inprocess")

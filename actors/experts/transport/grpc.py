@@ -24,7 +24,7 @@ import grpc
 import torch
 
 from actors.experts.transport.codec import decode, encode
-from actors.experts.transport.base import ExpertTransport, TransportError, WorkerRef
+from actors.experts.transport.base import ExpertTransport, GroupNotHeld, TransportError, WorkerRef
 from protos import moge_expert_pb2 as pb
 from protos import moge_expert_pb2_grpc as pb_grpc
 
@@ -60,8 +60,6 @@ class _DataServicer(pb_grpc.ExpertDataServicer):
         self.worker = worker
 
     def Compute(self, request: pb.ComputeRequest, context: grpc.ServicerContext) -> pb.ComputeReply:
-        from actors.experts.worker import GroupNotHeld
-
         try:
             x = tensor_from_proto(request.x, self.worker.device)
             ids = tensor_from_proto(request.ids, self.worker.device)
@@ -85,8 +83,6 @@ class _ControlServicer(pb_grpc.WorkerControlServicer):
         return pb.StatsReply(json=json.dumps(self.worker.stats()))
 
     def ExportGroups(self, request: pb.ExportRequest, context):
-        from actors.experts.worker import GroupNotHeld
-
         try:
             exported = self.worker.export_groups(list(request.groups))
         except GroupNotHeld as exc:
