@@ -1,19 +1,21 @@
 """Live migration of expert groups as a state machine, kept apart from the controller actor.
 
 One operation takes the placement from epoch e (old groups -> holders) to a new map (a move, a
-replication, a drain, a scale-up: all are "old map -> new map"). The protocol (DESIGN.md):
+replication, a drain, a scale-up: all are "old map -> new map"). The protocol
+(docs/architecture.md, "Migration protocol"):
 
   PLANNED -> LOADING: every worker that gains a group loads it (peer-to-peer from a current holder,
              or from the checkpoint) and warms up
           -> PUBLISHING: epoch e+1 is written (compare-and-set on e) and announced
           -> PUBLISHED: wait until every live attention replica acknowledged e+1 (they switch only
              between steps, invariant 2)
-          -> ACKED -> DROPPING: old holders drop what they lost; retired workers are stopped
+          -> DROPPING (entered once every live replica acknowledged): old holders drop what they
+             lost; retired workers are stopped
           -> DONE
-Any failure before ACKED rolls back (invariant 3): before publication nothing changed for
+Any failure before DROPPING rolls back (invariant 3): before publication nothing changed for
 replicas, so the new copies are dropped and epoch e stays; after publication the old map is
 published again as a newer epoch and, once acknowledged, the new copies are dropped. Old holders
-are never touched before ACKED, so every replica can always reach every group it may still use.
+are never touched before DROPPING, so every replica can always reach every group it may still use.
 
 Every phase change is journaled (ports.journal) before the next side effect, so a restarted
 controller calls `resume(op)` and either finishes or rolls back.
@@ -28,9 +30,9 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Mapping, Protocol, Sequence
 
-log = logging.getLogger(__name__)
+from actors.experts.placement import Groups
 
-Groups = dict[int, tuple[str, ...]]
+log = logging.getLogger(__name__)
 
 
 class Phase(str, Enum):

@@ -11,7 +11,7 @@ Keys (prefix P, default "moge"):
   P:epochs              channel  a new epoch number is published here on every change
   P:replicas:epoch      hash  replica id -> epoch it has adopted
   P:replicas:seen       zset  replica id -> last heartbeat (seconds)
-  P:workers             hash  worker id -> json WorkerRecord
+  P:workers             hash  worker id -> json WorkerRecord (states: cluster/elastic/inventory.py)
   P:operation           str   json of the in-flight operation (journal), absent when idle
   P:controller          hash  controller state (last_scale_at, desired_devices, ...)
   P:metrics:replica     zset  score = ts, member = json ReplicaSample
@@ -28,10 +28,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import redis
 
-from actors.experts.placement import Placement
+from actors.experts.placement import Groups, Placement, groups_of, to_placement
 from cluster.elastic.metrics_window import MetricsWindow, ReplicaSample, WorkerSample
-
-Groups = dict[int, tuple[str, ...]]  # group -> ids of the workers holding it
 
 
 class EpochConflict(RuntimeError):
@@ -44,7 +42,7 @@ class WorkerRecord:
 
     worker_id: str
     actor_name: str
-    state: str = "starting"  # starting | serving | draining | stopped
+    state: str = "starting"  # a WorkerState value (cluster/elastic/inventory.py); removed when stopped
     node_id: str | None = None
     created_at: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
@@ -56,14 +54,6 @@ def _groups_to_json(groups: Mapping[int, Sequence[str]]) -> str:
 
 def _groups_from_json(text: str) -> Groups:
     return {int(g): tuple(ws) for g, ws in json.loads(text).items()}
-
-
-def groups_of(placement: Placement) -> Groups:
-    return {g: tuple(hs) for g, hs in enumerate(placement.holders)}
-
-
-def to_placement(epoch: int, groups: Mapping[int, Sequence[str]]) -> Placement:
-    return Placement(epoch, tuple(tuple(groups[g]) for g in range(len(groups))))
 
 
 class ElasticStore:

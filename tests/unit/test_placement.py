@@ -1,6 +1,8 @@
+import random
+
 import pytest
 
-from actors.experts.placement import Placement, pack_groups, split_rows
+from actors.experts.placement import Placement, groups_of, pack_groups, plan_groups, split_rows
 
 
 def workers(d):
@@ -24,6 +26,41 @@ def test_every_group_held_and_load_even(g, d):
         counts = [len(p.holders_of(k)) for k in range(g)]
         assert max(counts) - min(counts) <= 1 and sum(counts) == d
     assert set(p.workers) == set(workers(d))
+
+
+def check_rule(g, d, m):
+    """The one placement rule, whatever map it started from."""
+    assert set(m) == set(range(g)) and all(m[k] for k in range(g)), "every group held"
+    per_worker = {w: sum(w in hs for hs in m.values()) for w in workers(d)}
+    assert min(per_worker.values()) >= 1, "no worker idle"
+    assert max(per_worker.values()) - min(per_worker.values()) <= 1, "loads within one group"
+    counts = [len(m[k]) for k in range(g)]
+    if d <= g:
+        assert counts == [1] * g
+    else:  # replication beyond G: one group per device, each group on D // G or D // G + 1 devices
+        assert list(per_worker.values()) == [1] * d
+        assert max(counts) - min(counts) <= 1 and sum(counts) == d
+
+
+@pytest.mark.parametrize("g", range(1, 9))
+def test_one_rule_for_every_g_and_d(g):
+    rng = random.Random(g)
+    for d in range(1, 2 * g + 1):
+        blank = plan_groups(g, workers(d))
+        check_rule(g, d, blank)
+        assert groups_of(pack_groups(g, workers(d))) == blank  # data-plane start == controller
+        # from any earlier map (another device count, a shuffled worker order), same guarantees
+        for _ in range(3):
+            before = plan_groups(g, rng.sample(workers(2 * g), rng.randint(1, 2 * g)))
+            check_rule(g, d, plan_groups(g, workers(d), before))
+
+
+@pytest.mark.parametrize("g,d", [(2, 3), (4, 6)])
+def test_start_and_controller_agree_where_they_once_differed(g, d):
+    # the data plane's pack_groups and the controller's blank-map plan once disagreed here
+    p = pack_groups(g, workers(d))
+    assert groups_of(p) == plan_groups(g, workers(d), {})
+    assert p.holders_of(0) == tuple(workers(d)[0::g])
 
 
 def test_packing_is_contiguous_and_deterministic():

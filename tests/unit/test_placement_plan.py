@@ -1,11 +1,11 @@
-"""Planning the next map: balanced like pack_groups, with as few group copies as possible."""
+"""Planning the next map from the current one: the same rule as at start, with as few group copies
+as possible."""
 
 from __future__ import annotations
 
 import pytest
 
-from actors.experts.placement import pack_groups
-from cluster.elastic.placement_plan import move_group, moved_groups, plan_map
+from actors.experts.placement import move_group, moved_groups, pack_groups, plan_groups as plan_map
 
 
 def as_map(p):

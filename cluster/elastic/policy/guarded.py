@@ -9,7 +9,9 @@ Rules, in order:
 4. cooldown: no change within `cooldown_s` of the last one (either direction);
 5. hysteresis: scale up whenever the policy asks (latency first), but scale down only when the
    policy's load is below 1 - hysteresis, so a cluster sitting near its target does not flap.
-The clock is injected so tests drive time by hand.
+Time comes from the context (`ctx.now`, stamped by the controller's one clock), so a decision is
+a function of what it is given; the injected clock only stamps `record_change()` called without a
+time, and tests drive it by hand.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class GuardedPolicy:
         if want == cur:
             return Decision(cur, wish.reason, wish.load)
 
-        now = self.clock()
+        now = ctx.now
         if self.last_change_at is not None and now - self.last_change_at < self.cooldown_s:
             left = self.cooldown_s - (now - self.last_change_at)
             return Decision(cur, f"cooldown ({left:.0f}s left): {wish.reason}", wish.load)

@@ -1,0 +1,170 @@
+"""The operations that change the placement: scale, migrate and repair. Each plans a new map with
+the one placement rule (actors/experts/placement.py) and runs it through the migration protocol
+(cluster/elastic/migration.py), one at a time under the controller's operation lock."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+from actors.experts.placement import Groups, Placement, groups_of, move_group, plan_groups
+from cluster.elastic.control.ports import RayPorts
+from cluster.elastic.inventory import Inventory, WorkerState, worker_order
+from cluster.elastic.migration import MigrationRunner, Operation, validate_map
+from cluster.elastic.policy.guarded import GuardedPolicy
+from cluster.elastic.store import ElasticStore
+
+log = logging.getLogger(__name__)
+
+
+class ControllerBusy(RuntimeError):
+    """Another operation is in flight (HTTP 409)."""
+
+
+class BadRequest(ValueError):
+    """The request cannot be satisfied as asked (HTTP 400)."""
+
+
+class Operations:
+    def __init__(self, store: ElasticStore, inventory: Inventory, ports: RayPorts, runner: MigrationRunner,
+                 policy: GuardedPolicy, n_groups: int, lock: threading.Lock, clock: Callable[[], float]) -> None:
+        self.store = store
+        self.inventory = inventory
+        self.fleet = inventory.fleet
+        self.ports = ports
+        self.runner = runner
+        self.policy = policy
+        self.n_groups = n_groups
+        self.lock = lock
+        self.clock = clock
+
+    def run(self, kind: str, new_groups: Groups, added: list[str] = (), retired: list[str] = (),
+            p: Placement | None = None) -> dict:
+        p = p or self.store.placement()
+        validate_map(new_groups, self.n_groups)
+        op = Operation(kind, p.epoch, groups_of(p), new_groups, added_workers=list(added),
+                       retired_workers=list(retired), started_at=self.clock())
+        op.detail["t"] = {"decision": op.started_at}
+        self.store.begin_operation(op.to_dict())
+        op = self.runner.run(op)
+        self.inventory.settle(op)
+        self.store.end_operation(op.op_id)
+        now = self.store.placement()
+        if now is not None:
+            self.inventory.remember(now)
+        return {"op_id": op.op_id, "kind": kind, "phase": op.phase.value, "error": op.error,
+                "from_epoch": op.from_epoch, "epoch": now.epoch if now else None,
+                "timeline": op.detail.get("t", {}), "workers": self.inventory.devices(now) if now else []}
+
+    def scale(self, devices: int, reason: str = "admin") -> dict:
+        """Grow or shrink to `devices` expert workers, live. Raises ControllerBusy / BadRequest."""
+        lo, hi = self.policy.min_devices, self.policy.max_devices
+        if not isinstance(devices, int) or not lo <= devices <= hi:
+            raise BadRequest(f"devices must be an integer in [{lo}, {hi}] "
+                             "(elastic.policy.min_devices/max_devices)")
+        if not self.lock.acquire(blocking=False):
+            raise ControllerBusy("another operation is in flight")
+        try:
+            t0 = self.clock()
+            p = self.store.placement()
+            if p is None:
+                raise BadRequest("no placement yet: the cluster has not been bootstrapped")
+            current = self.inventory.devices(p)
+            if devices == len(current):
+                return {"phase": "noop", "epoch": p.epoch, "workers": current}
+            result = self._grow(p, current, devices) if devices > len(current) else self._shrink(p, current, devices)
+            result["timeline"]["decision"] = t0
+            if result["phase"] == "done":
+                done_at = self.clock()  # cooldown runs from when the new capacity serves
+                self.policy.record_change(done_at)
+                self.store.set_controller(last_scale_at=done_at, desired_devices=devices, last_reason=reason)
+            return result
+        finally:
+            self.lock.release()
+
+    def _grow(self, p: Placement, current: list[str], devices: int) -> dict:
+        need = devices - len(current)
+        warm = self.inventory.standby(alive_only=True)[:need]
+        added = warm + self.inventory.next_ids(need - len(warm))
+        started = []
+        try:
+            for wid in added[len(warm):]:
+                self.inventory.start_worker(wid)
+                started.append(wid)
+        except Exception as e:
+            for wid in started:
+                self.ports.stop_worker(wid)
+            raise RuntimeError(f"could not start a worker for the new device: {e}") from e
+        t_ready = self.clock()
+        for wid in warm:
+            self.inventory.set_state(wid, WorkerState.STARTING)
+        result = self.run("scale", plan_groups(self.n_groups, current + added, groups_of(p)), added=added, p=p)
+        result["timeline"]["worker_ready"] = t_ready
+        result["from_standby"] = warm
+        return result
+
+    def _shrink(self, p: Placement, current: list[str], devices: int) -> dict:
+        retired = current[devices:]
+        for wid in retired:
+            self.inventory.set_state(wid, WorkerState.DRAINING)
+        result = self.run("scale", plan_groups(self.n_groups, current[:devices], groups_of(p)),
+                          retired=retired, p=p)
+        if result["phase"] != "done":
+            for wid in retired:
+                self.inventory.set_state(wid, WorkerState.SERVING)
+        return result
+
+    def migrate(self, group: int, worker: str, replicate: bool = False) -> dict:
+        """Move (or replicate) one group onto a serving worker, live."""
+        if not self.lock.acquire(blocking=False):
+            raise ControllerBusy("another operation is in flight")
+        try:
+            p = self.store.placement()
+            if p is None:
+                raise BadRequest("no placement yet")
+            if not isinstance(group, int) or not 0 <= group < self.n_groups:
+                raise BadRequest(f"group must be an integer in [0, {self.n_groups - 1}]")
+            devices = self.inventory.devices(p)
+            if worker not in devices:
+                raise BadRequest(f"unknown worker {worker!r}; serving workers: {devices}")
+            new = move_group(groups_of(p), group, worker, replicate)
+            if new == groups_of(p):
+                return {"phase": "noop", "epoch": p.epoch, "workers": list(p.workers)}
+            return self.run("migrate", new, p=p)
+        finally:
+            self.lock.release()
+
+    def repair(self) -> dict | None:
+        """Take dead workers out of the placement, reloading their groups on the living."""
+        # Look before locking: pinging every worker takes up to seconds under load, and an admin
+        # scale arriving meanwhile must not be told "busy" by a check that finds nothing dead.
+        p = self.store.placement()
+        if p is None or all(self.fleet.alive(w) for w in self.inventory.devices(p)):
+            return None
+        if not self.lock.acquire(blocking=False):
+            return None
+        try:
+            p = self.store.placement()
+            if p is None:
+                return None
+            devices = self.inventory.devices(p)
+            dead = [w for w in devices if not self.fleet.alive(w)]
+            if not dead:
+                return None
+            alive = [w for w in devices if w not in dead]
+            added: list[str] = []
+            if not alive:
+                added = self.inventory.next_ids(1)
+                self.inventory.start_worker(added[0])
+            survivors = {g: tuple(h for h in hs if h not in dead) for g, hs in groups_of(p).items()}
+            new = plan_groups(self.n_groups, sorted(alive, key=worker_order) + added, survivors)
+            log.warning("repairing placement: dead workers %s", dead)
+            result = self.run("repair", new, added=added, p=p)
+            if result["phase"] == "done":
+                for w in dead:
+                    self.fleet.stop(w)
+                    self.store.remove_worker(w)
+            return result
+        finally:
+            self.lock.release()
