@@ -88,11 +88,6 @@ def visible_devices_env(kind: str) -> str | None:
     return {"cuda": "CUDA_VISIBLE_DEVICES", "npu": "ASCEND_RT_VISIBLE_DEVICES", "cpu": None}[kind]
 
 
-def ray_resource(kind: str) -> str | None:
-    """Ray's resource name for one accelerator of this kind (cpu slots are plain CPUs)."""
-    return {"cuda": "GPU", "npu": "NPU", "cpu": None}[kind]
-
-
 def collective_backend(kind: str) -> str:
     """torch.distributed backend for the `collective` transport."""
     return {"cuda": "nccl", "npu": "hccl", "cpu": "gloo"}[kind]

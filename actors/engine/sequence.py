@@ -61,10 +61,6 @@ class Sequence:
         return self.token_ids[: self.num_prompt_tokens]
 
     @property
-    def completion_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
-    @property
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 

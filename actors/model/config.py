@@ -73,9 +73,6 @@ class ModelConfig:
     def is_moe_layer(self, layer: int) -> bool:
         return layer not in self.dense_layers and self.n_experts > 0
 
-    def group_of_expert(self, expert: int) -> int:
-        return expert // self.experts_per_group
-
     def experts_of_group(self, group: int) -> range:
         start = group * self.experts_per_group
         return range(start, start + self.experts_per_group)

@@ -28,6 +28,3 @@ class StepBatch:
     @property
     def num_seqs(self) -> int:
         return int(self.context_lens.shape[0])
-
-    def to(self, device: torch.device | str) -> "StepBatch":
-        return StepBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})

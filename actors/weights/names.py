@@ -44,7 +44,3 @@ def fused_names(cfg: ModelConfig, layer: int) -> tuple[tuple[str, ...], tuple[st
     gate_up = tuple(n for p in ps for n in (f"{p}.gate_up_proj", f"{p}.gate_up_proj.weight"))
     down = tuple(n for p in ps for n in (f"{p}.down_proj", f"{p}.down_proj.weight"))
     return gate_up, down
-
-
-def is_routed_expert(name: str) -> bool:
-    return ".experts." in name

@@ -3,9 +3,10 @@ boundary, acknowledge it to Redis.
 
 Three places, three threads, so no Redis call ever runs on the engine's step thread:
   listener thread  blocks on the Redis pub/sub channel; on a message (or after (re)subscribing,
-                   to catch anything missed) reads the placement and parks it as `pending`;
-  step thread      the engine's step-boundary hook swaps `pending` in with `adopt(placement)`
-                   (invariant 2: between steps, never inside one) - no I/O, just a swap;
+                   to catch anything missed) reads the placement, hands it to `prepare` (slow
+                   work: connect to new workers, stage it) and parks its epoch as `pending`;
+  step thread      the engine's step-boundary hook calls `adopt()`, which makes what `prepare`
+                   staged current (invariant 2: between steps, never inside one) - no I/O, a swap;
   ack thread       writes the adopted epoch to Redis right after an adoption, and again every
                    `heartbeat_s` as this replica's heartbeat.
 When Redis is down the replica keeps serving on the placement it has (invariant 5); the listener
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable
+from typing import Callable
 
 import redis
 
@@ -31,15 +32,17 @@ class EpochListener:
         self,
         store: ElasticStore,
         replica_id: str,
-        adopt: Callable[[Placement], int | None],
+        prepare: Callable[[Placement], None],
+        adopt: Callable[[], int],
         adopted: Placement | None = None,
-        prepare: Callable[[Placement], None] | None = None,
         heartbeat_s: float = 2.0,
         poll_timeout_s: float = 1.0,
         max_backoff_s: float = 5.0,
     ) -> None:
-        """`adopt` runs on the step thread and must not block; `prepare` (optional) runs on the
-        listener thread first, for slow work such as opening transport connections to new workers."""
+        """`prepare(placement)` runs on the listener thread: stage the placement (slow work such as
+        opening transport connections to new workers is fine there). `adopt()` runs on the step
+        thread and must not block: it makes the staged placement current and returns the epoch
+        in force, which is what gets acknowledged (a newer one may have been staged meanwhile)."""
         self.store = store
         self.replica_id = replica_id
         self._adopt = adopt
@@ -81,9 +84,7 @@ class EpochListener:
             p, self._pending = self._pending, None
         if p is None or p.epoch <= self._adopted_epoch:
             return
-        in_force = self._adopt(p)
-        # adopt may report the epoch it actually runs (a newer one staged meanwhile); ack that one
-        self._adopted_epoch = in_force if isinstance(in_force, int) else p.epoch
+        self._adopted_epoch = self._adopt()
         self._ack_due.set()
 
     # -- listener thread ------------------------------------------------------------------------
@@ -95,8 +96,7 @@ class EpochListener:
         with self._lock:
             if self._pending is not None and self._pending.epoch >= placement.epoch:
                 return
-        if self._prepare is not None:
-            self._prepare(placement)
+        self._prepare(placement)
         with self._lock:
             if self._pending is None or self._pending.epoch < placement.epoch:
                 self._pending = placement
@@ -153,9 +153,3 @@ class EpochListener:
         except (redis.RedisError, OSError):
             pass
 
-
-def describe(listener: EpochListener | None) -> dict[str, Any]:
-    if listener is None:
-        return {"elastic": False}
-    return {"elastic": True, "replica_id": listener.replica_id, "epoch": listener.epoch,
-            "redis_errors": listener.redis_errors}

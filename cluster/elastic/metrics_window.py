@@ -122,9 +122,6 @@ class MetricsWindow:
         u = self.utilisation()
         return sum(u.values()) / len(u) if u else None
 
-    def step_p(self, q: float = 99) -> float | None:
-        return percentile([x for s in self.workers for x in s.step_ms], q)
-
     def group_tokens(self) -> dict[int, int]:
         out: dict[int, int] = {}
         for s in self.workers:

@@ -107,14 +107,14 @@ class ElasticReplica:
         new = {w: self.fleet.ref(w) for w in placement.workers if w not in known}
         self.experts.adopt(placement, new)
 
-    def _adopt(self, placement: Placement) -> int:
-        """Step thread: make the staged placement current; the epoch in force is acknowledged."""
+    def _adopt(self) -> int:
+        """Step thread: make what _prepare staged current; the epoch in force is acknowledged."""
         return self.experts.on_step_boundary()
 
     def attach(self, engine: Any, metrics: Any | None = None) -> "ElasticReplica":
         el = self.config.elastic
-        self.listener = EpochListener(self.store, self.replica_id, self._adopt, adopted=self.experts.placement,
-                                      prepare=self._prepare).start()
+        self.listener = EpochListener(self.store, self.replica_id, prepare=self._prepare, adopt=self._adopt,
+                                      adopted=self.experts.placement).start()
         engine.on_step_boundary(self.listener.at_step_boundary)
         if metrics is not None:
             self.reporter = ReplicaReporter.tapping(self.store, self.replica_id, metrics, el.metrics_interval_s).start()
