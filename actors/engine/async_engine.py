@@ -3,7 +3,7 @@ and every request streams its RequestOutputs through its own asyncio queue.
 
 Only the step thread touches the engine's mutable state. Callers hand it work through an inbox
 (add / abort) that it drains between steps; the same point runs the step-boundary hooks, which is
-where an attention replica adopts a new placement epoch (DESIGN.md invariant 2: never inside a step).
+where an attention replica adopts a new placement epoch (invariant 2 in docs/architecture.md: never inside a step).
 A consumer that stops listening (client disconnect: the generator is cancelled or closed) aborts its
 request, which frees its KV blocks at the next boundary.
 """

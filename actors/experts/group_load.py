@@ -1,6 +1,6 @@
 """Per-group token counts and the imbalance score, per MoE layer (metrics of the data plane).
 
-IS = (max_g T_g - min_g T_g) / |X| (DESIGN.md), with T_g the tokens routed to group g and |X| the
+IS = (max_g T_g - min_g T_g) / |X| (docs/architecture.md), with T_g the tokens routed to group g and |X| the
 tokens of the layer, both summed since the last reset. MoGE routing gives IS = 0 by construction;
 top-k checkpoints show their skew here.
 """
