@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import ray
 
-from actors.experts.placement import groups_of, plan_groups
+from actors.experts.placement import Placement, groups_of, plan_groups
 from actors.experts.worker import model_config_of
 from cluster.config import MogeConfig
 from cluster.elastic.control.operations import BadRequest, ControllerBusy, Operations
@@ -132,7 +132,7 @@ class ElasticController:
     def replenish_standby(self) -> list[str]:
         return replenish_standby(self.inventory, self.cfg.elastic.standby_workers, self._op_lock)
 
-    def devices(self, p=None) -> list[str]:
+    def devices(self, p: Placement | None = None) -> list[str]:
         return self.inventory.devices(p)
 
     # ---- the periodic loop ----------------------------------------------------------------------

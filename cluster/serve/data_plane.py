@@ -19,14 +19,13 @@ from concurrent.futures import ThreadPoolExecutor
 import ray
 
 from actors.device import resolve_device
-from actors.experts.worker import model_config_of
 from actors.model.config import ModelConfig
 from actors.experts.placement import Placement, pack_groups
 from actors.experts.remote_experts import RemoteExperts
 from actors.experts.transport.base import ExpertTransport, WorkerRef
 from actors.experts.transport.factory import make_transport
 from cluster.config import MogeConfig
-from cluster.elastic.worker_fleet import WorkerFleet, model_spec
+from cluster.elastic.worker_fleet import WorkerFleet
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""What the controller reports: `status` (the admin API's GET /admin/status and `moge status`) and `consistency` (the check the integration tests and operators run after chaos)."""
+"""What the controller reports: `status` (GET /admin/status, `moge status`) and `consistency` (the
+check the integration tests and operators run after chaos)."""
 
 from __future__ import annotations
 
