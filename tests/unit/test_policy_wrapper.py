@@ -106,3 +106,14 @@ def test_no_flapping_under_a_steady_load_near_target():
 def test_invalid_bounds_are_rejected():
     with pytest.raises(ValueError):
         GuardedPolicy(wants(1, 1.0), min_devices=3, max_devices=2)
+
+
+def test_cooldown_reads_the_time_in_the_context():
+    # one clock decides: the controller stamps ctx.now; the wrapper's own clock does not enter
+    stuck = FakeClock(0.0)
+    g = guard(wants(4, 1.4), stuck)
+    g.record_change(at=1000.0)
+    at = FakeClock(1030.0)
+    assert "cooldown" in g.decide(context(3, at)).reason
+    at.t = 1060.0
+    assert g.decide(context(3, at)).devices == 4
