@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.experts.placement import move_group, moved_groups, pack_groups, plan_groups as plan_map
+from actors.experts.placement import move_group, moved_groups, pack_groups, plan_groups
 
 
 def as_map(p):
@@ -26,7 +26,7 @@ def test_every_step_is_balanced_and_covers_every_group(path):
     workers = [f"w{i}" for i in range(max(path))]
     current = as_map(pack_groups(n, workers[: path[0]]))
     for d in path[1:]:
-        new = plan_map(n, workers[:d], current)
+        new = plan_groups(n, workers[:d], current)
         assert set(new) == set(range(n)) and all(new[g] for g in range(n))
         per_worker = loads(new)
         assert set(per_worker) == set(workers[:d])
@@ -38,16 +38,16 @@ def test_every_step_is_balanced_and_covers_every_group(path):
 
 def test_scale_up_moves_only_what_the_new_workers_take():
     one = as_map(pack_groups(8, ["w0"]))
-    two = plan_map(8, ["w0", "w1"], one)
+    two = plan_groups(8, ["w0", "w1"], one)
     assert moved_groups(one, two) == 4
-    four = plan_map(8, ["w0", "w1", "w2", "w3"], two)
+    four = plan_groups(8, ["w0", "w1", "w2", "w3"], two)
     assert moved_groups(two, four) == 4  # pack_groups from scratch would copy 6
     assert moved_groups(two, as_map(pack_groups(8, ["w0", "w1", "w2", "w3"]))) == 6
 
 
 def test_scale_down_keeps_survivors_groups():
     four = as_map(pack_groups(8, ["w0", "w1", "w2", "w3"]))
-    two = plan_map(8, ["w0", "w1"], four)
+    two = plan_groups(8, ["w0", "w1"], four)
     for w in ("w0", "w1"):
         assert set(g for g, hs in four.items() if w in hs) <= set(g for g, hs in two.items() if w in hs)
     assert moved_groups(four, two) == 4
