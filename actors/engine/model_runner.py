@@ -18,6 +18,7 @@ import torch
 from actors.engine.ping_pong import PingPongRunner
 from actors.engine.scheduler import ScheduledBatch
 from actors.engine.sequence import Sequence
+from actors.model.expert_compute import StepRerun
 from actors.model.kv_cache import PagedKVCache
 from actors.model.step_batch import StepBatch
 
@@ -39,6 +40,14 @@ class ModelRunner:
         boundary = getattr(getattr(self.model, "experts", None), "on_step_boundary", None)
         if boundary is not None:  # a new placement epoch takes effect here, never inside the step
             boundary()
+        try:
+            return self._forward(batch)
+        except StepRerun:  # a remote transport failed mid-step on the device: once more, routed around it
+            if boundary is not None:
+                boundary()
+            return self._forward(batch)
+
+    def _forward(self, batch: StepBatch) -> torch.Tensor:
         if self.ping_pong is not None:
             return self.ping_pong.forward(batch, self.kv)
         return self.model(batch, self.kv)

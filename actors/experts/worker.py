@@ -158,6 +158,8 @@ class ExpertWorker:
         options = dict(transport_options or {})
         self.host = options.get("host") or _node_ip()
         self._server = self._start_server(transport, options)
+        self._lanes = None  # worker_lane.LaneServer, started by the first accept_lane
+        self._lanes_lock = threading.Lock()
 
     # ---- transport server ----------------------------------------------------------------------
 
@@ -186,6 +188,25 @@ class ExpertWorker:
         if self.transport != "collective":
             raise RuntimeError(f"worker {self.worker_id} uses transport {self.transport!r}, not collective")
         return self._server.accept(pair_id)
+
+    def accept_lane(self, lane_id: str, backend: str | None = None) -> dict:
+        """Step lane (actors/experts/worker_lane.py): open this worker's side of one replica slot's
+        lane, whatever the per-call transport. -> {"host", "port", "backend", "rank"}."""
+        with self._lanes_lock:
+            if self._lanes is None:
+                from actors.experts.worker_lane import LaneServer
+
+                self._lanes = LaneServer(self, self.host)
+        return self._lanes.accept(lane_id, backend)
+
+    def close_lane(self, lane_id: str) -> None:
+        """Abort a lane whose replica is gone (its thread would otherwise wait for a header)."""
+        if self._lanes is not None:
+            self._lanes.close(lane_id)
+
+    def lane_stats(self) -> dict:
+        """{"lanes", "steps", "graph_replays", "wall_s"} over this worker's step lanes."""
+        return self._lanes.stats() if self._lanes is not None else {"lanes": 0, "steps": 0, "graph_replays": 0, "wall_s": 0.0}
 
     # ---- groups ----------------------------------------------------------------------------------
 
@@ -353,6 +374,8 @@ class ExpertWorker:
         }
 
     def shutdown(self) -> None:
+        if self._lanes is not None:
+            self._lanes.stop()
         if self._server is not None:
             self._server.stop()
             self._server = None

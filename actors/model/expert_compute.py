@@ -41,3 +41,9 @@ class Done:
 
     def wait(self) -> torch.Tensor:
         return self._y
+
+
+class StepRerun(RuntimeError):
+    """Raised by an ExpertCompute whose device-side transport failed asynchronously during a step
+    (the results of the step cannot be trusted): the model runner runs the step once more, by
+    which time the failed worker's groups go another way. KV writes of a step are idempotent."""

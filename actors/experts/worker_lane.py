@@ -1,0 +1,225 @@
+"""The expert worker's side of the step lane (wire format: transport/step_wire.py).
+
+One thread per lane, i.e. per (attention replica, micro-batch slot): it waits for a step header,
+then runs the whole step's layer loop itself — recv packet -> compute the held groups for that
+layer -> send the partial — with no Python request per layer and no host copy. On CUDA with the
+nccl backend the loop of one bucket is captured once as a CUDA graph with the point-to-point
+operations inside it (the first step of a bucket runs eagerly: it warms kernels and the
+communicator), so a step costs one header read and one graph replay on the host.
+
+M:N (several replicas, or both ping-pong slots of one replica, on one worker): every lane has its
+own thread, communicator and CUDA stream and shares the (read-only) weights, so steps of different
+replicas interleave on the device without waiting for each other. Merging their batches would
+save a few launches but couple the replicas' step clocks (one waits for the other's tokens) and
+their failure domains; the streams already overlap one lane's wait on the wire with another's
+compute.
+
+Idle lanes: a lane waits for the next header in a posted receive under a 7-day communicator
+timeout (the NCCL watchdog only fires on a timed-out operation), so an idle worker never trips
+it; the replica closes its lanes with an OP_CLOSE header, and `shutdown` aborts the rest.
+
+Shape legend: Tb = bucket rows, D = hidden, K = slots per token.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import threading
+import time
+
+import torch
+import torch.distributed as dist
+
+from actors.device import collective_backend
+from actors.experts.transport.collective import _make_group
+from actors.experts.transport.step_wire import DTYPES, HEADER_LEN, OP_CLOSE, OP_HELLO, OP_STEP, new_packet
+from actors.model.experts import group_forward
+
+log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT = datetime.timedelta(days=7)
+
+
+def held_partial(cfg, groups: dict, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 reply_dtype: torch.dtype) -> torch.Tensor:
+    """[Tb, D] in reply_dtype: Σ over held groups (ascending) of that group's partial cast to
+    x.dtype, summed in float32 — LocalExperts' arithmetic, so one worker holding every group
+    reproduces the single-process result bit for bit. Masked slots (id -1) compute nothing."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    kg = cfg.k_per_group
+    for g in sorted(groups):
+        w = groups[g]
+        if layer not in w.w13:
+            continue
+        gi, gw = ids, weights
+        if cfg.family == "moge":  # MoGE slots come ordered by group: pass only this group's
+            gi, gw = ids[:, g * kg : (g + 1) * kg], weights[:, g * kg : (g + 1) * kg]
+        out += group_forward(w.w13[layer], w.w2[layer], x, gi - w.first_expert, gw).float()
+    return out.to(reply_dtype)
+
+
+class LaneServer:
+    """Hosts the lanes' rendezvous store in the worker process and one thread per lane."""
+
+    def __init__(self, worker, host: str, connect_timeout_s: float = 60.0) -> None:
+        self.worker = worker
+        self.host = host
+        self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=connect_timeout_s))
+        self._lanes: dict[str, WorkerLane] = {}
+        self._lock = threading.Lock()
+
+    def accept(self, lane_id: str, backend: str | None = None) -> dict:
+        """Join lane `lane_id` as rank 1 in the background; the replica joins as rank 0 right after."""
+        backend = backend or collective_backend(self.worker.device.type)
+        lane = WorkerLane(self.worker, self.store, lane_id, backend)
+        with self._lock:
+            self._lanes = {k: v for k, v in self._lanes.items() if v.thread.is_alive()}
+            self._lanes[lane_id] = lane
+        lane.thread.start()
+        return {"host": self.host, "port": self.store.port, "backend": backend, "rank": 1}
+
+    def stats(self) -> dict:
+        with self._lock:
+            lanes = list(self._lanes.values())
+        return {
+            "lanes": sum(lane.thread.is_alive() for lane in lanes),
+            "steps": sum(lane.steps for lane in lanes),
+            "graph_replays": sum(lane.replays for lane in lanes),
+            "wall_s": sum(lane.wall_s for lane in lanes),
+        }
+
+    def close(self, lane_id: str) -> None:
+        with self._lock:
+            lane = self._lanes.pop(lane_id, None)
+        if lane is not None:
+            lane.abort()
+
+    def stop(self) -> None:
+        with self._lock:
+            lanes, self._lanes = list(self._lanes.values()), {}
+        for lane in lanes:
+            lane.abort()
+
+
+class WorkerLane:
+    def __init__(self, worker, store, lane_id: str, backend: str) -> None:
+        self.worker, self.store, self.lane_id, self.backend = worker, store, lane_id, backend
+        self.compute_device = worker.device
+        self.wire_device = worker.device if backend != "gloo" else torch.device("cpu")
+        self.pg = None
+        self.steps = 0
+        self.replays = 0
+        self.wall_s = 0.0
+        self._graphs: dict[tuple, tuple] = {}  # (Tb, n_layers, dtypes) -> (graph, packets)
+        self._seen: set[tuple] = set()
+        self.thread = threading.Thread(target=self._run, name=f"moge-lane-{lane_id}", daemon=True)
+
+    # ---- loop ----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        cuda = self.compute_device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(self.compute_device)
+        try:
+            self.pg = _make_group(self.backend, dist.PrefixStore(self.lane_id, self.store), 1, IDLE_TIMEOUT)
+        except Exception:  # noqa: BLE001 - the replica gave up joining
+            return
+        self.stream = torch.cuda.Stream(self.compute_device) if cuda else None
+        hdr = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.wire_device)
+        try:
+            with torch.no_grad(), (torch.cuda.stream(self.stream) if cuda else _null()):
+                while True:
+                    self.pg.recv([hdr], 0, 0).wait()
+                    h = hdr.tolist()  # the step's one host sync on this side
+                    op = h[0]
+                    if op == OP_CLOSE:
+                        return
+                    if op == OP_HELLO:
+                        continue
+                    if op == OP_STEP:
+                        self._step(h)
+        except Exception as exc:  # noqa: BLE001 - replica gone or lane aborted: only this lane ends
+            log.info("lane %s ended: %s", self.lane_id, exc)
+        finally:
+            self.abort()
+
+    def _step(self, h: list[int]) -> None:
+        start = time.perf_counter()
+        self.steps += 1  # counted when the header arrives
+        _, epoch, n_layers, tb, t_real, x_code, reply_code, d, k = h[:9]
+        x_dtype, reply_dtype = DTYPES[x_code], DTYPES[reply_code]
+        key = (tb, n_layers, x_dtype, reply_dtype, d, k)
+        groups = self.worker._groups  # a snapshot: loads/drops replace the dict, never mutate it
+        layers = [layer for layer in range(self.worker.cfg.num_layers) if self.worker.cfg.is_moe_layer(layer)][:n_layers]
+        entry = self._graphs.get(key)
+        if entry is not None and entry[2] is groups:
+            entry[0].replay()
+            self.replays += 1
+        else:
+            self._loop(layers, key, groups)
+            if self._capturable(x_dtype) and key in self._seen:
+                self._graphs[key] = self._capture(layers, key, groups)
+            self._seen.add(key)
+        if self.stream is not None:
+            self.stream.synchronize()
+        seconds = time.perf_counter() - start
+        self.wall_s += seconds
+        held = sorted(groups)
+        self.worker._meter.record(held, [t_real] * len(held), seconds)
+
+    def _buffers(self, key):
+        tb, n_layers, x_dtype, reply_dtype, d, k = key
+        packet = new_packet(tb, d, k, x_dtype, self.wire_device)
+        reply = torch.empty(tb, d, dtype=reply_dtype, device=self.wire_device)
+        return packet, reply
+
+    def _loop(self, layers, key, groups) -> None:
+        """The step's layer loop (eager, or being captured)."""
+        packet, reply = self._buffers(key)
+        self._layer_ops(layers, key, groups, packet, reply)
+
+    def _layer_ops(self, layers, key, groups, packet, reply) -> None:
+        reply_dtype = key[3]
+        cfg = self.worker.cfg
+        dev = self.compute_device
+        for layer in layers:
+            self.pg.recv([packet.buf], 0, 1).wait()
+            x = packet.x.to(dev)
+            ids = packet.ids.to(dev, torch.int64)
+            wts = packet.weights.to(dev)
+            y = held_partial(cfg, groups, layer, x, ids, wts, reply_dtype)
+            reply.copy_(y)
+            self.pg.send([reply], 0, 2).wait()
+
+    def _capturable(self, x_dtype) -> bool:
+        # the grouped-matmul expert kernel (CUDA, bf16) has no host sync; other paths do
+        return self.backend == "nccl" and self.compute_device.type == "cuda" and x_dtype == torch.bfloat16
+
+    def _capture(self, layers, key, groups):
+        packet, reply = self._buffers(key)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            self._layer_ops(layers, key, groups, packet, reply)
+        return graph, (packet, reply), groups
+
+    def abort(self) -> None:
+        pg, self.pg = self.pg, None
+        if pg is not None and self.backend != "gloo":
+            for method in ("abort", "shutdown"):
+                fn = getattr(pg, method, None)
+                if fn is not None:
+                    try:
+                        fn()
+                    except Exception:  # noqa: BLE001 - tearing down a broken communicator
+                        pass
+                    break
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,122 @@
+"""The step lane over gloo with in-process workers (the lane threads run in this process):
+per-layer results equal LocalExperts', a lane that dies mid-step re-runs its groups elsewhere."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from actors.experts.placement import pack_groups
+from actors.experts.remote_experts import RemoteExperts
+from actors.experts.transport.base import WorkerRef
+from actors.experts.transport.inprocess import InProcessTransport
+from actors.experts.transport.step_lane import StepLaneExperts
+from actors.experts.transport.step_wire import bucket, new_packet
+from actors.experts.worker import ExpertWorker
+from actors.model.experts import LocalExperts
+from actors.model.presets import get_preset
+from actors.weights.loader import random_expert_groups
+
+MOGE = get_preset("tiny-moge")
+TOPK = replace(MOGE, family="mixtral", top_k=3, router_scale=False, renormalize=True)
+SPEC = {"source": "preset:tiny-moge", "dtype": "float32", "device": "cpu", "seed": 0}
+
+
+class Exploding(dict):
+    """Held groups that fail the next compute: the lane thread dies mid-step like a killed worker."""
+
+    def __iter__(self):
+        raise ConnectionError("worker died")
+
+
+def lane_experts(cfg, d, slots=1, replacer=None):
+    ids_ = [f"w{i}" for i in range(d)]
+    placement = pack_groups(cfg.n_groups, ids_)
+    workers = {}
+    for w in ids_:
+        worker = ExpertWorker(w, SPEC, transport_options={"host": "127.0.0.1"})
+        worker.cfg = cfg
+        worker.load_groups(list(placement.groups_of(w)))
+        workers[w] = worker
+    refs = {w: WorkerRef(w, local=workers[w]) for w in ids_}
+    rx = RemoteExperts(cfg, InProcessTransport(), placement, refs, replacer=replacer)
+    return StepLaneExperts(rx, "cpu", slots=slots, timeout_s=20), workers
+
+
+def routing(cfg, t, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, cfg.hidden_size, generator=g)
+    if cfg.family == "moge":
+        eg = cfg.experts_per_group
+        ids = torch.stack([torch.randint(0, eg, (t,), generator=g) + grp * eg for grp in range(cfg.n_groups)], 1)
+    else:
+        ids = torch.stack([torch.randperm(cfg.n_experts, generator=g)[: cfg.top_k] for _ in range(t)])
+    return x, ids, torch.rand(ids.shape, generator=g)
+
+
+def moe_layers(cfg):
+    return [layer for layer in range(cfg.num_layers) if cfg.is_moe_layer(layer)]
+
+
+def test_packet_round_trips_and_buckets():
+    p = new_packet(8, 6, 3, torch.bfloat16, "cpu")
+    x, ids, w = torch.randn(5, 6).bfloat16(), torch.tensor([[1, -1, 7]] * 5), torch.rand(5, 3)
+    p.fill(x, ids, w)
+    assert torch.equal(p.x[:5], x) and torch.equal(p.ids[:5], ids.int()) and torch.equal(p.weights[:5], w)
+    assert (p.ids[5:] == -1).all() and (p.weights[5:] == 0).all()
+    assert [bucket(t) for t in (1, 2, 3, 65, 256, 257, 700)] == [1, 2, 4, 128, 256, 512, 768]
+
+
+@pytest.mark.parametrize("cfg", [MOGE, TOPK], ids=["moge", "topk"])
+@pytest.mark.parametrize("d", [1, 2, 6])
+def test_a_step_matches_local_experts(cfg, d):
+    sx, workers = lane_experts(cfg, d)
+    local = LocalExperts(cfg, random_expert_groups(cfg, range(cfg.n_groups), 0))
+    for step, t in enumerate([1, 7, 33]):
+        sx.on_step_boundary()
+        for layer in moe_layers(cfg):
+            x, ids, w = routing(cfg, t, seed=10 * step + layer)
+            got, want = sx.dispatch(layer, x, ids, w).wait(), local.dispatch(layer, x, ids, w).wait()
+            if d == 1:
+                assert torch.equal(got, want)  # one worker serving every group: LocalExperts' arithmetic
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert sum(w.lane_stats()["steps"] for w in workers.values()) == 3 * d
+    sx.close()
+
+
+def test_two_slots_interleave_like_ping_pong():
+    sx, _ = lane_experts(MOGE, 2, slots=2)
+    local = LocalExperts(MOGE, random_expert_groups(MOGE, range(MOGE.n_groups), 0))
+    sx.on_step_boundary()
+    inputs = {(mb, layer): routing(MOGE, 3 + 2 * mb, seed=7 * mb + layer) for mb in (0, 1) for layer in moe_layers(MOGE)}
+    for layer in moe_layers(MOGE):
+        pending = [sx.dispatch(layer, *inputs[(mb, layer)]) for mb in (0, 1)]
+        for mb, p in enumerate(pending):
+            torch.testing.assert_close(p.wait(), local.dispatch(layer, *inputs[(mb, layer)]).wait(), rtol=1e-5, atol=1e-5)
+    sx.close()
+
+
+def test_a_lane_dying_mid_step_reruns_its_groups_on_the_replacement():
+    spare = {}
+
+    def replacer(worker_id, groups):
+        worker = ExpertWorker(worker_id, SPEC, transport_options={"host": "127.0.0.1"})
+        worker.load_groups(list(groups))
+        spare[worker_id] = worker
+        return WorkerRef(worker_id, local=worker)
+
+    sx, workers = lane_experts(MOGE, 2, replacer=replacer)
+    local = LocalExperts(MOGE, random_expert_groups(MOGE, range(MOGE.n_groups), 0))
+    layers = moe_layers(MOGE)
+    for step in range(2):
+        sx.on_step_boundary()
+        for i, layer in enumerate(layers):
+            if step == 0 and i == 1:
+                workers["w1"]._groups = Exploding(workers["w1"]._groups)  # dies receiving layer 1
+            x, ids, w = routing(MOGE, 5, seed=layer)
+            torch.testing.assert_close(sx.dispatch(layer, x, ids, w).wait(), local.dispatch(layer, x, ids, w).wait(),
+                                       rtol=1e-5, atol=1e-5)
+    assert sx.lane_failures == 1 and sx.remote.retries >= 1 and "w1" in spare
+    assert spare["w1"].lane_stats()["steps"] == 1  # the next step runs over a lane to the replacement
+    sx.close()
