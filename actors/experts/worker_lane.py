@@ -34,20 +34,54 @@ import torch.distributed as dist
 from actors.device import collective_backend
 from actors.experts.transport.collective import _make_group
 from actors.experts.transport.step_wire import DTYPES, HEADER_LEN, OP_CLOSE, OP_HELLO, OP_STEP, new_packet
-from actors.model.experts import group_forward
+from actors.model.experts import group_forward, slot_outputs
 
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT = datetime.timedelta(days=7)
 
 
+_STACK_LOCK = threading.Lock()
+
+
+def stacked_groups(worker, groups: dict):
+    """layer -> (w13, w2) of the held groups stacked, when they are consecutive and the device has
+    room for the copy (CUDA only): one sort and one grouped-matmul pair per layer instead of one
+    per group, and exactly LocalExperts' stacked kernels (same sums as the monolithic engine).
+    Cached per groups snapshot; None = compute group by group."""
+    with _STACK_LOCK:
+        cached = getattr(worker, "_lane_stack", None)
+        if cached is not None and cached[0] is groups:
+            return cached[1]
+        stacked = None
+        ids = sorted(groups)
+        nbytes = sum(w.nbytes for w in groups.values())
+        if (worker.device.type == "cuda" and len(ids) > 1 and ids == list(range(ids[0], ids[0] + len(ids)))
+                and torch.cuda.mem_get_info(worker.device)[0] > 1.5 * nbytes):
+            stacked = {layer: (torch.cat([groups[g].w13[layer] for g in ids]), torch.cat([groups[g].w2[layer] for g in ids]))
+                       for layer in groups[ids[0]].w13}
+        worker._lane_stack = (groups, stacked)
+        return stacked
+
+
 def held_partial(cfg, groups: dict, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                 reply_dtype: torch.dtype) -> torch.Tensor:
+                 reply_dtype: torch.dtype, stacked: dict | None = None) -> torch.Tensor:
     """[Tb, D] in reply_dtype: Σ over held groups (ascending) of that group's partial cast to
     x.dtype, summed in float32 — LocalExperts' arithmetic, so one worker holding every group
     reproduces the single-process result bit for bit. Masked slots (id -1) compute nothing."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     kg = cfg.k_per_group
+    if stacked is not None and layer in stacked:
+        first = min(groups)
+        slots = slot_outputs(*stacked[layer], x, ids - groups[first].first_expert, weights)  # [Tb, K, D] f32
+        slot_group = ids // cfg.experts_per_group
+        for g in sorted(groups):
+            if cfg.family == "moge":
+                partial = slots[:, g * kg : (g + 1) * kg].sum(dim=1)
+            else:
+                partial = (slots * (slot_group == g).unsqueeze(-1)).sum(dim=1)
+            out += partial.to(x.dtype).float()
+        return out.to(reply_dtype)
     for g in sorted(groups):
         w = groups[g]
         if layer not in w.w13:
@@ -88,6 +122,7 @@ class LaneServer:
             "steps": sum(lane.steps for lane in lanes),
             "graph_replays": sum(lane.replays for lane in lanes),
             "wall_s": sum(lane.wall_s for lane in lanes),
+            "capture_errors": sorted({lane.capture_error for lane in lanes if lane.capture_error}),
         }
 
     def close(self, lane_id: str) -> None:
@@ -112,6 +147,7 @@ class WorkerLane:
         self.steps = 0
         self.replays = 0
         self.wall_s = 0.0
+        self.capture_error: str | None = None
         self._graphs: dict[tuple, tuple] = {}  # (Tb, n_layers, dtypes) -> (graph, packets)
         self._seen: set[tuple] = set()
         self.thread = threading.Thread(target=self._run, name=f"moge-lane-{lane_id}", daemon=True)
@@ -159,8 +195,12 @@ class WorkerLane:
             self.replays += 1
         else:
             self._loop(layers, key, groups)
-            if self._capturable(x_dtype) and key in self._seen:
-                self._graphs[key] = self._capture(layers, key, groups)
+            if self._capturable(x_dtype) and key in self._seen and self.capture_error is None:
+                try:
+                    self._graphs[key] = self._capture(layers, key, groups)
+                except Exception as exc:  # noqa: BLE001 - captured ops never ran: the lane stays in step, eager
+                    self.capture_error = repr(exc)
+                    log.warning("lane %s: CUDA graph capture failed, staying eager: %s", self.lane_id, exc)
             self._seen.add(key)
         if self.stream is not None:
             self.stream.synchronize()
@@ -184,12 +224,13 @@ class WorkerLane:
         reply_dtype = key[3]
         cfg = self.worker.cfg
         dev = self.compute_device
+        stacked = stacked_groups(self.worker, groups)
         for layer in layers:
             self.pg.recv([packet.buf], 0, 1).wait()
             x = packet.x.to(dev)
             ids = packet.ids.to(dev, torch.int64)
             wts = packet.weights.to(dev)
-            y = held_partial(cfg, groups, layer, x, ids, wts, reply_dtype)
+            y = held_partial(cfg, groups, layer, x, ids, wts, reply_dtype, stacked)
             reply.copy_(y)
             self.pg.send([reply], 0, 2).wait()
 
@@ -223,3 +264,52 @@ class _null:
 
     def __exit__(self, *exc):
         return False
+
+
+def time_lane_compute(worker, t: int, iters: int = 10) -> dict:
+    """Diagnostics for the benchmark: seconds per step of the held groups' compute over every MoE
+    layer for t tokens, (a) as the lane runs it (held_partial) and (b) through LocalExperts'
+    stacked path (what the monolithic engine runs), both captured in a CUDA graph on CUDA."""
+    from actors.model.experts import ExpertGroupWeights, LocalExperts
+
+    cfg, dev, dtype = worker.cfg, worker.device, worker.dtype
+    groups = worker._groups
+    layers = [layer for layer in range(cfg.num_layers) if cfg.is_moe_layer(layer)]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(t, cfg.hidden_size, generator=gen).to(dev, dtype)
+    if cfg.family == "moge":
+        eg = cfg.experts_per_group
+        ids = torch.cat([torch.randint(0, eg, (t, cfg.k_per_group), generator=gen) + g * eg
+                         for g in range(cfg.n_groups)], 1)
+    else:
+        ids = torch.stack([torch.randperm(cfg.n_experts, generator=gen)[: cfg.top_k] for _ in range(t)])
+    ids, wts = ids.to(dev), torch.rand(ids.shape, generator=gen).to(dev)
+    copies = {g: ExpertGroupWeights(w.group, w.first_expert, dict(w.w13), dict(w.w2)) for g, w in groups.items()}
+    local = LocalExperts(cfg, copies)
+    fns = {
+        "lane_s": lambda: [held_partial(cfg, groups, layer, x, ids, wts, dtype, stacked_groups(worker, groups))
+                           for layer in layers],
+        "local_s": lambda: [local.dispatch(layer, x, ids, wts).wait() for layer in layers],
+    }
+    out = {}
+    for name, fn in fns.items():
+        run = fn
+        if dev.type == "cuda" and dtype == torch.bfloat16:
+            s = torch.cuda.Stream(dev)
+            with torch.cuda.stream(s):
+                fn()
+            torch.cuda.synchronize(dev)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=s):
+                fn()
+            run = graph.replay
+        run()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        start = time.perf_counter()
+        for _ in range(iters):
+            run()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        out[name] = (time.perf_counter() - start) / iters
+    return out

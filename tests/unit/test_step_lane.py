@@ -22,13 +22,6 @@ TOPK = replace(MOGE, family="mixtral", top_k=3, router_scale=False, renormalize=
 SPEC = {"source": "preset:tiny-moge", "dtype": "float32", "device": "cpu", "seed": 0}
 
 
-class Exploding(dict):
-    """Held groups that fail the next compute: the lane thread dies mid-step like a killed worker."""
-
-    def __iter__(self):
-        raise ConnectionError("worker died")
-
-
 def lane_experts(cfg, d, slots=1, replacer=None):
     ids_ = [f"w{i}" for i in range(d)]
     placement = pack_groups(cfg.n_groups, ids_)
@@ -97,8 +90,18 @@ def test_two_slots_interleave_like_ping_pong():
     sx.close()
 
 
-def test_a_lane_dying_mid_step_reruns_its_groups_on_the_replacement():
-    spare = {}
+def test_a_lane_dying_mid_step_reruns_its_groups_on_the_replacement(monkeypatch):
+    import actors.experts.worker_lane as worker_lane
+
+    spare, doomed = {}, {}
+    compute = worker_lane.held_partial
+
+    def dying(cfg, groups, *args):
+        if doomed.get("groups") is groups:  # w1's lane thread dies like a killed worker
+            raise ConnectionError("worker died")
+        return compute(cfg, groups, *args)
+
+    monkeypatch.setattr(worker_lane, "held_partial", dying)
 
     def replacer(worker_id, groups):
         worker = ExpertWorker(worker_id, SPEC, transport_options={"host": "127.0.0.1"})
@@ -113,7 +116,7 @@ def test_a_lane_dying_mid_step_reruns_its_groups_on_the_replacement():
         sx.on_step_boundary()
         for i, layer in enumerate(layers):
             if step == 0 and i == 1:
-                workers["w1"]._groups = Exploding(workers["w1"]._groups)  # dies receiving layer 1
+                doomed["groups"] = workers["w1"]._groups  # dies receiving layer 1
             x, ids, w = routing(MOGE, 5, seed=layer)
             torch.testing.assert_close(sx.dispatch(layer, x, ids, w).wait(), local.dispatch(layer, x, ids, w).wait(),
                                        rtol=1e-5, atol=1e-5)
