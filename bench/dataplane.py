@@ -1,7 +1,13 @@
 """Decode throughput and step latency: monolithic engine vs the disaggregated data plane.
 
     python bench/dataplane.py --preset bench-moge --batch-sizes 1,8,32,64,128,256 \
-        --transports grpc,collective --workers 2 --out bench_dataplane.json
+        --transports grpc,collective,collective+lane --workers 2 --out bench_dataplane.json
+
+A transport named "X+lane" runs the step lane (data_plane.step_lane: one header per step, one packed
+tensor out and one partial back per MoE layer, nccl between GPUs, worker-side CUDA graphs; X only
+carries failover calls). For it, busy_ms is the worker's lane wall time per step (header to last
+partial: compute plus waiting for the replica's attention), so transport_share is not defined
+(reported as 0); bench/nccl_lane.py separates compute from wall.
 
 Every mode runs its attention replica as a Ray actor with one GPU (so Ray never hands the same GPU
 to a worker and the replica); expert workers get --worker-gpus each (fractions share a GPU; the
@@ -98,7 +104,7 @@ def measure(config_dict: dict, mode: str, batch_sizes: list[int], prompt_len: in
         rows.append({
             "mode": mode, "batch": b, "step_ms": 1e3 * step, "tok_s": b / step,
             "blocked_ms": 1e3 * blocked, "busy_ms": 1e3 * busy,
-            "transport_share": max(0.0, blocked - busy) / step if remote else 0.0,
+            "transport_share": max(0.0, blocked - busy) / step if remote and not config.data_plane.step_lane else 0.0,
         })
         for rid in list(engine._seqs):
             engine.abort_request(rid)
@@ -145,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     namespace = f"bench-{uuid.uuid4().hex[:6]}"
     modes = [("monolithic", None, False)]
     for t in [t for t in args.transports.split(",") if t]:
-        modes += [(t, t, False), (t, t, True)]
+        modes += [(t, t, False), (t, t, True)]  # "X+lane": transport X with the step lane
     rows: list[dict] = []
     for label, transport, ping_pong in modes:
         config = MogeConfig.load(
@@ -153,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             model={"source": f"preset:{args.preset}", "device": args.device, "dtype": args.dtype, "max_model_len": 512},
             engine={"max_num_seqs": max(batch_sizes), "max_num_batched_tokens": 8192,
                     "num_kv_blocks": max(batch_sizes) * ((args.prompt_len + args.steps + 8) // 16 + 2)},
-            data_plane={"transport": transport or "inprocess", "num_workers": args.workers,
+            data_plane={"transport": (transport or "inprocess").removesuffix("+lane"),
+                        "step_lane": bool(transport and transport.endswith("+lane")), "num_workers": args.workers,
                         "worker_num_gpus": args.worker_gpus if gpu else 0, "worker_num_cpus": 1 if gpu else 0.25, "ping_pong": ping_pong,
                         "call_timeout_s": 120},
         )

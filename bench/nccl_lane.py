@@ -149,16 +149,15 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _config(preset: str, batch_max: int, prompt_len: int, steps: int, ping_pong: bool, dtype: str, device: str):
-    from cluster.config import MogeConfig
+def _engine(preset: str, batch_max: int, prompt_len: int, steps: int, ping_pong: bool, dtype: str, device: str,
+            experts=None):
+    """The engine from plain settings (no pydantic, no Ray on the device)."""
+    from actors.engine.build import EngineSettings, LoadSpec, build_engine
 
-    return MogeConfig.load(
-        env={},
-        model={"source": f"preset:{preset}", "device": device, "dtype": dtype, "max_model_len": 512},
-        engine={"max_num_seqs": batch_max, "max_num_batched_tokens": 8192,
-                "num_kv_blocks": batch_max * ((prompt_len + steps + 8) // 16 + 2)},
-        data_plane={"transport": "collective", "ping_pong": ping_pong, "call_timeout_s": 60},
-    )
+    load = LoadSpec(f"preset:{preset}", dtype, device, max_model_len=512)
+    settings = EngineSettings(max_num_seqs=batch_max, max_num_batched_tokens=8192, ping_pong=ping_pong,
+                              num_kv_blocks=batch_max * ((prompt_len + steps + 8) // 16 + 2))
+    return build_engine(load, settings, experts)
 
 
 def _decode_steps(engine, vocab: int, b: int, prompt_len: int, steps: int) -> float:
@@ -188,15 +187,12 @@ def engine(args) -> list[dict]:
     from actors.experts.remote_experts import RemoteExperts
     from actors.experts.transport.step_lane import StepLaneExperts
     from actors.experts.worker import model_config_of
-    from cluster.serve.replica_engine import build_engine
-
     batches = [int(b) for b in args.batch_sizes.split(",")]
     gpu = args.device == "cuda"
     if gpu:
         torch.cuda.set_device(0)
     rows = []
-    mono_cfg = _config(args.preset, max(batches), args.prompt_len, args.steps, False, args.dtype, args.device)
-    mono, loaded = build_engine(mono_cfg)
+    mono, loaded = _engine(args.preset, max(batches), args.prompt_len, args.steps, False, args.dtype, args.device)
     vocab = loaded.cfg.vocab_size
     mono_ms = {}
     for b in batches:
@@ -212,11 +208,11 @@ def engine(args) -> list[dict]:
     cfg = model_config_of(spec)
     with spawn_worker(spec, list(range(cfg.n_groups))) as ref:
         for ping_pong in (False, True):
-            config = _config(args.preset, max(batches), args.prompt_len, args.steps, ping_pong, args.dtype, args.device)
             placement = pack_groups(cfg.n_groups, [ref.worker_id])
             remote = RemoteExperts(cfg, NoTransport(), placement, {ref.worker_id: ref})
             experts = StepLaneExperts(remote, "cuda:0" if gpu else "cpu", slots=2, timeout_s=60)
-            eng, _ = build_engine(config, experts=experts)
+            eng, _ = _engine(args.preset, max(batches), args.prompt_len, args.steps, ping_pong, args.dtype,
+                             args.device, experts)
             for b in batches:
                 before = ref.local.lane_stats()
                 step = _decode_steps(eng, vocab, b, args.prompt_len, args.steps)

@@ -66,6 +66,8 @@ class DataPlaneSection(_Section):
     worker_num_gpus: float = Field(0, ge=0, description="1 per worker on GPUs; <1 to share")
     worker_resources: dict[str, float] = Field(default_factory=dict, description='e.g. {"NPU": 1}')
     ping_pong: bool = True
+    step_lane: bool = Field(False, description="per-step protocol over one communicator per (replica, slot, worker): "
+                            "nccl between GPUs (gloo on CPU), the transport above only for failover")
     call_timeout_s: float = Field(30, gt=0, description="deadline of one expert call")
     grpc_max_message_bytes: int = Field(256 << 20, ge=1 << 20)
     grpc_tls_cert: str | None = None

@@ -23,7 +23,7 @@ from actors.experts.worker import model_config_of
 from actors.experts.placement import Placement
 from actors.experts.remote_experts import RemoteExperts
 from cluster.config import MogeConfig
-from cluster.serve.data_plane import WORKER_NAMESPACE, DataPlane, client_transport
+from cluster.serve.data_plane import WORKER_NAMESPACE, DataPlane, client_transport, with_step_lane
 from cluster.elastic.epoch_listener import EpochListener
 from cluster.elastic.metrics_reporter import ReplicaReporter
 from cluster.elastic.redis_server import connect
@@ -99,6 +99,7 @@ class ElasticReplica:
         cfg = model_config_of(model_spec(config))
         experts = RemoteExperts(cfg, transport, placement, refs, replacer=DataPlane(config, fleet).replace,
                                 wait_timeout_s=2 * dp.call_timeout_s)
+        experts = with_step_lane(config, experts, resolve_device(config.model.device), rid)
         return cls(config, rid, store, fleet, experts)
 
     def _prepare(self, placement: Placement) -> None:

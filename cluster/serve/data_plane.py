@@ -108,7 +108,20 @@ def build_remote_experts(
     plane = data_plane or DataPlane(config)
     placement = pack_groups(loaded_model_cfg.n_groups, worker_ids(dp.num_workers))
     refs = plane.start(placement)
-    transport = client_transport(config, device, replica_id or uuid.uuid4().hex[:12])
-    return RemoteExperts(
+    replica_id = replica_id or uuid.uuid4().hex[:12]
+    transport = client_transport(config, device, replica_id)
+    remote = RemoteExperts(
         loaded_model_cfg, transport, placement, refs, replacer=plane.replace, wait_timeout_s=2 * dp.call_timeout_s
     )
+    return with_step_lane(config, remote, device, replica_id)
+
+
+def with_step_lane(config: MogeConfig, remote: RemoteExperts, device, replica_id: str):
+    """`remote` itself, or wrapped in the step lane when data_plane.step_lane is set (the
+    configured transport then only carries failover calls)."""
+    if not config.data_plane.step_lane:
+        return remote
+    from actors.experts.transport.step_lane import StepLaneExperts
+
+    return StepLaneExperts(remote, resolve_device(device), slots=2, timeout_s=config.data_plane.call_timeout_s,
+                           replica_id=replica_id)

@@ -54,29 +54,25 @@ def test_nccl_step_lane_tokens_match_single_process(model, request):
     from actors.experts.remote_experts import RemoteExperts
     from actors.experts.transport.step_lane import StepLaneExperts
     from actors.experts.worker import model_config_of
-    from cluster.config import MogeConfig
-    from cluster.serve.replica_engine import build_engine
+    from actors.engine.build import EngineSettings, LoadSpec, build_engine
 
     source = "preset:tiny-moge" if model == "tiny-moge" else request.getfixturevalue("qwen3_checkpoint")
     n_groups = None if model == "tiny-moge" else 4
     torch.cuda.set_device(0)
 
-    def config(ping_pong: bool):
-        return MogeConfig.load(
-            env={},
-            model={"source": source, "device": "cuda", "dtype": "bfloat16", "n_groups": n_groups, "max_model_len": 128},
-            engine={"num_kv_blocks": 64, "max_num_seqs": 8},
-            data_plane={"transport": "collective", "ping_pong": ping_pong, "call_timeout_s": 60},
-        )
+    load = LoadSpec(source, "bfloat16", "cuda", n_groups=n_groups, max_model_len=128)
 
-    reference = greedy(build_engine(config(False))[0])
+    def settings(ping_pong: bool):  # plain settings: no pydantic or Ray needed on the device
+        return EngineSettings(max_num_seqs=8, num_kv_blocks=64, ping_pong=ping_pong)
+
+    reference = greedy(build_engine(load, settings(False))[0])
     spec = {"source": source, "dtype": "bfloat16", "device": "cuda:1", "n_groups": n_groups, "seed": 0}
     cfg = model_config_of(spec)
     with spawn_worker(spec, list(range(cfg.n_groups))) as ref:
         for ping_pong in (False, True):
             remote = RemoteExperts(cfg, NoTransport(), pack_groups(cfg.n_groups, ["w0"]), {"w0": ref})
             experts = StepLaneExperts(remote, "cuda:0", slots=2, timeout_s=60)
-            engine, _ = build_engine(config(ping_pong), experts=experts)
+            engine, _ = build_engine(load, settings(ping_pong), experts)
             assert greedy(engine) == reference, f"ping_pong={ping_pong}"
             assert {l.backend for l in experts._lanes.values()} == {"nccl"}
             experts.close()
