@@ -107,7 +107,8 @@ def _p2p_proc(rank: int, port: int, batches: list[int], iters: int, q) -> None:
             torch.cuda.synchronize()
             graphed = (time.perf_counter() - t0) / iters
         if rank == 0:
-            rows.append({"what": "p2p_step", "batch": b, "layers": L, "eager_ms": 1e3 * eager, "graph_ms": 1e3 * graphed,
+            rows.append({"what": "p2p_step", "batch": b, "layers": L,
+                         "eager_ms": 1e3 * eager, "graph_ms": 1e3 * graphed,
                          "eager_us_per_layer": 1e6 * eager / L, "graph_us_per_layer": 1e6 * graphed / L})
     gloo.barrier().wait()
     if rank == 0:

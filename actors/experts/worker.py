@@ -206,7 +206,9 @@ class ExpertWorker:
 
     def lane_stats(self) -> dict:
         """{"lanes", "steps", "graph_replays", "wall_s"} over this worker's step lanes."""
-        return self._lanes.stats() if self._lanes is not None else {"lanes": 0, "steps": 0, "graph_replays": 0, "wall_s": 0.0}
+        if self._lanes is None:
+            return {"lanes": 0, "steps": 0, "graph_replays": 0, "wall_s": 0.0, "capture_errors": []}
+        return self._lanes.stats()
 
     # ---- groups ----------------------------------------------------------------------------------
 

@@ -58,7 +58,8 @@ def stacked_groups(worker, groups: dict):
         nbytes = sum(w.nbytes for w in groups.values())
         if (worker.device.type == "cuda" and len(ids) > 1 and ids == list(range(ids[0], ids[0] + len(ids)))
                 and torch.cuda.mem_get_info(worker.device)[0] > 1.5 * nbytes):
-            stacked = {layer: (torch.cat([groups[g].w13[layer] for g in ids]), torch.cat([groups[g].w2[layer] for g in ids]))
+            stacked = {layer: (torch.cat([groups[g].w13[layer] for g in ids]),
+                               torch.cat([groups[g].w2[layer] for g in ids]))
                        for layer in groups[ids[0]].w13}
         worker._lane_stack = (groups, stacked)
         return stacked
@@ -102,6 +103,7 @@ class LaneServer:
         self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
                                    timeout=datetime.timedelta(seconds=connect_timeout_s))
         self._lanes: dict[str, WorkerLane] = {}
+        self._retired = {"steps": 0, "graph_replays": 0, "wall_s": 0.0}
         self._lock = threading.Lock()
 
     def accept(self, lane_id: str, backend: str | None = None) -> dict:
@@ -109,25 +111,35 @@ class LaneServer:
         backend = backend or collective_backend(self.worker.device.type)
         lane = WorkerLane(self.worker, self.store, lane_id, backend)
         with self._lock:
-            self._lanes = {k: v for k, v in self._lanes.items() if v.thread.is_alive()}
+            for key in [k for k, v in self._lanes.items() if not v.thread.is_alive()]:
+                self._retire(self._lanes.pop(key))
             self._lanes[lane_id] = lane
         lane.thread.start()
         return {"host": self.host, "port": self.store.port, "backend": backend, "rank": 1}
 
+    def _retire(self, lane: "WorkerLane") -> None:
+        """Keep an ended lane's counts (stats are totals since the worker started)."""
+        self._retired["steps"] += lane.steps
+        self._retired["graph_replays"] += lane.replays
+        self._retired["wall_s"] += lane.wall_s
+
     def stats(self) -> dict:
         with self._lock:
             lanes = list(self._lanes.values())
+            retired = dict(self._retired)
         return {
             "lanes": sum(lane.thread.is_alive() for lane in lanes),
-            "steps": sum(lane.steps for lane in lanes),
-            "graph_replays": sum(lane.replays for lane in lanes),
-            "wall_s": sum(lane.wall_s for lane in lanes),
+            "steps": retired["steps"] + sum(lane.steps for lane in lanes),
+            "graph_replays": retired["graph_replays"] + sum(lane.replays for lane in lanes),
+            "wall_s": retired["wall_s"] + sum(lane.wall_s for lane in lanes),
             "capture_errors": sorted({lane.capture_error for lane in lanes if lane.capture_error}),
         }
 
     def close(self, lane_id: str) -> None:
         with self._lock:
             lane = self._lanes.pop(lane_id, None)
+            if lane is not None:
+                self._retire(lane)
         if lane is not None:
             lane.abort()
 
@@ -188,7 +200,8 @@ class WorkerLane:
         x_dtype, reply_dtype = DTYPES[x_code], DTYPES[reply_code]
         key = (tb, n_layers, x_dtype, reply_dtype, d, k)
         groups = self.worker._groups  # a snapshot: loads/drops replace the dict, never mutate it
-        layers = [layer for layer in range(self.worker.cfg.num_layers) if self.worker.cfg.is_moe_layer(layer)][:n_layers]
+        cfg = self.worker.cfg
+        layers = [layer for layer in range(cfg.num_layers) if cfg.is_moe_layer(layer)][:n_layers]
         entry = self._graphs.get(key)
         if entry is not None and entry[2] is groups:
             entry[0].replay()

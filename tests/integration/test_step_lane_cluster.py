@@ -4,7 +4,8 @@ tiny-moge and a tiny Qwen3-MoE checkpoint with D = 1 and 2 workers; two replicas
 same time share the workers (one lane thread per replica slot on each worker); a worker killed in
 the middle of a step has its groups re-run on the replacement and every request completes.
 
-    unshare -n bash -c 'ip link set lo up && exec timeout 900 python -m pytest -q tests/integration/test_step_lane_cluster.py'
+    unshare -n bash -c 'ip link set lo up && exec timeout 900 \
+        python -m pytest -q tests/integration/test_step_lane_cluster.py'
 """
 
 from __future__ import annotations

@@ -82,11 +82,13 @@ def test_two_slots_interleave_like_ping_pong():
     sx, _ = lane_experts(MOGE, 2, slots=2)
     local = LocalExperts(MOGE, random_expert_groups(MOGE, range(MOGE.n_groups), 0))
     sx.on_step_boundary()
-    inputs = {(mb, layer): routing(MOGE, 3 + 2 * mb, seed=7 * mb + layer) for mb in (0, 1) for layer in moe_layers(MOGE)}
+    inputs = {(mb, layer): routing(MOGE, 3 + 2 * mb, seed=7 * mb + layer)
+              for mb in (0, 1) for layer in moe_layers(MOGE)}
     for layer in moe_layers(MOGE):
         pending = [sx.dispatch(layer, *inputs[(mb, layer)]) for mb in (0, 1)]
         for mb, p in enumerate(pending):
-            torch.testing.assert_close(p.wait(), local.dispatch(layer, *inputs[(mb, layer)]).wait(), rtol=1e-5, atol=1e-5)
+            want = local.dispatch(layer, *inputs[(mb, layer)]).wait()
+            torch.testing.assert_close(p.wait(), want, rtol=1e-5, atol=1e-5)
     sx.close()
 
 

@@ -92,7 +92,8 @@ class ReplicaLane:
     def buffers(self, tb: int, d: int, k: int, dtype: torch.dtype, reply_dtype: torch.dtype):
         key = (tb, d, k, dtype, reply_dtype)
         if key not in self._bufs:
-            self._bufs[key] = (new_packet(tb, d, k, dtype, self.wire), torch.empty(tb, d, dtype=reply_dtype, device=self.wire))
+            reply = torch.empty(tb, d, dtype=reply_dtype, device=self.wire)
+            self._bufs[key] = (new_packet(tb, d, k, dtype, self.wire), reply)
         return self._bufs[key]
 
     def send_layer(self, bufs, x, ids, weights) -> None:
@@ -160,7 +161,8 @@ class _SubStep:
 
 class _PendingStep:
     def __init__(self, owner: "StepLaneExperts", sub: _SubStep, layer: int, x, ids, weights, own, last: bool) -> None:
-        self.o, self.sub, self.layer, self.x, self.ids, self.weights, self.own, self.last = owner, sub, layer, x, ids, weights, own, last
+        self.o, self.sub, self.layer, self.last = owner, sub, layer, last
+        self.x, self.ids, self.weights, self.own = x, ids, weights, own
 
     def wait(self) -> torch.Tensor:
         return self.o._finish(self)
