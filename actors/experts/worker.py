@@ -252,14 +252,7 @@ class ExpertWorker:
         return out
 
     def _from_source(self, groups: list[int]) -> dict[int, ExpertGroupWeights]:
-        source = self.spec["source"]
-        if source.startswith(PRESET_PREFIX):
-            from actors.weights.loader import random_expert_groups
-
-            return random_expert_groups(self.cfg, groups, self.seed, self.dtype, self.device)
-        from actors.weights.checkpoint import load_expert_groups
-
-        return load_expert_groups(Path(source), self.cfg, groups, self.dtype, self.device)
+        return groups_from_source(self.spec, self.cfg, groups, self.dtype, self.device)
 
     def export_groups_raw(self, groups: list[int]) -> dict[int, dict]:
         """export_groups with every tensor as (dtype, shape, uint8 numpy buffer) for the object store."""
@@ -384,6 +377,19 @@ class ExpertWorker:
         if self._server is not None:
             self._server.stop()
             self._server = None
+
+
+def groups_from_source(spec: dict, cfg: ModelConfig, groups: list[int], dtype: torch.dtype,
+                       device: torch.device) -> dict[int, ExpertGroupWeights]:
+    """`groups` from the checkpoint (memory-mapped safetensors) or regenerated from the preset."""
+    source = spec["source"]
+    if source.startswith(PRESET_PREFIX):
+        from actors.weights.loader import random_expert_groups
+
+        return random_expert_groups(cfg, groups, int(spec.get("seed", 0)), dtype, device)
+    from actors.weights.checkpoint import load_expert_groups
+
+    return load_expert_groups(Path(source), cfg, groups, dtype, device)
 
 
 def export_weights(w: ExpertGroupWeights) -> dict:
