@@ -30,6 +30,7 @@ import threading
 import time
 import uuid
 import weakref
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 from typing import Callable
 
 import torch
@@ -202,12 +203,39 @@ class GroupCopyServer:
 def copy_groups(endpoint: dict, cfg: ModelConfig, groups: list[int], dtype: torch.dtype, device: torch.device,
                 timeout_s: float = 30.0) -> tuple[dict[int, ExpertGroupWeights], dict]:
     """Target side: receive `groups` from the holder at `endpoint` into freshly allocated final
-    buffers. -> (groups, {"bytes", "seconds", "connect_s"}). Raises CopyFailed (nothing kept)."""
+    buffers. -> (groups, {"bytes", "seconds", "connect_s"}). Raises CopyFailed (nothing kept).
+
+    The copy runs on its own thread and is abandoned at the deadline: a TCPStore client talking
+    to a frozen holder (SIGSTOP, a wedged process) blocks past its own timeout, and only the
+    holder waking or dying frees that thread (it keeps its buffers until then)."""
     if not endpoint or "port" not in endpoint:
         raise CopyFailed("the holder advertises no copy lane")
     backend = endpoint.get("backend") or "gloo"
     if backend != collective_backend(device.type):
         raise CopyFailed(f"holder lane is {backend}, this device ({device.type}) speaks {collective_backend(device.type)}")
+    box: Future = Future()
+    pgs: list = []
+
+    def run() -> None:
+        try:
+            box.set_result(_receive(endpoint, backend, cfg, groups, dtype, device, timeout_s, pgs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box.set_exception(exc)
+
+    threading.Thread(target=run, name="moge-group-recv", daemon=True).start()
+    try:
+        return box.result(timeout=timeout_s + 1.0)
+    except FutureTimeout:
+        for pg in pgs:
+            _teardown(pg)
+        raise CopyFailed(f"the holder did not deliver groups {groups} within {timeout_s}s") from None
+    except CopyFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unreachable holder, deadline, broken communicator
+        raise CopyFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _receive(endpoint, backend, cfg, groups, dtype, device, timeout_s, pgs):
     start = time.perf_counter()
     deadline = time.monotonic() + timeout_s
     left = lambda: _td(deadline - time.monotonic())  # noqa: E731
@@ -226,6 +254,7 @@ def copy_groups(endpoint: dict, cfg: ModelConfig, groups: list[int], dtype: torc
         if device.type == "cuda":
             torch.cuda.set_device(device)
         pg = _make_group(backend, dist.PrefixStore(copy_id, store), 1, left())
+        pgs.append(pg)
         connect_s = time.perf_counter() - start
         order = [getattr(buffers[g], name)[layer] for g, layer, name, _, _ in manifest]
         works = [pg.recv([t], 0, 0) for t in order]
@@ -234,10 +263,6 @@ def copy_groups(endpoint: dict, cfg: ModelConfig, groups: list[int], dtype: torc
                 raise CopyFailed("receive did not complete")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    except CopyFailed:
-        raise
-    except Exception as exc:  # noqa: BLE001 - unreachable holder, deadline, broken communicator
-        raise CopyFailed(f"{type(exc).__name__}: {exc}") from exc
     finally:
         if pg is not None:
             _teardown(pg)
