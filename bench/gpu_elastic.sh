@@ -26,8 +26,9 @@ timeout 200 python3 bench/scale_latency.py --local --model preset:bench-moge --d
   --gpus-per-worker 1 --standby 1 --sources device,object_store --concurrency 8 --steady-s 4 --settle-s 3 \
   --stage-timeout-s 90 --deadline-s 190 --out "$OUT/scale_local.json" 2>&1 | quiet 20
 
-# worker -> worker (1 -> 2 workers, one GPU each; the replica shares GPU 0 with w0): device vs object store
+# worker -> worker (1 -> 2 workers, one GPU each, the second a warm standby; the replica shares a GPU
+# with w0): device vs object store
 timeout 200 python3 bench/scale_latency.py --model preset:bench-moge --device cuda --dtype bfloat16 \
-  --from-workers 1 --gpus-per-worker 1 --sources device,object_store --concurrency 8 --steady-s 4 --settle-s 3 \
+  --from-workers 1 --gpus-per-worker 1 --standby 1 --sources device,object_store --concurrency 8 --steady-s 4 --settle-s 3 \
   --stage-timeout-s 90 --deadline-s 190 --out "$OUT/scale_workers.json" 2>&1 | quiet 20
 ls -l "$OUT"
