@@ -21,6 +21,7 @@ import torch
 from actors.model.config import ModelConfig
 from actors.model.experts import ExpertGroupWeights
 from actors.experts.group_copy import CopyFailed, copy_groups
+from actors.experts.transport.codec import decode
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +89,6 @@ def _from_object_store(peer: Any, groups: list[int], dtype, device, timeout_s: f
     ~0.12 GB/s for the same bytes over gRPC)."""
     import ray
 
-    from actors.experts.worker import weights_from_raw
-
     exported = ray.get(peer.export_groups_raw.remote(groups), timeout=timeout_s)
     missing = [g for g in groups if g not in exported]
     if missing:
@@ -98,3 +97,12 @@ def _from_object_store(peer: Any, groups: list[int], dtype, device, timeout_s: f
     for g in groups:
         out[g] = weights_from_raw(exported.pop(g)).to(dtype, device)  # host copy freed group by group
     return out
+
+
+def weights_from_raw(data: dict) -> ExpertGroupWeights:
+    tensors = {name: {layer: decode(*raw) for layer, raw in data[name].items()} for name in ("w13", "w2")}
+    return weights_from_export({**data, **tensors})
+
+
+def weights_from_export(data: dict) -> ExpertGroupWeights:
+    return ExpertGroupWeights(int(data["group"]), int(data["first_expert"]), dict(data["w13"]), dict(data["w2"]))

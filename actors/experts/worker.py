@@ -28,7 +28,7 @@ from actors.model.experts import ExpertGroupWeights, group_forward
 from actors.model.config import ModelConfig
 from actors.model.presets import get_preset
 from actors.experts.transport.base import GroupNotHeld
-from actors.experts.transport.codec import decode, to_host_buffer
+from actors.experts.transport.codec import to_host_buffer
 
 PRESET_PREFIX = "preset:"
 STATS_WINDOW_S = 10.0  # tokens/s and busy fraction are reported over this sliding window
@@ -400,12 +400,3 @@ def export_weights(w: ExpertGroupWeights) -> dict:
         "w13": {layer: cpu(t) for layer, t in w.w13.items()},
         "w2": {layer: cpu(t) for layer, t in w.w2.items()},
     }
-
-
-def weights_from_raw(data: dict) -> ExpertGroupWeights:
-    tensors = {name: {layer: decode(*raw) for layer, raw in data[name].items()} for name in ("w13", "w2")}
-    return weights_from_export({**data, **tensors})
-
-
-def weights_from_export(data: dict) -> ExpertGroupWeights:
-    return ExpertGroupWeights(int(data["group"]), int(data["first_expert"]), dict(data["w13"]), dict(data["w2"]))
