@@ -8,9 +8,10 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ -d .bundle ] && [ ! -d /tmp/site/ray ]; then
-  mkdir -p /tmp/site && tar -xJf .bundle/ray.tar.xz -C /tmp/site &&
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .bundle/wheels/*.whl
+B=.bundle; [ -d "$B" ] || B=../../.bundle  # run from the repo root or from .dev/<name> (devsync)
+if [ -d "$B" ] && [ ! -d /tmp/site/ray ]; then
+  mkdir -p /tmp/site && tar -xJf "$B/ray.tar.xz" -C /tmp/site &&
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$B"/wheels/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
