@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
 
-    from actors.experts.worker import weights_from_raw
+    from actors.experts.group_sources import weights_from_raw
     from actors.experts.transport.grpc import fetch_groups
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

@@ -99,9 +99,19 @@ class ElasticSection(_Section):
     redis_password: str | None = None
     key_prefix: str = "moge"
     metrics_interval_s: float = Field(1, gt=0)
-    migration_source: Literal["peer", "checkpoint"] = Field(
-        "peer", description="where a migration target loads a group: a current holder over the transport "
-        "(no shared storage needed) or the checkpoint / preset (faster where the weights are on local disk)")
+    migration_source: Literal["device", "object_store", "peer", "checkpoint"] = Field(
+        "peer", description="where a migration target loads a group, first choice of a fallback chain: "
+        "device = the holder's tensors over nccl/hccl (gloo on CPU) straight into the target's buffers, "
+        "then the object store, then the checkpoint; object_store (alias peer) = the holder's raw buffers "
+        "through Ray's object store, then the checkpoint; checkpoint = the safetensors / preset only")
+    migration_deadline_s: float = Field(
+        60, gt=0, description="how long a holder may take to deliver groups over one source before the "
+        "target falls back to the next")
+    local_groups: bool = Field(
+        False, description="attention replicas hold expert groups in process (holder 'local'): the "
+        "cluster starts on one device with every group there, a scale-up moves groups to expert "
+        "workers and a scale-down brings them back; the replica's device counts as one of the devices and "
+        "data_plane.num_workers is not used at start")
     standby_workers: int = Field(
         0, ge=0, description="expert workers kept started but empty (each on its own device), so a "
         "scale-up skips process start and only loads groups; refilled after use")

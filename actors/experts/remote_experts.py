@@ -26,6 +26,7 @@ import torch
 
 from actors.model.expert_compute import PendingExperts
 from actors.experts.group_load import GroupLoad
+from actors.experts.local_holder import LOCAL, LocalHolder
 from actors.model.config import ModelConfig
 from actors.experts.placement import Placement, split_rows
 from actors.experts.transport.base import ExpertTransport, WorkerRef
@@ -50,12 +51,15 @@ class _Call:
 
 
 class _PendingRemote:
-    def __init__(self, owner: "RemoteExperts", layer: int, x: torch.Tensor, calls: list[_Call]) -> None:
+    def __init__(self, owner: "RemoteExperts", layer: int, x: torch.Tensor, calls: list[_Call],
+                 local: dict[int, torch.Tensor] | None = None) -> None:
         self.owner, self.layer, self.x, self.calls = owner, layer, x, calls
+        self.local = local or {}  # {g: [T, D]} partials of groups held in this process
 
     def wait(self) -> torch.Tensor:
         x = self.x
-        parts: dict[int, list[tuple[torch.Tensor | None, torch.Tensor]]] = {}
+        parts: dict[int, list[tuple[torch.Tensor | None, torch.Tensor]]] = {
+            g: [(None, partial)] for g, partial in self.local.items()}
         for call in self.calls:
             for g, rows, partial in self.owner._collect(self.layer, call):
                 parts.setdefault(g, []).append((rows, partial))
@@ -80,6 +84,7 @@ class RemoteExperts:
         max_attempts: int = 3,
         wait_timeout_s: float = 60.0,
         restage_poll_s: float = 0.05,
+        local: LocalHolder | None = None,
     ) -> None:
         if placement.n_groups != cfg.n_groups:
             raise ValueError(f"placement has {placement.n_groups} groups, the model {cfg.n_groups}")
@@ -96,7 +101,8 @@ class RemoteExperts:
         self._workers = dict(workers)
         self._down: set[str] = set()  # failed workers, avoided until replaced or a new placement
         self._lock = threading.Lock()
-        for worker_id in placement.workers:
+        self.local = local  # groups this replica computes in process (holder id LOCAL)
+        for worker_id in _remote(placement.workers):
             self.transport.connect(self._workers[worker_id])
 
     # ---- placement epochs (invariant 2) ------------------------------------------------------------
@@ -115,10 +121,12 @@ class RemoteExperts:
         if placement.n_groups != self.cfg.n_groups:
             raise ValueError(f"placement has {placement.n_groups} groups, the model {self.cfg.n_groups}")
         refs = {**self._workers, **(workers or {})}
-        missing = [w for w in placement.workers if w not in refs]
+        missing = [w for w in _remote(placement.workers) if w not in refs]
         if missing:
             raise ValueError(f"placement epoch {placement.epoch} names unknown workers {missing}")
-        for worker_id in placement.workers:
+        if LOCAL in placement.workers and self.local is None:
+            raise ValueError(f"placement epoch {placement.epoch} holds groups locally but this replica has no LocalHolder")
+        for worker_id in _remote(placement.workers):
             if worker_id not in self.transport.connected() or (workers and worker_id in workers):
                 self.transport.connect(refs[worker_id])
         with self._lock:
@@ -132,9 +140,11 @@ class RemoteExperts:
             placement, refs = staged
             unused = set(self._placement.workers) - set(placement.workers)
             self._placement = placement
-            self._workers = {w: refs[w] for w in placement.workers}
+            self._workers = {w: refs[w] for w in _remote(placement.workers)}
             self._down &= set(placement.workers)
-            for worker_id in unused:
+            if self.local is not None:
+                self.local.commit()  # the groups this epoch holds in process (staged by the listener)
+            for worker_id in _remote(unused):
                 self.transport.disconnect(worker_id)
         return self._placement.epoch
 
@@ -150,8 +160,12 @@ class RemoteExperts:
         self.load.record(layer, counts, t)
 
         plan: dict[str, list[tuple[int, torch.Tensor | None]]] = {}
+        local: list[int] = []
         for g, n in enumerate(counts):
             if n == 0:
+                continue
+            if LOCAL in self._placement.holders_of(g):  # in process: never down, never split
+                local.append(g)
                 continue
             holders = self._live_holders(g)
             rows = None if n == t else hits[:, g].nonzero().squeeze(1)
@@ -164,7 +178,9 @@ class RemoteExperts:
                 if b > a:
                     plan.setdefault(holder, []).append((g, rows[a:b]))
         calls = [self._send(layer, w, entries, x, topk_ids, topk_weights, group_of) for w, entries in plan.items()]
-        return _PendingRemote(self, layer, x, calls)
+        # local groups computed while the remote calls are in flight
+        parts = self.local.partials(layer, x, topk_ids, topk_weights, local) if local else None
+        return _PendingRemote(self, layer, x, calls, parts)
 
     def _live_holders(self, g: int) -> list[str]:
         holders = self._placement.holders_of(g)
@@ -299,6 +315,13 @@ class RemoteExperts:
 
     def close(self) -> None:
         self.transport.close()
+        if self.local is not None:
+            self.local.close()
+
+
+def _remote(workers) -> list[str]:
+    """Holders reached over the transport (every holder but the replica itself)."""
+    return [w for w in workers if w != LOCAL]
 
 
 def _compact(mask: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, width: int | None):

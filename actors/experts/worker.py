@@ -28,7 +28,7 @@ from actors.model.experts import ExpertGroupWeights, group_forward
 from actors.model.config import ModelConfig
 from actors.model.presets import get_preset
 from actors.experts.transport.base import GroupNotHeld
-from actors.experts.transport.codec import decode, to_host_buffer
+from actors.experts.transport.codec import to_host_buffer
 
 PRESET_PREFIX = "preset:"
 STATS_WINDOW_S = 10.0  # tokens/s and busy fraction are reported over this sliding window
@@ -158,8 +158,12 @@ class ExpertWorker:
         options = dict(transport_options or {})
         self.host = options.get("host") or _node_ip()
         self._server = self._start_server(transport, options)
+<<<<<<< HEAD
         self._lanes = None  # worker_lane.LaneServer, started by the first accept_lane
         self._lanes_lock = threading.Lock()
+=======
+        self._copy_server = self._start_copy_server()
+>>>>>>> migrate
 
     # ---- transport server ----------------------------------------------------------------------
 
@@ -176,11 +180,27 @@ class ExpertWorker:
             return None
         raise ValueError(f"unknown transport {transport!r}; expected grpc, collective or inprocess")
 
+    def _start_copy_server(self):
+        """The device lane peers copy groups from (actors/experts/group_copy.py); None if the
+        device has no point-to-point backend here (the object store and checkpoint remain)."""
+        from actors.experts.group_copy import GroupCopyServer
+
+        try:
+            return GroupCopyServer(lambda: self._groups, self.device, self.host)
+        except Exception as exc:  # noqa: BLE001
+            import logging
+
+            logging.getLogger(__name__).warning("no device copy lane on %s: %s", self.worker_id, exc)
+            return None
+
     def endpoint(self) -> dict:
-        """How a replica reaches this worker's compute: {"transport", "worker_id", ...address}."""
+        """How a replica reaches this worker's compute: {"transport", "worker_id", ...address,
+        "copy": the group copy lane's address}."""
         info = {"transport": self.transport, "worker_id": self.worker_id}
         if self._server is not None:
             info.update(self._server.address())
+        if self._copy_server is not None:
+            info["copy"] = self._copy_server.address()
         return info
 
     def accept_peer(self, pair_id: str) -> dict:
@@ -212,22 +232,31 @@ class ExpertWorker:
 
     # ---- groups ----------------------------------------------------------------------------------
 
-    def load_groups(self, groups: list[int], peer: Any = None) -> dict:
-        """Load `groups` (already held ones are skipped) from the checkpoint / preset, or from `peer`
-        (an ExpertWorker actor handle that holds them). -> {"groups", "bytes", "seconds", "source"}."""
+    def load_groups(self, groups: list[int], peer: Any = None, chain: list[str] | None = None,
+                    peer_copy: dict | None = None, timeout_s: float = 60.0) -> dict:
+        """Load `groups` (already held ones are skipped). Without `chain`: from `peer` (an
+        ExpertWorker actor handle) through the object store if given, else the checkpoint / preset.
+        With `chain` (e.g. ["device", "object_store", "checkpoint"], see group_sources.py): each
+        source in turn, the device lane from `peer_copy` (the holder's copy endpoint), every remote
+        step bounded by `timeout_s`. -> {"groups", "bytes", "seconds", "source", "attempts"}."""
+        from actors.experts.group_sources import fetch_groups
+
         groups = sorted({int(g) for g in groups})
         for g in groups:
             if not 0 <= g < self.cfg.n_groups:
                 raise ValueError(f"group {g} out of range 0..{self.cfg.n_groups - 1}")
+        if chain is None:
+            chain = ["object_store"] if peer is not None else ["checkpoint"]
         with self._load_lock:
             wanted = [g for g in groups if g not in self._groups]
             start = time.perf_counter()
+            attempts: list[dict] = []
             if not wanted:
                 loaded, source = {}, "held"
-            elif peer is not None:
-                loaded, source = self._from_peer(peer, wanted), "peer"
             else:
-                loaded, source = self._from_source(wanted), "checkpoint"
+                loaded, source, attempts = fetch_groups(
+                    wanted, tuple(chain), self.cfg, self.dtype, self.device, self._from_source,
+                    peer_copy=peer_copy, peer_handle=peer, timeout_s=timeout_s)
             synchronize(self.device)
             self._groups = {**self._groups, **loaded}
         return {
@@ -235,29 +264,21 @@ class ExpertWorker:
             "bytes": sum(w.nbytes for w in loaded.values()),
             "seconds": time.perf_counter() - start,
             "source": source,
+            "attempts": attempts,
         }
 
+    def memory(self, reset_peak: bool = False) -> dict:
+        """Device memory of this process: {"allocated", "peak"} bytes (cuda), for the benchmark's
+        peak-extra-memory figure; zeros elsewhere."""
+        if self.device.type != "cuda":
+            return {"allocated": 0, "peak": 0}
+        out = {"allocated": torch.cuda.memory_allocated(self.device), "peak": torch.cuda.max_memory_allocated(self.device)}
+        if reset_peak:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return out
+
     def _from_source(self, groups: list[int]) -> dict[int, ExpertGroupWeights]:
-        source = self.spec["source"]
-        if source.startswith(PRESET_PREFIX):
-            from actors.weights.loader import random_expert_groups
-
-            return random_expert_groups(self.cfg, groups, self.seed, self.dtype, self.device)
-        from actors.weights.checkpoint import load_expert_groups
-
-        return load_expert_groups(Path(source), self.cfg, groups, self.dtype, self.device)
-
-    def _from_peer(self, peer: Any, groups: list[int]) -> dict[int, ExpertGroupWeights]:
-        """Copy from a holder through Ray's object store as raw numpy buffers, whatever the
-        activation transport: measured 0.5-2.7 GB/s on the 2-core CI machine, against ~0.12 GB/s
-        for the same bytes streamed over gRPC (ExportGroups stays for callers outside Ray)."""
-        import ray
-
-        exported = ray.get(peer.export_groups_raw.remote(groups))
-        missing = [g for g in groups if g not in exported]
-        if missing:
-            raise RuntimeError(f"peer did not export groups {missing}")
-        return {g: weights_from_raw(exported[g]).to(self.dtype, self.device) for g in groups}
+        return groups_from_source(self.spec, self.cfg, groups, self.dtype, self.device)
 
     def export_groups_raw(self, groups: list[int]) -> dict[int, dict]:
         """export_groups with every tensor as (dtype, shape, uint8 numpy buffer) for the object store."""
@@ -376,11 +397,30 @@ class ExpertWorker:
         }
 
     def shutdown(self) -> None:
+<<<<<<< HEAD
         if self._lanes is not None:
             self._lanes.stop()
+=======
+        if self._copy_server is not None:
+            self._copy_server.stop()
+            self._copy_server = None
+>>>>>>> migrate
         if self._server is not None:
             self._server.stop()
             self._server = None
+
+
+def groups_from_source(spec: dict, cfg: ModelConfig, groups: list[int], dtype: torch.dtype,
+                       device: torch.device) -> dict[int, ExpertGroupWeights]:
+    """`groups` from the checkpoint (memory-mapped safetensors) or regenerated from the preset."""
+    source = spec["source"]
+    if source.startswith(PRESET_PREFIX):
+        from actors.weights.loader import random_expert_groups
+
+        return random_expert_groups(cfg, groups, int(spec.get("seed", 0)), dtype, device)
+    from actors.weights.checkpoint import load_expert_groups
+
+    return load_expert_groups(Path(source), cfg, groups, dtype, device)
 
 
 def export_weights(w: ExpertGroupWeights) -> dict:
@@ -391,12 +431,3 @@ def export_weights(w: ExpertGroupWeights) -> dict:
         "w13": {layer: cpu(t) for layer, t in w.w13.items()},
         "w2": {layer: cpu(t) for layer, t in w.w2.items()},
     }
-
-
-def weights_from_raw(data: dict) -> ExpertGroupWeights:
-    tensors = {name: {layer: decode(*raw) for layer, raw in data[name].items()} for name in ("w13", "w2")}
-    return weights_from_export({**data, **tensors})
-
-
-def weights_from_export(data: dict) -> ExpertGroupWeights:
-    return ExpertGroupWeights(int(data["group"]), int(data["first_expert"]), dict(data["w13"]), dict(data["w2"]))

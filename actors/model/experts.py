@@ -152,31 +152,42 @@ class LocalExperts:
     ) -> PendingExperts:
         self._check_held(topk_ids)
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for partial in self.group_partials(layer, x, topk_ids, topk_weights).values():
+            out += partial.float()
+        return Done(out.to(x.dtype))
+
+    def group_partials(
+        self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> dict[int, torch.Tensor]:
+        """{group: [T, D] in x.dtype} for every held group, ascending: what a caller sums in group
+        order in float32 (dispatch here; RemoteExperts when some groups are held in process)."""
         if layer in self._stacked:
-            return Done(self._dispatch_stacked(layer, x, topk_ids, topk_weights, out))
+            return self._partials_stacked(layer, x, topk_ids, topk_weights)
+        out = {}
         for g, weights in self.groups.items():
             ids, w = topk_ids, topk_weights
             if self.cfg.family == "moge":  # MoGE slots come ordered by group: pass only ours
                 kg = self.cfg.k_per_group
                 ids, w = ids[:, g * kg : (g + 1) * kg], w[:, g * kg : (g + 1) * kg]
-            out += group_forward(weights.w13[layer], weights.w2[layer], x, ids - weights.first_expert, w).float()
-        return Done(out.to(x.dtype))
+            out[g] = group_forward(weights.w13[layer], weights.w2[layer], x, ids - weights.first_expert, w)
+        return out
 
-    def _dispatch_stacked(self, layer, x, topk_ids, topk_weights, out) -> torch.Tensor:
+    def _partials_stacked(self, layer, x, topk_ids, topk_weights) -> dict[int, torch.Tensor]:
         """Same per-group partials as the loop above (each group's slots summed, cast to x.dtype),
         computed in one pass."""
         w13, w2 = self._stacked[layer]
         first = next(iter(self.groups.values())).first_expert
         slots = slot_outputs(w13, w2, x, topk_ids - first, topk_weights)  # [T, K, D] float32
         slot_group = topk_ids // self.cfg.experts_per_group  # [T, K]
+        out = {}
         for g in self.groups:
             if self.cfg.family == "moge":
                 kg = self.cfg.k_per_group
                 partial = slots[:, g * kg : (g + 1) * kg].sum(dim=1)
             else:
                 partial = (slots * (slot_group == g).unsqueeze(-1)).sum(dim=1)
-            out += partial.to(x.dtype).float()
-        return out.to(x.dtype)
+            out[g] = partial.to(x.dtype)
+        return out
 
     def _check_held(self, topk_ids: torch.Tensor) -> None:
         if len(self.groups) == self.cfg.n_groups:

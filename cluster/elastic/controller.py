@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import ray
 
+from actors.experts.local_holder import LOCAL
 from actors.experts.placement import Placement, groups_of, plan_groups
 from actors.experts.worker import model_config_of
 from cluster.config import MogeConfig
@@ -63,7 +64,8 @@ class ElasticController:
         self.inventory = Inventory(self.store, self.fleet, clock)
         self.sampler = WorkerSampler(self.store, self.fleet, clock)
         self.inventory.on_start = self.sampler.fresh
-        self.ports = RayPorts(self.fleet, self.store, clock, from_peers=el.migration_source == "peer")
+        self.ports = RayPorts(self.fleet, self.store, clock, source=el.migration_source,
+                              deadline_s=el.migration_deadline_s)
         self.ports.before_stop = self.sampler.sample_last
         self.runner = MigrationRunner(self.ports, ack_timeout_s=60.0)
         self.n_groups = model_config_of(model_spec(self.cfg)).n_groups
@@ -71,7 +73,7 @@ class ElasticController:
         self.policy = guarded_from_config(self.section, make_policy(self.section), clock=clock)
         self._op_lock = threading.Lock()  # one operation at a time
         self.ops = Operations(self.store, self.inventory, self.ports, self.runner, self.policy,
-                              self.n_groups, self._op_lock, clock)
+                              self.n_groups, self._op_lock, clock, local_groups=el.local_groups)
         self.recovery = Recovery(self.store, self.inventory, self.ports, self.runner, self.policy,
                                  self.n_groups, self._op_lock)
         self._last_decision: Decision | None = None
@@ -95,6 +97,10 @@ class ElasticController:
         n = num_workers or self.cfg.data_plane.num_workers
         with self._op_lock:
             p = self.store.placement()
+            if p is None and self.cfg.elastic.local_groups:
+                # one device: attention and every group in each replica; workers come with scale-ups
+                self.store.publish_placement({g: (LOCAL,) for g in range(self.n_groups)}, None)
+                p = self.store.placement()
             if p is None:
                 ids = [f"w{i}" for i in range(n)]
                 for wid in ids:
@@ -114,9 +120,10 @@ class ElasticController:
 
     # ---- operations (Ray actor methods the admin API, the CLI and the tests call) --------------
 
-    def scale(self, devices: int, reason: str = "admin") -> dict:
-        """Grow or shrink to `devices` expert workers, live. Raises ControllerBusy / BadRequest."""
-        return self.ops.scale(devices, reason)
+    def scale(self, devices: int, reason: str = "admin", source: str | None = None) -> dict:
+        """Grow or shrink to `devices` expert workers, live. Raises ControllerBusy / BadRequest.
+        `source` overrides elastic.migration_source for this operation."""
+        return self.ops.scale(devices, reason, source)
 
     def migrate(self, group: int, worker: str, replicate: bool = False) -> dict:
         """Move (or replicate) one group onto a serving worker, live."""

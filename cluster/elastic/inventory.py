@@ -17,6 +17,7 @@ from typing import Callable
 
 import ray
 
+from actors.experts.local_holder import LOCAL
 from actors.experts.placement import Placement
 from cluster.elastic.migration import Operation, Phase
 from cluster.elastic.store import ElasticStore, WorkerRecord
@@ -92,7 +93,8 @@ class Inventory:
         """Serving workers: those in the placement plus any that hold nothing right now (a
         migration may empty a worker; it stays a device until scaled away)."""
         p = p or self.store.placement()
-        return sorted(set(p.workers if p else ()) | set(self.in_state(WorkerState.SERVING)), key=worker_order)
+        held = set(p.workers if p else ()) - {LOCAL}  # the replicas themselves are no worker
+        return sorted(held | set(self.in_state(WorkerState.SERVING)), key=worker_order)
 
     def next_ids(self, k: int) -> list[str]:
         """`k` fresh worker ids, above every id in use anywhere (Redis, Ray, the last placement)."""

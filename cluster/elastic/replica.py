@@ -29,6 +29,8 @@ from cluster.elastic.metrics_reporter import ReplicaReporter
 from cluster.elastic.redis_server import connect
 from cluster.elastic.store import ElasticStore
 from cluster.elastic.worker_fleet import WorkerFleet, model_spec
+from cluster.elastic.replica_local import ReplicaGroups
+from actors.experts.local_holder import LOCAL
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +73,13 @@ def _placement_at_start(store: ElasticStore, namespace: str | None, timeout_s: f
 
 class ElasticReplica:
     def __init__(self, config: MogeConfig, replica_id: str, store: ElasticStore, fleet: WorkerFleet,
-                 experts: RemoteExperts) -> None:
+                 experts: RemoteExperts, local: Any = None) -> None:
         self.config = config
         self.replica_id = replica_id
         self.store = store
         self.fleet = fleet
         self.experts = experts
+        self.local = local  # ReplicaGroups (elastic.local_groups): groups held in this process
         self.listener: EpochListener | None = None
         self.reporter: ReplicaReporter | None = None
 
@@ -95,17 +98,21 @@ class ElasticReplica:
         placement = _placement_at_start(store, namespace, start_timeout_s)
         fleet = WorkerFleet(config, namespace)
         transport = client_transport(config, resolve_device(config.model.device), rid)
-        refs = {w: fleet.ref(w) for w in placement.workers}
+        refs = {w: fleet.ref(w) for w in placement.workers if w != LOCAL}
         cfg = model_config_of(model_spec(config))
+        local = ReplicaGroups(config, cfg, store, fleet, rid) if el.local_groups else None
+        holder = local.start(placement) if local is not None else None
         experts = RemoteExperts(cfg, transport, placement, refs, replacer=DataPlane(config, fleet).replace,
-                                wait_timeout_s=2 * dp.call_timeout_s)
+                                wait_timeout_s=2 * dp.call_timeout_s, local=holder)
         experts = with_step_lane(config, experts, resolve_device(config.model.device), rid)
-        return cls(config, rid, store, fleet, experts)
+        return cls(config, rid, store, fleet, experts, local)
 
     def _prepare(self, placement: Placement) -> None:
         """Listener thread: connect to workers this replica has not seen, then stage."""
         known = set(self.experts.placement.workers)
-        new = {w: self.fleet.ref(w) for w in placement.workers if w not in known}
+        new = {w: self.fleet.ref(w) for w in placement.workers if w not in known and w != LOCAL}
+        if self.local is not None:
+            self.local.prepare(placement, self.experts.placement)
         self.experts.adopt(placement, new)
 
     def _adopt(self) -> int:

@@ -156,6 +156,19 @@ class ElasticStore:
     def forget_replica(self, replica_id: str) -> None:
         self.r.hdel(self.key("replicas", "epoch"), replica_id)
         self.r.zrem(self.key("replicas", "seen"), replica_id)
+        self.r.hdel(self.key("replicas", "copy"), replica_id)
+
+    def set_copy_endpoint(self, replica_id: str, endpoint: Mapping[str, Any]) -> None:
+        """Where a worker copies the replica's in-process ("local") groups from (group_copy.py)."""
+        self.r.hset(self.key("replicas", "copy"), replica_id, json.dumps(dict(endpoint)))
+
+    def copy_endpoints(self, ttl_s: float) -> dict[str, dict]:
+        """Copy endpoints of the replicas seen within `ttl_s`."""
+        live = self.live_replicas(ttl_s)
+        if not live:
+            return {}
+        raw = self.r.hmget(self.key("replicas", "copy"), list(live))
+        return {rid: json.loads(v) for rid, v in zip(live, raw) if v}
 
     # -- inventory ------------------------------------------------------------------------------
 

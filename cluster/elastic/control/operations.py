@@ -1,6 +1,10 @@
 """The operations that change the placement: scale, migrate and repair. Each plans a new map with
 the one placement rule (actors/experts/placement.py) and runs it through the migration protocol
-(cluster/elastic/migration.py), one at a time under the controller's operation lock."""
+(cluster/elastic/migration.py), one at a time under the controller's operation lock.
+
+With elastic.local_groups the replicas' own device is the first device, holder "local": scale
+1 -> 2 moves half the groups from "local" to a new worker, 2 -> 1 moves them back and retires it,
+and a repair with no live worker puts every group back in the replicas."""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import logging
 import threading
 from typing import Callable
 
+from actors.experts.group_sources import chain_of
+from actors.experts.local_holder import LOCAL
 from actors.experts.placement import Groups, Placement, groups_of, move_group, plan_groups
 from cluster.elastic.control.ports import RayPorts
 from cluster.elastic.inventory import Inventory, WorkerState, worker_order
@@ -28,7 +34,8 @@ class BadRequest(ValueError):
 
 class Operations:
     def __init__(self, store: ElasticStore, inventory: Inventory, ports: RayPorts, runner: MigrationRunner,
-                 policy: GuardedPolicy, n_groups: int, lock: threading.Lock, clock: Callable[[], float]) -> None:
+                 policy: GuardedPolicy, n_groups: int, lock: threading.Lock, clock: Callable[[], float],
+                 local_groups: bool = False) -> None:
         self.store = store
         self.inventory = inventory
         self.fleet = inventory.fleet
@@ -38,6 +45,7 @@ class Operations:
         self.n_groups = n_groups
         self.lock = lock
         self.clock = clock
+        self.local = [LOCAL] if local_groups else []  # the replicas' device, first of the devices
 
     def run(self, kind: str, new_groups: Groups, added: list[str] = (), retired: list[str] = (),
             p: Placement | None = None) -> dict:
@@ -47,6 +55,7 @@ class Operations:
                        retired_workers=list(retired), started_at=self.clock())
         op.detail["t"] = {"decision": op.started_at}
         self.store.begin_operation(op.to_dict())
+        self.ports.last_loads = []
         op = self.runner.run(op)
         self.inventory.settle(op)
         self.store.end_operation(op.op_id)
@@ -55,32 +64,46 @@ class Operations:
             self.inventory.remember(now)
         return {"op_id": op.op_id, "kind": kind, "phase": op.phase.value, "error": op.error,
                 "from_epoch": op.from_epoch, "epoch": now.epoch if now else None,
-                "timeline": op.detail.get("t", {}), "workers": self.inventory.devices(now) if now else []}
+                "timeline": op.detail.get("t", {}), "workers": self.inventory.devices(now) if now else [],
+                "loads": [{k: v for k, v in a.items() if k in ("groups", "bytes", "seconds", "source", "attempts")}
+                          for a in self.ports.last_loads]}
 
-    def scale(self, devices: int, reason: str = "admin") -> dict:
-        """Grow or shrink to `devices` expert workers, live. Raises ControllerBusy / BadRequest."""
+    def scale(self, devices: int, reason: str = "admin", source: str | None = None) -> dict:
+        """Grow or shrink to `devices` expert workers, live. Raises ControllerBusy / BadRequest.
+        `source` overrides elastic.migration_source for this operation (benchmarks compare paths)."""
         lo, hi = self.policy.min_devices, self.policy.max_devices
         if not isinstance(devices, int) or not lo <= devices <= hi:
             raise BadRequest(f"devices must be an integer in [{lo}, {hi}] "
                              "(elastic.policy.min_devices/max_devices)")
+        if source is not None:
+            try:
+                chain_of(source)
+            except ValueError as e:
+                raise BadRequest(str(e)) from e
         if not self.lock.acquire(blocking=False):
             raise ControllerBusy("another operation is in flight")
+        default_source = self.ports.source
+        self.ports.source = source or default_source
         try:
+            if self.local:  # replicas fetching groups back follow this operation's source
+                self.store.set_controller(migration_source=self.ports.source)
             t0 = self.clock()
             p = self.store.placement()
             if p is None:
                 raise BadRequest("no placement yet: the cluster has not been bootstrapped")
-            current = self.inventory.devices(p)
+            current = self.local + self.inventory.devices(p)
             if devices == len(current):
                 return {"phase": "noop", "epoch": p.epoch, "workers": current}
             result = self._grow(p, current, devices) if devices > len(current) else self._shrink(p, current, devices)
             result["timeline"]["decision"] = t0
+            result["source"] = self.ports.source
             if result["phase"] == "done":
                 done_at = self.clock()  # cooldown runs from when the new capacity serves
                 self.policy.record_change(done_at)
                 self.store.set_controller(last_scale_at=done_at, desired_devices=devices, last_reason=reason)
             return result
         finally:
+            self.ports.source = default_source
             self.lock.release()
 
     def _grow(self, p: Placement, current: list[str], devices: int) -> dict:
@@ -152,13 +175,14 @@ class Operations:
             dead = [w for w in devices if not self.fleet.alive(w)]
             if not dead:
                 return None
-            alive = [w for w in devices if w not in dead]
+            alive = self.local + [w for w in devices if w not in dead]
             added: list[str] = []
             if not alive:
                 added = self.inventory.next_ids(1)
                 self.inventory.start_worker(added[0])
             survivors = {g: tuple(h for h in hs if h not in dead) for g, hs in groups_of(p).items()}
-            new = plan_groups(self.n_groups, sorted(alive, key=worker_order) + added, survivors)
+            new = plan_groups(self.n_groups, sorted(alive, key=lambda w: (w != LOCAL, worker_order(w))) + added,
+                              survivors)
             log.warning("repairing placement: dead workers %s", dead)
             result = self.run("repair", new, added=added, p=p)
             if result["phase"] == "done":

@@ -1,6 +1,7 @@
 """The migration protocol's ports (cluster/elastic/migration.py MigrationPorts) over real expert
-workers in Ray and the placement in Redis. Loads copy from a peer holder when
-`elastic.migration_source` is "peer" and fall back to the checkpoint if the peer fails mid-copy."""
+workers in Ray and the placement in Redis. Loads walk the chain of `elastic.migration_source`
+(device lane, object store, checkpoint: actors/experts/group_sources.py) from a current holder; the
+replica-local holder ("local") loads and drops on the replicas' side (group_loading.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any, Callable
 import ray
 
 from actors.experts.placement import Groups, groups_of
+from actors.experts.local_holder import LOCAL
+from cluster.elastic.control.group_loading import load_onto
 from cluster.elastic.migration import Operation
 from cluster.elastic.store import ElasticStore
 from cluster.elastic.worker_fleet import WorkerFleet
@@ -23,10 +26,11 @@ class RayPorts:
 
     def __init__(self, fleet: WorkerFleet, store: ElasticStore, clock: Callable[[], float],
                  replica_ttl_s: float = 10.0, load_timeout_s: float = 600.0, poll_s: float = 0.02,
-                 from_peers: bool = True) -> None:
+                 source: str = "peer", deadline_s: float = 60.0) -> None:
         self.fleet = fleet
         self.clock = clock
-        self.from_peers = from_peers
+        self.source = source  # elastic.migration_source: the first of a fallback chain
+        self.deadline_s = deadline_s  # per source step: a holder that does not answer costs at most this
         self.store = store
         self.replica_ttl_s = replica_ttl_s
         self.load_timeout_s = load_timeout_s
@@ -34,34 +38,23 @@ class RayPorts:
         self.load_delay_s = 0.0  # test hook: widen the loading window so a test can kill the target
         self.before_stop: Any = None  # called with a worker id before it is stopped (last metrics)
         self.loaded_bytes = 0
+        self.last_loads: list[dict] = []  # load_groups answers of the current operation (source, attempts)
 
     def load(self, worker: str, groups: list[int], peers: dict[int, str | None]) -> None:
+        if worker == LOCAL:
+            return  # replicas fetch their own groups before acknowledging (group_loading.py)
         target = self.fleet.handle(worker)
         if self.load_delay_s:
             time.sleep(self.load_delay_s)
-        by_peer: dict[str | None, list[int]] = {}
-        for g in groups:
-            by_peer.setdefault(peers.get(g) if self.from_peers else None, []).append(g)
-        for peer, gs in by_peer.items():
-            peer_handle = None
-            if peer is not None:
-                try:
-                    peer_handle = self.fleet.handle(peer)
-                except ValueError:
-                    peer_handle = None  # the peer is gone: the checkpoint has the weights too
-            try:
-                out = ray.get(target.load_groups.remote(gs, peer_handle), timeout=self.load_timeout_s)
-            except ray.exceptions.RayActorError:
-                raise  # the target itself died: the operation fails and rolls back
-            except Exception as e:  # noqa: BLE001 - the peer failed mid-copy: load from the checkpoint
-                if peer_handle is None:
-                    raise
-                log.warning("peer copy of %s from %s failed (%s); loading from the checkpoint", gs, peer, e)
-                out = ray.get(target.load_groups.remote(gs, None), timeout=self.load_timeout_s)
+        for out in load_onto(self.fleet, self.store, worker, groups, peers, self.source, self.deadline_s,
+                             self.load_timeout_s, self.replica_ttl_s):
             self.loaded_bytes += int(out.get("bytes", 0))
+            self.last_loads.append(out)
         ray.get(target.warmup.remote(), timeout=self.load_timeout_s)
 
     def drop(self, worker: str, groups: list[int]) -> None:
+        if worker == LOCAL:
+            return  # each replica lets go of them at the step boundary that swaps the epoch in
         ray.get(self.fleet.handle(worker).drop_groups.remote(groups), timeout=60)
 
     def publish(self, groups: Groups, expected_epoch: int) -> int:

@@ -9,6 +9,7 @@ import threading
 
 import ray
 
+from actors.experts.local_holder import LOCAL
 from actors.experts.placement import Placement, plan_groups
 from cluster.elastic.control.ports import RayPorts
 from cluster.elastic.inventory import Inventory, WorkerState
@@ -81,7 +82,7 @@ class Recovery:
 
     def _sweep_orphans(self, p: Placement) -> None:
         """Workers nobody routes to (a scale-up that died before its journal) are stopped."""
-        used = set(p.workers)
+        used = set(p.workers) - {LOCAL}
         for wid, rec in self.store.workers().items():
             if wid not in used and rec.state not in (WorkerState.SERVING.value, WorkerState.STANDBY.value):
                 log.warning("removing orphan worker %s (%s)", wid, rec.state)

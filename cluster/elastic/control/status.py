@@ -8,6 +8,7 @@ from typing import Any
 
 import ray
 
+from actors.experts.local_holder import LOCAL
 from cluster.elastic.inventory import Inventory, WorkerState, worker_order
 from cluster.elastic.policy.policies import Decision
 
@@ -62,7 +63,7 @@ def consistency(inventory: Inventory) -> list[str]:
         problems.append(f"operation still in flight: {store.operation().get('phase')}")
     inv = set(inventory.in_state(WorkerState.SERVING))
     standby = set(inventory.standby())
-    if not set(p.workers) <= inv or set(store.workers()) != inv | standby:
+    if not set(p.workers) - {LOCAL} <= inv or set(store.workers()) != inv | standby:
         problems.append(f"inventory {sorted(store.workers())} does not match placement workers "
                         f"{sorted(p.workers)} (all serving)")
     stray = set(fleet.running()) - inv - standby
