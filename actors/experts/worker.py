@@ -158,12 +158,9 @@ class ExpertWorker:
         options = dict(transport_options or {})
         self.host = options.get("host") or _node_ip()
         self._server = self._start_server(transport, options)
-<<<<<<< HEAD
         self._lanes = None  # worker_lane.LaneServer, started by the first accept_lane
         self._lanes_lock = threading.Lock()
-=======
         self._copy_server = self._start_copy_server()
->>>>>>> migrate
 
     # ---- transport server ----------------------------------------------------------------------
 
@@ -397,14 +394,11 @@ class ExpertWorker:
         }
 
     def shutdown(self) -> None:
-<<<<<<< HEAD
         if self._lanes is not None:
             self._lanes.stop()
-=======
         if self._copy_server is not None:
             self._copy_server.stop()
             self._copy_server = None
->>>>>>> migrate
         if self._server is not None:
             self._server.stop()
             self._server = None
