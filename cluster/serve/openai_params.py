@@ -102,7 +102,10 @@ def completion_logprobs(
         text = token_text(e.token_id)
         out.tokens.append(text)
         out.token_logprobs.append(e.logprob)
-        out.top_logprobs.append({token_text(i): lp for i, lp in e.top} if e.top else None)
+        top: dict[str, float] = {}
+        for i, lp in e.top:  # tokens that print alike keep the likelier entry
+            top.setdefault(token_text(i), lp)
+        out.top_logprobs.append(top or None)
         out.text_offset.append(offset)
         offset += len(text)
     return out, offset
