@@ -28,12 +28,16 @@ class GetWeather(BaseModel):
     city: str = Field(max_length=10)
 
 
+def chat_model(server, max_tokens: int):
+    return langchain_openai.ChatOpenAI(
+        model=server.model, base_url=f"{server.base_url}/v1", api_key=server.api_key,
+        max_retries=0, timeout=60, temperature=0, max_tokens=max_tokens,
+    )
+
+
 @pytest.fixture(scope="module")
 def llm(moge_server):
-    return langchain_openai.ChatOpenAI(
-        model=moge_server.model, base_url=f"{moge_server.base_url}/v1", api_key=moge_server.api_key,
-        max_retries=0, timeout=60, temperature=0, max_tokens=24,
-    )
+    return chat_model(moge_server, 24)
 
 
 def test_invoke_and_stream(llm):
@@ -43,8 +47,8 @@ def test_invoke_and_stream(llm):
     assert "".join(pieces) == msg.content  # greedy: the stream spells the same answer
 
 
-def test_bind_tools_with_a_required_choice(llm):
-    bound = llm.bind_tools([GetWeather], tool_choice="required").bind(max_tokens=200)
+def test_bind_tools_with_a_required_choice(moge_server):
+    bound = chat_model(moge_server, 200).bind_tools([GetWeather], tool_choice="required")
     msg = bound.invoke("What is the weather in Oslo?")
     assert len(msg.tool_calls) >= 1
     for call in msg.tool_calls:
@@ -52,7 +56,7 @@ def test_bind_tools_with_a_required_choice(llm):
         GetWeather.model_validate(call["args"])
 
 
-def test_with_structured_output(llm):
-    structured = llm.bind(max_tokens=200).with_structured_output(Forecast)
+def test_with_structured_output(moge_server):
+    structured = chat_model(moge_server, 200).with_structured_output(Forecast)
     result = structured.invoke("Forecast for Oslo")
     assert isinstance(result, Forecast)
