@@ -97,3 +97,15 @@ def test_grammar_constrained_requests_validate_next_to_free_ones(tiny):
 
     free = [t for o in got["free"] for t in o.new_token_ids]
     assert free == greedy_reference(tiny, tiny.tokenizer.encode("free text"), 8, stop_at_eos=False)
+
+
+def test_prompt_logprobs_are_complete_when_the_prefix_is_cached(tiny):
+    prompt = tiny.tokenizer.encode("a prompt long enough to fill two sixteen-token blocks of cache")
+    engine = LLMEngine(tiny, EngineSpec(256, 64, 16, 4, 2048))
+    engine.add_request("warm", prompt, SamplingParams(temperature=0, max_tokens=1))
+    outputs(engine)
+    engine.add_request("score", prompt, SamplingParams(max_tokens=0, prompt_logprobs=0))
+    (out,) = outputs(engine)["score"]
+    assert len(out.prompt_logprobs) == len(prompt)  # the cached prefix was computed again for its logits
+    engine.add_request("plain", prompt, SamplingParams(temperature=0, max_tokens=1))
+    assert outputs(engine)["plain"][0].cached_tokens > 0  # other requests still use the cache
