@@ -2,6 +2,7 @@
 # Create .venv and install the project with the given extras (default: none).
 # Pins the CPU build of torch where this machine keeps it on disk, so a fresh machine never pulls the
 # multi-GB CUDA build; on GPU hosts the torch already installed (2.11-2.13) is kept.
+# Writes a stamp (hash of pyproject.toml + extras) that scripts/serve.sh compares to skip setup.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras=${1:-}
@@ -23,4 +24,5 @@ target="."
 "$venv/bin/python" -m pip install -q --compile "${pip_args[@]}" -c "$cons" -e "$target"
 rm -f "$cons"
 "$venv/bin/python" -m protos.generate >/dev/null 2>&1 || true
+bash scripts/venv_stamp.sh "$extras" > "$venv/.moge-setup-stamp"
 echo "ready: $venv"

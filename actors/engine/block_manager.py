@@ -108,8 +108,9 @@ class BlockManager:
 
     def cached_prefix(self, seq: Sequence) -> list[int]:
         """Blocks holding the longest cached prefix of a sequence that holds none yet. Never the
-        whole context: its last token is always computed again, so the step has logits to sample."""
-        if not self.enable_prefix_caching:
+        whole context: its last token is always computed again, so the step has logits to sample.
+        None for a sequence that still needs logits of its prompt positions (prompt log-probs)."""
+        if not self.enable_prefix_caching or seq.needs_prompt_logits:
             return []
         hit: list[int] = []
         for h in self._hashes(seq, (seq.num_tokens - 1) // self.block_size):

@@ -21,12 +21,21 @@ _CONTEXT_TOKENS = 4  # prompt tokens decoded with the first output token, for le
 
 
 class Decoder(Protocol):
-    def decode(self, ids: list[int]) -> str: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Decoder, prompt_ids: list[int], stop: list[str]) -> None:
+    def __init__(
+        self,
+        tokenizer: Decoder,
+        prompt_ids: list[int],
+        stop: list[str],
+        skip_special_tokens: bool = True,
+        include_stop_str: bool = False,
+    ) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.include_stop_str = include_stop_str  # vLLM's include_stop_str_in_output
         self.stop = list(stop)
         self._longest_stop = max((len(s) for s in self.stop), default=0)
         self._ids = list(prompt_ids[-_CONTEXT_TOKENS:])
@@ -41,10 +50,10 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self._ids.append(token_id)
-        window = self.tokenizer.decode(self._ids[self._prefix :])
+        window = self._decode(self._ids[self._prefix :])
         if window.endswith(_BROKEN):
             return ""  # incomplete character: wait for the bytes of the next token
-        known = self.tokenizer.decode(self._ids[self._prefix : self._read])
+        known = self._decode(self._ids[self._prefix : self._read])
         new = window[len(known) :] if window.startswith(known) else window
         self._prefix, self._read = self._read, len(self._ids)
         return self._emit(self._held + new)
@@ -53,15 +62,24 @@ class IncrementalDetokenizer:
         """The request finished for another reason: release held text and any dangling bytes."""
         if self.stopped:
             return ""
-        window = self.tokenizer.decode(self._ids[self._prefix :])
-        known = self.tokenizer.decode(self._ids[self._prefix : self._read])
+        window = self._decode(self._ids[self._prefix :])
+        known = self._decode(self._ids[self._prefix : self._read])
         tail = window[len(known) :] if window.startswith(known) else ""
         self._prefix = self._read = len(self._ids)
         return self._emit(self._held + tail, final=True)
 
+    def _decode(self, ids: list[int]) -> str:
+        if self.skip_special_tokens:
+            return self.tokenizer.decode(ids)
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
     def _emit(self, buf: str, final: bool = False) -> str:
-        """Emit buf up to the first stop string; unless final, hold back a possible stop start."""
-        cut = min((i for i in (buf.find(s) for s in self.stop) if i >= 0), default=-1)
+        """Emit buf up to the first stop string (through it with include_stop_str); unless final,
+        hold back a possible stop start."""
+        found = [(i, s) for s in self.stop if (i := buf.find(s)) >= 0]
+        cut = min(found)[0] if found else -1
+        if cut >= 0 and self.include_stop_str:
+            cut += len(min(found)[1])
         if cut >= 0:
             self.stopped = True
             buf, self._held = buf[:cut], ""

@@ -14,11 +14,15 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 
 from actors.engine.block_manager import BlockManager
 from actors.engine.detokenizer import IncrementalDetokenizer
 from actors.engine.request_rejected import RequestRejected
-from actors.engine.sampler import Sampler, make_generator
+from actors.engine.sampler import Sampler
+from actors.engine.sampling.grammar import GrammarCompiler
+from actors.engine.sampling.logprobs import TokenLogprob, prompt_logprobs
+from actors.engine.sampling.slots import SlotTable
 from actors.engine.sampling_params import SamplingParams
 from actors.engine.model_runner import ModelRunner
 from actors.engine.scheduler import Scheduler
@@ -46,6 +50,10 @@ class RequestOutput:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    # per new token when the request asked for logprobs (raw model log-probabilities)
+    logprobs: list[TokenLogprob] | None = None
+    # once, in the first output, when it asked for prompt_logprobs: None for the first prompt token
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -74,8 +82,10 @@ class LLMEngine:
         self.kv = self.runner.kv
         self.blocks = BlockManager(spec.num_kv_blocks, spec.block_size, spec.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, spec.max_num_seqs, spec.max_num_batched_tokens)
-        self.sampler = Sampler()
+        self.slots = SlotTable(spec.max_num_seqs, self.cfg.vocab_size, self.runner.device)
+        self.sampler = Sampler(self.slots)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.cfg.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, self.cfg.vocab_size, sorted(self.eos_token_ids))
         self._seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self._tokens_generated = 0
@@ -96,6 +106,11 @@ class LLMEngine:
         if n >= limit:
             raise RequestRejected(f"the prompt has {n} tokens but the context length is {limit}")
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
+        if params.grammar is not None:
+            self.grammars.check(params.grammar)
+        bad = [t for t in params.stop_token_ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise RequestRejected(f"stop token id {bad[0]} is outside the vocabulary (size {self.cfg.vocab_size})")
         if n + max_tokens > limit:
             raise RequestRejected(
                 f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds the "
@@ -122,8 +137,11 @@ class LLMEngine:
             params=params,
             max_total_tokens=len(prompt) + max_tokens,
             arrival=next(self._arrivals),
-            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt, params.stop),
-            generator=None if params.seed is None else make_generator(params.seed, self.runner.device),
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer, prompt, params.stop, params.skip_special_tokens, params.include_stop_str_in_output
+            ),
+            matcher=None if params.grammar is None else self.grammars.matcher(params.grammar),
+            prompt_logprobs=None if params.prompt_logprobs is None else [None],
         )
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
@@ -134,6 +152,7 @@ class LLMEngine:
         if seq is None:
             return None
         self.scheduler.finish(seq, "abort")
+        self._release_slot(seq)
         return self._output(seq, [], "")
 
     def has_unfinished(self) -> bool:
@@ -173,7 +192,8 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        logits = self.runner.execute(scheduled)  # [B, V]
+        scoring = self._prompt_rows(scheduled)  # [(seq, flat row, target token)] for prompt logprobs
+        logits, extra = self.runner.execute(scheduled, [r for _, r, _ in scoring])  # [B, V], [E, V]
         self._steps += 1
 
         sampling: list[int] = []  # rows of sequences whose whole context is now in the cache
@@ -182,34 +202,99 @@ class LLMEngine:
             self.blocks.commit(seq)  # its K/V are written now: full blocks may serve other requests
             if seq.num_computed_tokens == seq.num_tokens:
                 sampling.append(row)
-        if not sampling:
-            return []
-        seqs = [scheduled.seqs[r] for r in sampling]
-        rows = logits if len(sampling) == len(scheduled) else logits[sampling]
-        tokens = self.sampler(rows, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+        if scoring:
+            self._add_prompt_logprobs(scoring, extra)
+        outputs: list[RequestOutput] = []
+        seqs = []
+        for r in sampling:
+            seq = scheduled.seqs[r]
+            if seq.num_tokens >= seq.max_total_tokens:  # max_tokens 0: the prompt was only scored
+                outputs.append(self._finish(seq, "length", None, seq.detokenizer.flush()))
+            else:
+                seqs.append((r, seq))
+        if not seqs:
+            return outputs
+        rows = [r for r, _ in seqs]
+        seqs = [s for _, s in seqs]
+        for seq in seqs:
+            if seq.slot is None:
+                seq.slot = self.slots.acquire(seq.params, seq.token_ids, seq.num_prompt_tokens, self._stop_ids(seq))
+        row_logits = logits if len(rows) == len(scheduled) else logits[rows]
+        constrained = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
+        allowed = self.grammars.fill_masks(constrained, len(seqs), row_logits.device) if constrained else None
+        slot_ids = torch.tensor([s.slot for s in seqs], dtype=torch.long).to(row_logits.device, non_blocking=True)
+        sampled = self.sampler(row_logits, slot_ids, [self.slots.flags[s.slot] for s in seqs], allowed)
+        tokens, logprobs = sampled.to_host()
         self._tokens_generated += len(tokens)
-        return [self._append_token(seq, tok) for seq, tok in zip(seqs, tokens)]
+        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
+            lp = None if logprobs is None or seq.params.logprobs is None else _token_logprob(tok, logprobs[i], seq.params.logprobs)
+            outputs.append(self._append_token(seq, tok, lp))
+        return outputs
 
-    def _append_token(self, seq: Sequence, token: int) -> RequestOutput:
+    # ---- per-request extras: stop ids, prompt log-probabilities, slots ---------------------------
+
+    def _stop_ids(self, seq: Sequence) -> list[int]:
+        """Ids that min_tokens holds back: the request's stop ids and, unless ignored, EOS."""
+        ids = list(seq.params.stop_token_ids)
+        if not seq.params.ignore_eos:
+            ids += sorted(self.eos_token_ids)
+        return ids
+
+    def _prompt_rows(self, scheduled) -> list[tuple[Sequence, int, int]]:
+        """For sequences that want prompt logprobs: every position of this step's chunk that predicts a
+        prompt token (position p predicts token p + 1), as (seq, row in the flattened step, token)."""
+        rows: list[tuple[Sequence, int, int]] = []
+        start = 0
+        for seq, n in zip(scheduled.seqs, scheduled.num_new_tokens):
+            if seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens:
+                first = seq.num_computed_tokens
+                for p in range(max(first, len(seq.prompt_logprobs) - 1), min(first + n, seq.num_prompt_tokens - 1)):
+                    rows.append((seq, start + p - first, seq.token_ids[p + 1]))
+            start += n
+        return rows
+
+    def _add_prompt_logprobs(self, scoring: list[tuple[Sequence, int, int]], logits) -> None:
+        ks = [s.params.prompt_logprobs for s, _, _ in scoring]
+        targets = torch.tensor([t for _, _, t in scoring], dtype=torch.long, device=logits.device)
+        for (seq, _, _), entry in zip(scoring, prompt_logprobs(logits, targets, ks)):
+            seq.prompt_logprobs.append(entry)
+
+    def _release_slot(self, seq: Sequence) -> None:
+        if seq.slot is not None:
+            self.slots.release(seq.slot)
+            seq.slot = None
+
+    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
         seq.token_ids.append(token)
         params = seq.params
+        if logprob is not None:
+            seq.pending_logprobs.append(logprob)
+        if seq.matcher is not None:
+            seq.matcher.consume_token(token)
         if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
             # the stop token counts as a completion token but is not part of the text
             return self._finish(seq, "stop", token, seq.detokenizer.flush())
         text = seq.detokenizer.step(token)
         if seq.detokenizer.stopped:
             return self._finish(seq, "stop", token, text)
+        if seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()):
+            return self._finish(seq, "stop", token, text + seq.detokenizer.flush())
         if seq.num_tokens >= seq.max_total_tokens:
             return self._finish(seq, "length", token, text + seq.detokenizer.flush())
         return self._output(seq, [token], text)
 
-    def _finish(self, seq: Sequence, reason: str, token: int, text: str) -> RequestOutput:
+    def _finish(self, seq: Sequence, reason: str, token: int | None, text: str) -> RequestOutput:
         self.scheduler.finish(seq, reason)
+        self._release_slot(seq)
         del self._seqs[seq.request_id]
-        return self._output(seq, [token], text)
+        return self._output(seq, [] if token is None else [token], text)
 
     @staticmethod
     def _output(seq: Sequence, new_ids: list[int], text: str) -> RequestOutput:
+        logprobs, seq.pending_logprobs = (seq.pending_logprobs or None), []
+        prompt_lps = None
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            prompt_lps, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
         return RequestOutput(
             request_id=seq.request_id,
             new_token_ids=new_ids,
@@ -219,4 +304,11 @@ class LLMEngine:
             prompt_tokens=seq.num_prompt_tokens,
             completion_tokens=seq.num_completion_tokens,
             cached_tokens=seq.num_cached_tokens or 0,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_lps,
         )
+
+
+def _token_logprob(token: int, row: tuple[float, list[tuple[int, float]]], k: int) -> TokenLogprob:
+    logprob, top = row
+    return TokenLogprob(token, logprob, top[:k])

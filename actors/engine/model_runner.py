@@ -34,21 +34,32 @@ class ModelRunner:
         self.kv = PagedKVCache.for_model(self.cfg, num_kv_blocks, block_size, self.dtype, self.device)
         self.ping_pong = PingPongRunner(model) if ping_pong else None
 
-    def execute(self, scheduled: ScheduledBatch) -> torch.Tensor:
-        """Run one step: [B, V] logits, one row per scheduled sequence."""
+    def execute(
+        self, scheduled: ScheduledBatch, prompt_rows: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run one step: [B, V] logits, one row per scheduled sequence, and [E, V] logits of the
+        flattened-token rows `prompt_rows` (prompt log-probabilities; None when none are asked)."""
         batch = self.prepare(scheduled)
+        b = batch.num_seqs
+        if prompt_rows:
+            # The head also runs over the extra rows: the same forward with a longer logits_index.
+            # Rare (scoring requests' prefills), so it takes the plain path, not ping-pong.
+            extra = torch.tensor(prompt_rows, dtype=torch.long).to(self.device)
+            batch = dataclasses.replace(batch, logits_index=torch.cat([batch.logits_index, extra]))
         boundary = getattr(getattr(self.model, "experts", None), "on_step_boundary", None)
         if boundary is not None:  # a new placement epoch takes effect here, never inside the step
             boundary()
+        plain = bool(prompt_rows)
         try:
-            return self._forward(batch)
+            logits = self._forward(batch, plain)
         except StepRerun:  # a remote transport failed mid-step on the device: once more, routed around it
             if boundary is not None:
                 boundary()
-            return self._forward(batch)
+            logits = self._forward(batch, plain)
+        return (logits[:b], logits[b:]) if prompt_rows else (logits, None)
 
-    def _forward(self, batch: StepBatch) -> torch.Tensor:
-        if self.ping_pong is not None:
+    def _forward(self, batch: StepBatch, plain: bool = False) -> torch.Tensor:
+        if self.ping_pong is not None and not plain:
             return self.ping_pong.forward(batch, self.kv)
         return self.model(batch, self.kv)
 

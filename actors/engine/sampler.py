@@ -1,78 +1,150 @@
-"""Turns the last-token logits of every sequence in a step into its next token.
+"""Turns the last-token logits of every sequence in a step into its next token, on the device.
 
-Shape legend: B = sequences that sample this step, V = vocabulary.
+Shape legend: B = sequences that sample this step, V = vocabulary, K = top log-probs asked for.
 
-Greedy rows take the argmax. Other rows are scaled by their temperature, cut to top-k and top-p
-(each row with its own values, in one batched pass), and sampled by the exponential race
-argmax(p / q), q ~ Exp(1), which draws exactly from p. A request with a seed draws its q from its
-own torch.Generator, V numbers per token, so its tokens depend only on its seed and its logits,
-never on which other requests share the batch.
+Every per-request parameter lives in a SlotTable row (actors/engine/sampling/slots.py) written at
+admission; a step hands over only the [B] slot indices. The work is a fixed chain of batched tensor
+ops, each applied to the whole batch with neutral values for rows that do not use it (which leave the
+row bit-for-bit unchanged), and a pass is skipped outright when no row of the step needs it — a host
+decision from the slots' flags, never from device values. So a row's result depends only on its own
+logits and parameters, never on its batch mates, and the step needs no host sync until the one copy
+of the results.
+
+Chain (the order vLLM uses): raw logits -> logit_bias (scatter-add of the sparse bias) -> penalties
+(repetition on prompt + output tokens, frequency and presence on output tokens, from device-side
+counts) -> min_tokens (stop ids at -inf while too few tokens) -> grammar mask -> greedy rows take the
+argmax here (temperature 0: exactly argmax of the raw logits when nothing above applies) -> / temperature ->
+min_p -> top_k -> top_p -> Gumbel race with counter-based noise (sampling/noise.py: same seed, same
+tokens, whatever the batch).
+
+Log-probabilities are the model's own: log_softmax of the raw logits, before any processing (vLLM's
+default "raw" logprobs), so a scoring client sees the model's distribution whatever it sampled with.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from actors.engine.sampling_params import SamplingParams
+from actors.engine.sampling import noise
+from actors.engine.sampling.slots import SlotFlags, SlotTable
+
+NEG_INF = float("-inf")
 
 
-def make_generator(seed: int, device: torch.device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(seed)
-    return g
+@dataclass
+class SampledStep:
+    """A step's results, still on the device until to_host()."""
+
+    tokens: torch.Tensor  # [B] int64
+    packed: torch.Tensor | None  # [B, 2 + 2K] float32: token, its logprob, K top ids, K top logprobs
+    k: int
+
+    def to_host(self) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]]] | None]:
+        """The single device->host copy of the step: token ids, and per row (logprob of the sampled
+        token, [(id, logprob)] of the top k) when some row asked for log-probs."""
+        if self.packed is None:
+            return self.tokens.tolist(), None
+        rows = self.packed.cpu().tolist()
+        k = self.k
+        tokens = [int(r[0]) for r in rows]
+        lps = [(r[1], [(int(i), lp) for i, lp in zip(r[2 : 2 + k], r[2 + k :])]) for r in rows]
+        return tokens, lps
 
 
 class Sampler:
+    def __init__(self, table: SlotTable) -> None:
+        self.table = table
+
     def __call__(
         self,
         logits: torch.Tensor,  # [B, V] float32
-        params: list[SamplingParams],
-        generators: list[torch.Generator | None],
-    ) -> torch.Tensor:  # [B] int64
-        greedy_tokens = logits.argmax(dim=-1)
-        greedy = [p.greedy for p in params]
-        if all(greedy):
-            return greedy_tokens
-
-        device = logits.device
-        # greedy rows get temperature 1 so the division stays finite; their result is replaced
-        temperature = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=device)
-        scaled = logits / temperature[:, None]
-        probs = scaled.softmax(dim=-1)
-        # rows with top-k / top-p take the sorting path; which path a row takes depends only on
-        # its own parameters, so its numbers never depend on its batch mates
-        cut = [i for i, p in enumerate(params) if p.top_k > 0 or p.top_p < 1]
-        if cut:
-            top_k = torch.tensor([params[i].top_k for i in cut], device=device)
-            top_p = torch.tensor([params[i].top_p for i in cut], device=device)
-            probs[cut] = self._filtered_probs(scaled[cut], top_k, top_p)
-
-        q = torch.empty_like(probs)
-        unseeded = [i for i, g in enumerate(generators) if g is None]
-        if unseeded:
-            q[unseeded] = torch.empty(len(unseeded), probs.shape[1], device=device).exponential_()
-        for i, g in enumerate(generators):
-            if g is not None:
-                q[i].exponential_(generator=g)
-        sampled = (probs / q).argmax(dim=-1)
-        return torch.where(torch.tensor(greedy, device=device), greedy_tokens, sampled)
-
-    @staticmethod
-    def _filtered_probs(
-        logits: torch.Tensor,  # [B, V] already divided by temperature
-        top_k: torch.Tensor,  # [B] int, 0 = off
-        top_p: torch.Tensor,  # [B] float, 1 = off
-    ) -> torch.Tensor:  # [B, V] probabilities, zero outside each row's kept set
+        slots: torch.Tensor,  # [B] int64 on the logits' device
+        flags: list[SlotFlags],  # [B] host-side, same order
+        allowed: torch.Tensor | None = None,  # [B, V] bool grammar mask, None = unconstrained
+    ) -> SampledStep:
+        t = self.table
         vocab = logits.shape[1]
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
-        rank = torch.arange(vocab, device=logits.device)
-        k = torch.where(top_k > 0, top_k.clamp(max=vocab), vocab)
-        drop = rank[None, :] >= k[:, None]  # [B, V] outside top-k
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # keep a token while the mass strictly before it is below top_p (the first always stays);
-        # rows with top_p = 1 are left alone, float rounding could otherwise clip their tail
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        return torch.zeros_like(sorted_probs).scatter_(1, order, sorted_probs)
+        k = max(f.logprobs for f in flags)
+        raw_logprobs = logits.log_softmax(dim=-1) if k >= 0 else None
+
+        x = logits
+        if any(f.biased for f in flags):
+            x = x.scatter_add(1, t.bias_ids[slots], t.bias_vals[slots])
+        if any(f.penalised for f in flags):
+            x = apply_penalties(x, t.counts[slots], t.prompt_seen[slots],
+                                t.presence[slots], t.frequency[slots], t.repetition[slots])
+        if any(f.min_tokens for f in flags):
+            active = t.step[slots] < t.min_tokens[slots]  # [B]
+            ids = t.stop_ids[slots]
+            banned = torch.zeros_like(x, dtype=torch.bool).scatter_(1, ids, active[:, None].expand_as(ids))
+            x = x.masked_fill(banned, NEG_INF)
+        if allowed is not None:
+            x = x.masked_fill(~allowed, NEG_INF)
+
+        tokens = x.argmax(dim=-1)
+        if not all(f.greedy for f in flags):
+            temperature = t.temperature[slots]
+            greedy = temperature == 0
+            scaled = x / torch.where(greedy, 1.0, temperature)[:, None]
+            if any(f.min_p for f in flags):
+                scaled = apply_min_p(scaled, t.min_p[slots])
+            if any(f.top_k_p for f in flags):
+                scaled = apply_top_k_top_p(scaled, t.top_k[slots], t.top_p[slots])
+            drawn = (scaled + noise.gumbel(t.seed[slots], t.step[slots], vocab)).argmax(dim=-1)
+            tokens = torch.where(greedy, tokens, drawn)
+
+        t.advance(slots, tokens)
+        if raw_logprobs is None:
+            return SampledStep(tokens, None, 0)
+        chosen = raw_logprobs.gather(1, tokens[:, None])  # [B, 1]
+        top_lp, top_ids = raw_logprobs.topk(k, dim=-1) if k > 0 else (chosen[:, :0], tokens[:, None][:, :0])
+        packed = torch.cat([tokens[:, None].float(), chosen, top_ids.float(), top_lp], dim=1)
+        return SampledStep(tokens, packed, k)
+
+
+def apply_penalties(
+    x: torch.Tensor,  # [B, V]
+    counts: torch.Tensor,  # [B, V] int32 output-token counts
+    prompt_seen: torch.Tensor,  # [B, V] bool
+    presence: torch.Tensor,  # [B]
+    frequency: torch.Tensor,  # [B]
+    repetition: torch.Tensor,  # [B], 1 = off
+) -> torch.Tensor:
+    """vLLM / OpenAI definitions: a seen token's logit l becomes l / r if l > 0 else l * r
+    (repetition, seen = in the prompt or the output), then l - frequency * count - presence * [count > 0]
+    (output only). Neutral values (0, 0, 1) leave a row unchanged."""
+    in_output = counts > 0
+    seen = in_output | prompt_seen
+    r = repetition[:, None]
+    x = torch.where(seen, torch.where(x > 0, x / r, x * r), x)
+    return x - frequency[:, None] * counts - presence[:, None] * in_output
+
+
+def apply_min_p(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the top token's: in logits,
+    l < l_max + log(min_p). min_p = 0 gives log 0 = -inf: nothing dropped."""
+    threshold = scaled.max(dim=-1, keepdim=True).values + min_p.log()[:, None]
+    return scaled.masked_fill(scaled < threshold, NEG_INF)
+
+
+def apply_top_k_top_p(
+    scaled: torch.Tensor,  # [B, V] logits already divided by temperature
+    top_k: torch.Tensor,  # [B] int, V = off
+    top_p: torch.Tensor,  # [B] float, 1 = off
+) -> torch.Tensor:
+    """Keep each row's k most likely tokens, then the smallest prefix (by probability) whose mass
+    reaches top_p (a token stays while the mass strictly before it is below top_p; the first
+    always stays). Rows with k = V and top_p = 1 come back unchanged."""
+    vocab = scaled.shape[1]
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)  # [B, V]
+    rank = torch.arange(vocab, device=scaled.device)
+    drop = rank[None, :] >= top_k[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, NEG_INF)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    # rows with top_p = 1 are left alone: float rounding of the cumsum could clip their tail
+    drop = drop | ((mass_before >= top_p[:, None]) & (top_p[:, None] < 1))
+    dropped = torch.zeros_like(drop).scatter_(1, order, drop)
+    return scaled.masked_fill(dropped, NEG_INF)

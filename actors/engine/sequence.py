@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-import torch
+from typing import Any
 
 from actors.engine.detokenizer import IncrementalDetokenizer
 from actors.engine.sampling_params import SamplingParams
@@ -42,7 +42,16 @@ class Sequence:
     num_hashed_blocks: int = 0
     num_cached_tokens: int | None = None
     finish_reason: str | None = None
-    generator: torch.Generator | None = None  # per-request RNG when params.seed is set
+    slot: int | None = None  # sampling-state row (actors/engine/sampling/slots.py) from first sample to finish
+    matcher: Any = None  # grammar matcher (llguidance) when the output is constrained
+    prompt_logprobs: list | None = None  # TokenLogprob per prompt token (None first) when asked for
+    prompt_logprobs_sent: bool = False
+    pending_logprobs: list = field(default_factory=list)  # TokenLogprobs not yet handed out
+
+    @property
+    def needs_prompt_logits(self) -> bool:
+        """Prompt log-probabilities asked for and not all computed yet (no prefix-cache skipping)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def num_tokens(self) -> int:

@@ -27,7 +27,7 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str: ...
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str: ...
 
 
 class ChatTemplateError(ValueError):
@@ -76,8 +76,8 @@ class ByteTokenizer:
         # ids above 255 are specials or unused vocabulary rows of a random model: no text.
         return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        return render_chat_template(self.chat_template, messages, add_generation_prompt)
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        return render_chat_template(self.chat_template, messages, add_generation_prompt, tools=tools)
 
 
 def _read_json(path: Path) -> dict:
@@ -146,7 +146,7 @@ class HFTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         if not self.chat_template:
             raise ChatTemplateError("this model has no chat template; use /v1/completions")
         return render_chat_template(
@@ -155,6 +155,7 @@ class HFTokenizer:
             add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
+            tools=tools,
         )
 
 

@@ -136,7 +136,10 @@ def install_handlers(app: FastAPI) -> None:
         else:
             err = APIError(str(exc.detail))
             err.status = exc.status_code
-        return err.response()
+        response = err.response()
+        if exc.headers:  # e.g. Allow on a 405
+            response.headers.update(exc.headers)
+        return response
 
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(ValidationError, on_api_error)

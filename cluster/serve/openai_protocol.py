@@ -1,10 +1,13 @@
 """The OpenAI HTTP wire format: request and response bodies of /v1/completions,
 /v1/chat/completions (whole and streamed) and /v1/models.
 
-Requests are validated strictly (no string-to-number coercion, unknown fields rejected) so a client
-mistake becomes a 400 naming the field instead of a silently different request. Fields OpenAI has
-but this server cannot honour are declared anyway, so asking for them gets a precise "not supported"
-message rather than a generic "extra field". Extensions beyond OpenAI: `top_k`, `return_token_ids`.
+Known fields are validated strictly (no string-to-number coercion) so a client mistake becomes a 400
+naming the field instead of a silently different request. Unknown fields are accepted and ignored, as
+vLLM does (clients send newer OpenAI fields such as `store` or `service_tier`, benchmark clients send
+`stream_options.continuous_usage_stats`); `ignored_fields` lists them and the server reports them in
+the `X-Ignored-Fields` response header and a log line. Extensions beyond OpenAI, as vLLM names them:
+`top_k`, `min_p`, `min_tokens`, `repetition_penalty`, `stop_token_ids`, `skip_special_tokens`,
+`include_stop_str_in_output`, `ignore_eos`, `return_token_ids`.
 
 Checks that need the server's configuration (model name, context length, max n) live in the
 serve app, not here.
@@ -19,11 +22,23 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-FinishReason = Literal["stop", "length", "abort"]
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
+MAX_LOGPROBS = 20
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    def ignored_fields(self, prefix: str = "") -> list[str]:
+        """Dotted names of the unknown fields in this request, nested models included."""
+        names = [prefix + k for k in (self.model_extra or {})]
+        for name, value in self:
+            items = value if isinstance(value, list) else [value]
+            for i, item in enumerate(items):
+                if isinstance(item, _Request):
+                    index = f"[{i}]" if isinstance(value, list) else ""
+                    names += item.ignored_fields(f"{prefix}{name}{index}.")
+        return names
 
 
 class _Response(BaseModel):
@@ -39,6 +54,25 @@ def _omit_none(value: Any) -> bool:
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="usage in every chunk (vLLM)")
+
+
+class JsonSchemaFormat(_Request):
+    name: str = Field("response", max_length=256)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> "ResponseFormat":
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("response_format json_schema needs json_schema.schema")
+        return self
 
 
 class _SamplingFields(_Request):
@@ -49,7 +83,7 @@ class _SamplingFields(_Request):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, description="extension; -1 or 0 = disabled")
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
@@ -57,9 +91,16 @@ class _SamplingFields(_Request):
     user: str | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    response_format: ResponseFormat | None = None
     return_token_ids: bool = Field(False, description="extension: add token_ids to every choice")
     ignore_eos: bool = Field(False, description="extension: generate max_tokens even past EOS")
+    min_p: float | None = Field(None, ge=0, le=1, description="extension")
+    min_tokens: int = Field(0, ge=0, description="extension: EOS and stop ids held back until this many tokens")
+    repetition_penalty: float | None = Field(None, gt=0, le=10, description="extension, 1 = off")
+    stop_token_ids: list[int] | None = Field(None, description="extension")
+    skip_special_tokens: bool = Field(True, description="extension")
+    include_stop_str_in_output: bool = Field(False, description="extension")
 
     @field_validator("stop")
     @classmethod
@@ -71,15 +112,34 @@ class _SamplingFields(_Request):
             raise ValueError("stop sequences must be non-empty strings")
         return stop
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not key.isdigit() or len(key) > 9:
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {value}")
+        if bias and len(bias) > 1024:
+            raise ValueError("logit_bias may hold at most 1024 entries")
+        return bias
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids(cls, ids: list[int] | None) -> list[int] | None:
+        if ids and (len(ids) > 64 or any(not 0 <= t < 2**31 for t in ids)):
+            raise ValueError("stop_token_ids: at most 64 non-negative token ids")
+        return ids
+
     @model_validator(mode="after")
     def _unsupported(self) -> "_SamplingFields":
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
-        if self.presence_penalty or self.frequency_penalty:
-            raise ValueError("presence_penalty and frequency_penalty are not supported (use 0)")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
         return self
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
     @property
     def stop_list(self) -> list[str]:
@@ -96,8 +156,8 @@ class CompletionRequest(_SamplingFields):
     # str | list[str] | list[int] | list[list[int]], checked below for a readable error
     prompt: Any
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = Field(None, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = Field(None, ge=1, description="generate best_of, return the n with the highest log-probability")
     suffix: str | None = None
 
     @field_validator("prompt", mode="before")
@@ -125,14 +185,14 @@ class CompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _completion_unsupported(self) -> "CompletionRequest":
-        if self.echo:
-            raise ValueError("echo=true is not supported")
-        if self.logprobs is not None:
-            raise ValueError("logprobs are not supported")
         if self.suffix:
             raise ValueError("suffix is not supported")
-        if self.best_of is not None and self.best_of != self.n:
-            raise ValueError("best_of is not supported (leave it unset or equal to n)")
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError("best_of must be at least n")
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise ValueError("best_of > n cannot be streamed")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 is only allowed with echo (prompt scoring)")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -148,11 +208,23 @@ class ContentPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str
+
+
+class MessageToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -162,38 +234,92 @@ class ChatMessage(_Request):
         return "".join(part.text for part in self.content)
 
 
-class ResponseFormat(_Request):
-    type: Literal["text"]
+class FunctionDef(_Request):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _chat_unsupported(self) -> "ChatCompletionRequest":
-        if self.logprobs or self.top_logprobs is not None:
-            raise ValueError("logprobs are not supported")
-        if self.tools:
-            raise ValueError("tools are not supported")
-        if self.tool_choice not in (None, "none"):
-            raise ValueError("tool_choice is not supported")
-        if all(m.text() == "" for m in self.messages):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        if all(m.text() == "" and not m.tool_calls for m in self.messages):
             raise ValueError("messages contain no text")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tool names must be unique")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names {self.tool_choice.function.name!r}, which is not in tools")
+        if self.tool_choice == "required" and not names:
+            raise ValueError("tool_choice 'required' needs tools")
+        if self.response_format is not None and self.response_format.type != "text" and self.forced_tools:
+            raise ValueError("response_format cannot be combined with a required or named tool_choice")
         return self
+
+    @property
+    def tools_active(self) -> bool:
+        """Tools are offered to the model (and its output parsed for calls)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def forced_tools(self) -> bool:
+        return self.tools_active and (self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice))
 
     @property
     def completion_limit(self) -> int | None:
         """max_completion_tokens is the newer name of max_tokens and wins when both are given."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def message_dicts(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+    def message_dicts(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for m in self.messages:
+            d: dict[str, Any] = {"role": m.role, "content": m.text()}
+            if m.tool_calls:
+                d["tool_calls"] = [
+                    {"id": c.id, "type": "function",
+                     "function": {"name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+                    for c in m.tool_calls
+                ]
+            if m.tool_call_id is not None:
+                d["tool_call_id"] = m.tool_call_id
+            if m.name is not None:
+                d["name"] = m.name
+            out.append(d)
+        return out
+
+
+def _arguments(text: str) -> Any:
+    """Chat templates render tool-call arguments as an object; keep text that is not JSON as is."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 # --------------------------------------------------------------------------------------- responses
@@ -227,12 +353,23 @@ class Usage(_Response):
         )
 
 
+class CompletionLogprobs(_Response):
+    """OpenAI's legacy completions shape: parallel lists, one entry per token (prompt tokens first
+    with echo; the first prompt token has no log-probability)."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(_Response):
     index: int
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     token_ids: list[int] | None = Field(None, exclude_if=_omit_none)
+    prompt_token_ids: list[int] | None = Field(None, exclude_if=_omit_none)
 
 
 class CompletionResponse(_Response):
@@ -255,16 +392,45 @@ class CompletionChunk(_Response):
     usage: Usage | None = Field(None, exclude_if=_omit_none)
 
 
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Response):
+    content: list[ChatTokenLogprob] | None
+
+
+class ToolCallFunction(_Response):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=_omit_none)
 
 
 class ChatChoice(_Response):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     token_ids: list[int] | None = Field(None, exclude_if=_omit_none)
 
 
@@ -277,16 +443,29 @@ class ChatCompletionResponse(_Response):
     usage: Usage
 
 
+class ToolCallFunctionDelta(_Response):
+    name: str | None = Field(None, exclude_if=_omit_none)
+    arguments: str | None = Field(None, exclude_if=_omit_none)
+
+
+class ToolCallDelta(_Response):
+    index: int
+    id: str | None = Field(None, exclude_if=_omit_none)
+    type: Literal["function"] | None = Field(None, exclude_if=_omit_none)
+    function: ToolCallFunctionDelta
+
+
 class ChatDelta(_Response):
     role: Literal["assistant"] | None = Field(None, exclude_if=_omit_none)
     content: str | None = Field(None, exclude_if=_omit_none)
+    tool_calls: list[ToolCallDelta] | None = Field(None, exclude_if=_omit_none)
 
 
 class ChatChunkChoice(_Response):
     index: int
     delta: ChatDelta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     token_ids: list[int] | None = Field(None, exclude_if=_omit_none)
 
 
@@ -310,6 +489,37 @@ class ModelCard(_Response):
 class ModelList(_Response):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeRequest(_Request):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class TokenizeResponse(_Response):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(_Request):
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1_000_000)
+
+
+class DetokenizeResponse(_Response):
+    prompt: str
 
 
 def sse_event(body: BaseModel | dict) -> bytes:

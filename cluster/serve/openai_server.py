@@ -20,15 +20,22 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from actors.engine.request_rejected import RequestRejected
 from actors.engine.sampling_params import SamplingParams
 from cluster.serve import openai_protocol as p
+from cluster.serve.openai_params import (
+    TokenText, chat_logprobs, check_vocab, completion_logprobs, first_prompt_entry, output_grammar, sampling_params,
+)
+from cluster.serve.tools import StreamingToolParser, forced_call_grammar, parse_tool_calls, tools_system_prompt
 from cluster.serve.auth import ApiKeyMiddleware, ApiKeys
 from cluster.config import ServerSection
 from cluster.serve.errors import BodyTooLarge, InvalidRequest, ModelNotFound, as_api_error, install_handlers
 from cluster.serve.metrics import CONTENT_TYPE, ReplicaMetrics
+from cluster.serve.openapi_doc import body_schema, install_request_schemas, parse_request, report_ignored
 
 KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
-                "/admin/status", "/admin/scale", "/admin/migrate")
+                "/admin/status", "/admin/scale", "/admin/migrate", "/tokenize", "/detokenize",
+                "/openapi.json", "/docs")
 
 
 class Tokenizer(Protocol):
@@ -72,32 +79,51 @@ class OpenAIServer:
         self.model = model
         self.settings = settings
         self.metrics = metrics
+        decode = getattr(model.tokenizer, "decode", None)
+        self.token_text = TokenText(decode) if decode is not None else None
 
     # ------------------------------------------------------------------------------------ routes
 
     def models(self) -> p.ModelList:
-        return p.ModelList(data=[p.ModelCard(id=self.model.name, max_model_len=self.model.max_model_len)])
+        return p.ModelList(data=[self.model_card()])
+
+    def model_card(self, model_id: str | None = None) -> p.ModelCard:
+        if model_id is not None and model_id != self.model.name:
+            raise ModelNotFound(model_id, self.model.name)
+        return p.ModelCard(id=self.model.name, max_model_len=self.model.max_model_len)
 
     async def completions(self, req: p.CompletionRequest) -> Response:
         self._check_common(req)
         prompts = [self._prompt_ids(x, "prompt") for x in req.prompts()]
-        choices = self._plan(req, prompts, req.max_tokens)
+        texts = [x if isinstance(x, str) else None for x in req.prompts()]
+        k = req.logprobs
+        candidates = req.best_of or req.n
+        scored = k if k is not None else (0 if candidates > req.n else None)  # best_of ranks by logprob
+        grammar = output_grammar(req)
+        choices = self._plan(req, prompts, req.max_tokens, candidates, lambda j, budget: sampling_params(
+            req, j, budget, logprobs=scored,
+            prompt_logprobs=k if req.echo and k is not None else None, grammar=grammar,
+        ))
         rid = p.new_id("cmpl")
+        echo = _Echo(self, req, prompts, texts)
         if req.stream:
-            return await self._stream(rid, req, choices, _CompletionChunks(rid, self.model.name))
+            return await self._stream(rid, req, choices, _CompletionChunks(rid, self.model.name, echo, [c.prompt_index for c in choices]))
         outs = await self._collect(rid, choices)
+        picked = _best(choices, outs, req.n, candidates)
         return JSONResponse(
             p.CompletionResponse(
                 id=rid,
                 model=self.model.name,
                 choices=[
                     p.CompletionChoice(
-                        index=c.index,
-                        text=o.text,
+                        index=i,
+                        text=echo.text(c.prompt_index) + o.text,
                         finish_reason=o.finish_reason,
+                        logprobs=echo.logprobs(c.prompt_index, o) if k is not None else None,
                         token_ids=o.token_ids if req.return_token_ids else None,
+                        prompt_token_ids=c.prompt_ids if req.return_token_ids and req.echo else None,
                     )
-                    for c, o in zip(choices, outs)
+                    for i, (c, o) in enumerate(picked)
                 ],
                 usage=_usage(choices, outs),
             ).model_dump(mode="json")
@@ -105,29 +131,86 @@ class OpenAIServer:
 
     async def chat(self, req: p.ChatCompletionRequest) -> Response:
         self._check_common(req)
-        text = self.model.tokenizer.apply_chat_template(req.message_dicts())
+        text = self._chat_prompt(req)
         prompts = [self._prompt_ids(text, "messages", chat=True)]
-        choices = self._plan(req, prompts, req.completion_limit)
+        if req.forced_tools:
+            named = req.tool_choice.function.name if isinstance(req.tool_choice, p.NamedToolChoice) else None
+            grammar = forced_call_grammar(req.tools, named, req.parallel_tool_calls)
+        else:
+            grammar = output_grammar(req)
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        choices = self._plan(req, prompts, req.completion_limit, req.n, lambda j, budget: sampling_params(
+            req, j, budget, logprobs=k, grammar=grammar))
         rid = p.new_id("chatcmpl")
+        tools = {t.function.name for t in req.tools or []} if req.tools_active else None
         if req.stream:
-            return await self._stream(rid, req, choices, _ChatChunks(rid, self.model.name))
+            return await self._stream(rid, req, choices, _ChatChunks(rid, self.model.name, self, k, tools))
         outs = await self._collect(rid, choices)
         return JSONResponse(
             p.ChatCompletionResponse(
                 id=rid,
                 model=self.model.name,
-                choices=[
-                    p.ChatChoice(
-                        index=c.index,
-                        message=p.AssistantMessage(content=o.text),
-                        finish_reason=o.finish_reason,
-                        token_ids=o.token_ids if req.return_token_ids else None,
-                    )
-                    for c, o in zip(choices, outs)
-                ],
+                choices=[self._chat_choice(c, o, k, tools, req.return_token_ids) for c, o in zip(choices, outs)],
                 usage=_usage(choices, outs),
             ).model_dump(mode="json")
         )
+
+    def _chat_choice(self, c: _Choice, o: "_Result", k: int | None, tools: set[str] | None, with_ids: bool) -> p.ChatChoice:
+        content, calls = (o.text, []) if tools is None else parse_tool_calls(o.text, tools)
+        message = p.AssistantMessage(
+            content=content,
+            tool_calls=[p.ToolCall(id=t.id, function=p.ToolCallFunction(name=t.name, arguments=t.arguments))
+                        for t in calls] or None,
+        )
+        return p.ChatChoice(
+            index=c.index,
+            message=message,
+            finish_reason="tool_calls" if calls and o.finish_reason == "stop" else o.finish_reason,
+            logprobs=chat_logprobs(o.logprobs, self._token_text(), k) if k is not None else None,
+            token_ids=o.token_ids if with_ids else None,
+        )
+
+    def _chat_prompt(self, req: p.ChatCompletionRequest) -> str:
+        messages = req.message_dicts()
+        tok = self.model.tokenizer
+        if not req.tools_active:
+            return tok.apply_chat_template(messages)
+        tool_dicts = [t.model_dump(exclude_none=True) for t in req.tools]
+        template = getattr(tok, "chat_template", None) or ""
+        if "tools" in template:  # the template renders the tools itself (Qwen, Hermes, Llama 3.1 ...)
+            return tok.apply_chat_template(messages, tools=tool_dicts)
+        system = {"role": "system", "content": tools_system_prompt(req.tools)}
+        if messages and messages[0]["role"] == "system":
+            system["content"] = messages[0]["content"] + "\n\n" + system["content"]
+            messages = messages[1:]
+        return tok.apply_chat_template([system, *messages])
+
+    def tokenize(self, req: p.TokenizeRequest) -> p.TokenizeResponse:
+        self._check_model_field(req.model)
+        tok = self.model.tokenizer
+        if req.messages is not None:
+            text = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages])
+            ids = tok.encode(text, add_special_tokens=False) if getattr(tok, "bos_token", None) and text.startswith(tok.bos_token) else tok.encode(text)
+        else:
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return p.TokenizeResponse(count=len(ids), max_model_len=self.model.max_model_len, tokens=ids)
+
+    def detokenize(self, req: p.DetokenizeRequest) -> p.DetokenizeResponse:
+        self._check_model_field(req.model)
+        vocab = self.model.tokenizer.vocab_size
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequest(f"Token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
+        return p.DetokenizeResponse(prompt=self.model.tokenizer.decode(req.tokens))
+
+    def _check_model_field(self, model: str | None) -> None:
+        if model is not None and model != self.model.name:
+            raise ModelNotFound(model, self.model.name)
+
+    def _token_text(self) -> TokenText:
+        if self.token_text is None:
+            raise InvalidRequest("logprobs are not available for this model's tokenizer", param="logprobs")
+        return self.token_text
 
     # ---------------------------------------------------------------------------- validation
 
@@ -136,6 +219,7 @@ class OpenAIServer:
             raise ModelNotFound(req.model, self.model.name)
         if req.n > self.settings.max_n:
             raise InvalidRequest(f"n must be at most {self.settings.max_n}, got {req.n}", param="n")
+        check_vocab(req, self.model.tokenizer.vocab_size)
 
     def _prompt_ids(self, prompt: str | list[int], param: str, chat: bool = False) -> list[int]:
         if isinstance(prompt, str):
@@ -163,10 +247,18 @@ class OpenAIServer:
             )
         return ids
 
-    def _plan(self, req: p._SamplingFields, prompts: list[list[int]], max_tokens: int | None) -> list[_Choice]:
-        if len(prompts) * req.n > self.settings.max_n:
+    def _plan(
+        self,
+        req: p._SamplingFields,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        per_prompt: int,
+        make_params: Callable[[int, int], SamplingParams],
+    ) -> list[_Choice]:
+        if len(prompts) * per_prompt > self.settings.max_n:
             raise InvalidRequest(
-                f"n × number of prompts must be at most {self.settings.max_n}, got {len(prompts) * req.n}",
+                f"n (or best_of) × number of prompts must be at most {self.settings.max_n}, "
+                f"got {len(prompts) * per_prompt}",
                 param="n",
             )
         limit = self.model.max_model_len
@@ -181,17 +273,11 @@ class OpenAIServer:
                     code="context_length_exceeded",
                 )
             budget = max_tokens if max_tokens is not None else min(self.settings.max_tokens_default, room)
-            for j in range(req.n):
-                params = SamplingParams(
-                    temperature=1.0 if req.temperature is None else req.temperature,
-                    top_p=1.0 if req.top_p is None else req.top_p,
-                    top_k=max(0, req.top_k or 0),
-                    # distinct but reproducible choices when a seed is given
-                    seed=None if req.seed is None else req.seed + j,
-                    max_tokens=budget,
-                    stop=req.stop_list,
-                    ignore_eos=req.ignore_eos,
-                )
+            for j in range(per_prompt):
+                try:
+                    params = make_params(j, budget)
+                except RequestRejected as e:
+                    raise InvalidRequest(str(e)) from e
                 choices.append(_Choice(index=len(choices), prompt_index=pi, prompt_ids=ids, params=params))
         return choices
 
@@ -232,8 +318,9 @@ class OpenAIServer:
                     i, out = item
                     results[i].add(out)
                     timers[i].tokens(len(out.new_token_ids))
-                    if out.new_text or out.finished or (req.return_token_ids and out.new_token_ids):
-                        yield p.sse_event(chunks.delta(i, out, req.return_token_ids))
+                    usage = _usage(choices, results) if req.continuous_usage else None
+                    for chunk in chunks.delta(i, out, req.return_token_ids, usage):
+                        yield p.sse_event(chunk)
                     item = await anext(events, None)
                 self._count_tokens(choices, results)
                 if req.include_usage_in_stream:
@@ -257,13 +344,72 @@ class _Result:
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.cached_tokens = 0
+        self.logprobs: list = []  # TokenLogprob per generated token, when asked
+        self.prompt_logprobs: list | None = None
 
     def add(self, out: Any) -> None:
         self.text += out.new_text
         self.cached_tokens = getattr(out, "cached_tokens", 0)
         self.token_ids.extend(out.new_token_ids)
+        self.logprobs.extend(getattr(out, "logprobs", None) or [])
+        if getattr(out, "prompt_logprobs", None) is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             self.finish_reason = out.finish_reason
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(e.logprob for e in self.logprobs)
+
+
+def _best(choices: list[_Choice], results: list[_Result], n: int, candidates: int) -> list[tuple[_Choice, _Result]]:
+    """best_of: per prompt, the n candidates with the highest cumulative log-probability."""
+    pairs = list(zip(choices, results))
+    if candidates == n:
+        return pairs
+    picked: list[tuple[_Choice, _Result]] = []
+    for start in range(0, len(pairs), candidates):
+        group = pairs[start : start + candidates]
+        picked += sorted(group, key=lambda cr: cr[1].cumulative_logprob, reverse=True)[:n]
+    return picked
+
+
+class _Echo:
+    """A completion's echo: the prompt text before the completion, its tokens' log-probabilities
+    before the completion's (legacy shape, with text offsets across both)."""
+
+    def __init__(self, server: OpenAIServer, req: p.CompletionRequest, prompts: list[list[int]], texts: list[str | None]) -> None:
+        self.server, self.on, self.k = server, req.echo, req.logprobs
+        self.prompts, self.texts = prompts, texts
+
+    def text(self, prompt_index: int) -> str:
+        if not self.on:
+            return ""
+        text = self.texts[prompt_index]
+        if text is None:
+            text = self.server.model.tokenizer.decode(self.prompts[prompt_index])
+        return text
+
+    def logprobs(self, prompt_index: int, result: _Result) -> p.CompletionLogprobs:
+        tt = self.server._token_text()
+        out = p.CompletionLogprobs()
+        offset = 0
+        if self.on:
+            ids = self.prompts[prompt_index]
+            offset = first_prompt_entry(ids[0], tt, out)
+            prompt_part, offset = completion_logprobs(list(result.prompt_logprobs or [])[1:], tt, offset)
+            _extend(out, prompt_part)
+            offset = max(offset, len(self.text(prompt_index)))
+        gen, _ = completion_logprobs(result.logprobs, tt, offset)
+        _extend(out, gen)
+        return out
+
+
+def _extend(out: p.CompletionLogprobs, part: p.CompletionLogprobs) -> None:
+    out.tokens += part.tokens
+    out.token_logprobs += part.token_logprobs
+    out.top_logprobs += part.top_logprobs
+    out.text_offset += part.text_offset
 
 
 def _token_totals(choices: list[_Choice], results: list[_Result]) -> tuple[int, int, int]:
@@ -283,36 +429,61 @@ def _usage(choices: list[_Choice], results: list[_Result]) -> p.Usage:
 class _Chunks(Protocol):
     def opening(self, index: int) -> Any | None: ...
 
-    def delta(self, index: int, out: Any, with_ids: bool) -> Any: ...
+    def delta(self, index: int, out: Any, with_ids: bool, usage: p.Usage | None) -> list[Any]: ...
 
     def usage(self, usage: p.Usage) -> Any: ...
 
 
 class _CompletionChunks:
-    def __init__(self, rid: str, model: str) -> None:
-        self.rid, self.model = rid, model
+    def __init__(self, rid: str, model: str, echo: _Echo, prompt_of: list[int]) -> None:
+        self.rid, self.model, self.echo = rid, model, echo
+        self.prompt_of = prompt_of  # choice index -> prompt index
         self.created = p.now()
+        self._offsets: dict[int, int] = {}  # choice -> text offset of its next token
 
     def opening(self, index: int) -> None:
         return None
 
-    def delta(self, index: int, out: Any, with_ids: bool) -> p.CompletionChunk:
+    def delta(self, index: int, out: Any, with_ids: bool, usage: p.Usage | None) -> list[p.CompletionChunk]:
+        lps = getattr(out, "logprobs", None)
+        first = index not in self._offsets
+        text = out.new_text
+        logprobs = None
+        if self.echo.k is not None:
+            result = _Result(0)
+            result.add(out)
+            if first and self.echo.on:  # the prompt goes out with the first chunk
+                pi = self.prompt_of[index]
+                logprobs = self.echo.logprobs(pi, result)
+                self._offsets[index] = len(self.echo.text(pi)) + len(text)
+            else:
+                offset = self._offsets.get(index, 0)
+                logprobs, self._offsets[index] = completion_logprobs(lps or [], self.echo.server._token_text(), offset)
+        elif first:
+            self._offsets[index] = 0
+        if first and self.echo.on:
+            text = self.echo.text(self.prompt_of[index]) + text
+        if not (text or out.finished or (with_ids and out.new_token_ids) or (logprobs and logprobs.tokens)):
+            return []
         choice = p.CompletionChoice(
             index=index,
-            text=out.new_text,
+            text=text,
             finish_reason=out.finish_reason if out.finished else None,
+            logprobs=logprobs,
             token_ids=list(out.new_token_ids) if with_ids else None,
         )
-        return p.CompletionChunk(id=self.rid, created=self.created, model=self.model, choices=[choice])
+        return [p.CompletionChunk(id=self.rid, created=self.created, model=self.model, choices=[choice], usage=usage)]
 
     def usage(self, usage: p.Usage) -> p.CompletionChunk:
         return p.CompletionChunk(id=self.rid, created=self.created, model=self.model, choices=[], usage=usage)
 
 
 class _ChatChunks:
-    def __init__(self, rid: str, model: str) -> None:
-        self.rid, self.model = rid, model
+    def __init__(self, rid: str, model: str, server: OpenAIServer, k: int | None, tools: set[str] | None) -> None:
+        self.rid, self.model, self.server, self.k = rid, model, server, k
         self.created = p.now()
+        self.tools = tools
+        self._parsers: dict[int, StreamingToolParser] = {}
 
     def _chunk(self, choices: list[p.ChatChunkChoice], usage: p.Usage | None = None) -> p.ChatCompletionChunk:
         return p.ChatCompletionChunk(id=self.rid, created=self.created, model=self.model, choices=choices, usage=usage)
@@ -321,14 +492,37 @@ class _ChatChunks:
         """OpenAI's first chunk of every choice announces the role, with empty content."""
         return self._chunk([p.ChatChunkChoice(index=index, delta=p.ChatDelta(role="assistant", content=""))])
 
-    def delta(self, index: int, out: Any, with_ids: bool) -> p.ChatCompletionChunk:
+    def delta(self, index: int, out: Any, with_ids: bool, usage: p.Usage | None) -> list[p.ChatCompletionChunk]:
+        text, calls = out.new_text, []
+        if self.tools is not None:
+            parser = self._parsers.setdefault(index, StreamingToolParser(self.tools))
+            text, calls = parser.feed(out.new_text)
+            if out.finished:
+                text += parser.finish()
+        lps = getattr(out, "logprobs", None)
+        logprobs = chat_logprobs(lps or [], self.server._token_text(), self.k) if self.k is not None and lps else None
+        finish = None
+        if out.finished:
+            made_calls = self.tools is not None and self._parsers[index].calls
+            finish = "tool_calls" if made_calls and out.finish_reason == "stop" else out.finish_reason
+        if not (text or calls or out.finished or logprobs or (with_ids and out.new_token_ids)):
+            return []
+        delta = p.ChatDelta(
+            content=text or None,
+            tool_calls=[
+                p.ToolCallDelta(index=i, id=c.id, type="function",
+                                function=p.ToolCallFunctionDelta(name=c.name, arguments=c.arguments))
+                for i, c in calls
+            ] or None,
+        )
         choice = p.ChatChunkChoice(
             index=index,
-            delta=p.ChatDelta(content=out.new_text or None),
-            finish_reason=out.finish_reason if out.finished else None,
+            delta=delta,
+            finish_reason=finish,
+            logprobs=logprobs,
             token_ids=list(out.new_token_ids) if with_ids else None,
         )
-        return self._chunk([choice])
+        return [self._chunk([choice], usage)]
 
     def usage(self, usage: p.Usage) -> p.ChatCompletionChunk:
         return self._chunk([], usage)
@@ -436,7 +630,8 @@ def build_http_app(
 ) -> FastAPI:
     """The ASGI app of one replica: routes, OpenAI error bodies, auth, per-route counters.
     `admin`: the elastic admin routes (cluster/serve/admin_api.py), which check the admin keys themselves."""
-    app = FastAPI(title="moge", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="moge-serve", summary="OpenAI-compatible API of one attention replica",
+                  version="1", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
     install_handlers(app)
     own_keys: tuple[str, ...] = ()
     if admin is not None:
@@ -444,19 +639,35 @@ def build_http_app(
         own_keys = (admin.prefix,)
     limit = server.settings.max_body_bytes
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=body_schema(p.CompletionRequest),
+              responses={200: {"model": p.CompletionResponse, "description": "the completion, or an SSE stream of CompletionChunk"}})
     async def completions(request: Request) -> Response:
-        body = await read_body(request, limit)
-        return await server.completions(p.CompletionRequest.model_validate_json(body))
+        req, ignored = parse_request(p.CompletionRequest, await read_body(request, limit))
+        return report_ignored(await server.completions(req), ignored)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=body_schema(p.ChatCompletionRequest),
+              responses={200: {"model": p.ChatCompletionResponse, "description": "the completion, or an SSE stream of ChatCompletionChunk"}})
     async def chat_completions(request: Request) -> Response:
-        body = await read_body(request, limit)
-        return await server.chat(p.ChatCompletionRequest.model_validate_json(body))
+        req, ignored = parse_request(p.ChatCompletionRequest, await read_body(request, limit))
+        return report_ignored(await server.chat(req), ignored)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=p.ModelList)
     async def models() -> Response:
         return JSONResponse(server.models().model_dump(mode="json"))
+
+    @app.get("/v1/models/{model_id:path}", response_model=p.ModelCard)
+    async def model(model_id: str) -> Response:
+        return JSONResponse(server.model_card(model_id).model_dump(mode="json"))
+
+    @app.post("/tokenize", openapi_extra=body_schema(p.TokenizeRequest), response_model=p.TokenizeResponse)
+    async def tokenize(request: Request) -> Response:
+        req, ignored = parse_request(p.TokenizeRequest, await read_body(request, limit))
+        return report_ignored(JSONResponse(server.tokenize(req).model_dump(mode="json")), ignored)
+
+    @app.post("/detokenize", openapi_extra=body_schema(p.DetokenizeRequest), response_model=p.DetokenizeResponse)
+    async def detokenize(request: Request) -> Response:
+        req, ignored = parse_request(p.DetokenizeRequest, await read_body(request, limit))
+        return report_ignored(JSONResponse(server.detokenize(req).model_dump(mode="json")), ignored)
 
     @app.get("/health")
     async def healthy() -> Response:
@@ -467,6 +678,7 @@ def build_http_app(
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
+    install_request_schemas(app)
     # Outermost last: counting sees the 401s that auth answers itself.
     app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(server.settings.api_keys), own_keys_prefixes=own_keys)
     app.add_middleware(RouteMetricsMiddleware, metrics=server.metrics)

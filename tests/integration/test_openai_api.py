@@ -169,13 +169,14 @@ BAD_COMPLETIONS = [
     dict(temperature=-1),
     dict(top_p=0),
     dict(top_p=1.5),
-    dict(max_tokens=0),
+    dict(max_tokens=0),  # only with echo (prompt scoring)
     dict(prompt=""),
     dict(prompt="x" * 3000),  # longer than the 2048-token context
     dict(max_tokens=2040),  # prompt + max_tokens beyond the context
     dict(n=9),  # above server.max_n
-    dict(echo=True),
-    dict(logprobs=2),
+    dict(logprobs=21),
+    dict(best_of=1, n=2),
+    dict(logit_bias={"100000": 1}),  # token id outside the vocabulary
     dict(prompt=[100000]),  # token id outside the vocabulary
 ]
 
@@ -194,8 +195,10 @@ BAD_CHATS = [
     dict(messages=[]),
     dict(messages=[{"role": "wizard", "content": "x"}]),
     dict(messages=[{"role": "user"}]),
-    dict(logprobs=True),
+    dict(top_logprobs=2),  # needs logprobs
     dict(temperature=3),
+    dict(tool_choice="required"),  # needs tools
+    dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "wizard"}}}),
 ]
 
 
@@ -207,9 +210,9 @@ def test_bad_chat_requests_raise_bad_request(moge_server, override):
         moge_server.openai().chat.completions.create(**args)
 
 
-def test_logprobs_message_is_clear(moge_server):
-    with pytest.raises(openai.BadRequestError, match="logprobs are not supported"):
-        moge_server.openai().completions.create(model=moge_server.model, prompt="x", logprobs=1)
+def test_logprobs_range_message_is_clear(moge_server):
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        moge_server.openai().completions.create(model=moge_server.model, prompt="x", logprobs=21)
 
 
 def test_streamed_bad_request_is_refused_before_streaming(moge_server):
@@ -279,7 +282,7 @@ def test_unknown_route_and_wrong_method(moge_server):
         r = client.get("/v1/engines")
         assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
         r = client.get("/v1/completions")
-        assert r.status_code == 405 and "error" in r.json()
+        assert r.status_code == 405 and "error" in r.json() and r.headers["allow"] == "POST"
 
 
 def test_auth_covers_every_route_but_health(moge_server):

@@ -92,7 +92,10 @@ def ray_resources(group: dict[str, Any]) -> dict[str, float]:
 @pytest.fixture(scope="module", autouse=True)
 def _crds_present():
     if not hs.crds_available():
-        message = f"KubeRay CRDs not found in {hs.CRD_DIR} (expected ../shared/kuberay-crds/ beside the repo)"
+        message = (
+            f"chart schema tests need the KubeRay CRDs: none in {hs.CRD_DIR} (../shared/kuberay-crds/ beside "
+            "the repository; or set MOGE_KUBERAY_CRDS to a directory of KubeRay CRD YAMLs)"
+        )
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

@@ -59,8 +59,12 @@ def test_bad_prompt_shapes_are_refused_naming_prompt(prompt):
         ("temperature", "0.5"),  # strict: no string-to-number coercion
         ("top_p", 0),
         ("top_p", 1.01),
-        ("max_tokens", 0),
+        ("max_tokens", -1),
         ("max_tokens", 1.5),
+        ("logprobs", 21),
+        ("min_p", 1.5),
+        ("repetition_penalty", 0),
+        ("min_tokens", -1),
         ("max_tokens", True),
         ("n", 0),
         ("stream", "yes"),
@@ -84,31 +88,35 @@ def test_boundaries_that_are_allowed():
     assert completion().stop_list == []
 
 
-def test_unknown_fields_are_refused_by_name():
-    param, message = refusal(completion, best_friend=1)
-    assert param == "best_friend" and "Extra inputs" in message
+def test_unknown_fields_are_accepted_and_listed_known_ones_stay_strict():
+    req = completion(best_friend=1, store=True, stream=True,
+                     stream_options={"include_usage": True, "continuous_usage_stats": True, "future": 1})
+    assert req.ignored_fields() == ["best_friend", "store", "stream_options.future"]
+    assert req.continuous_usage and req.include_usage_in_stream
+    assert refusal(completion, best_friend=1, temperature="hot")[0] == "temperature"
 
 
 @pytest.mark.parametrize(
     "fields, needle",
     [
-        ({"echo": True}, "echo"),
-        ({"logprobs": 2}, "logprobs"),
         ({"suffix": "x"}, "suffix"),
-        ({"best_of": 3}, "best_of"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"logit_bias": {"1": 5}}, "logit_bias"),
+        ({"best_of": 1, "n": 2}, "best_of"),
+        ({"max_tokens": 0}, "echo"),
+        ({"logit_bias": {"x": 5}}, "logit_bias"),
+        ({"logit_bias": {"1": 500}}, "logit_bias"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
     ],
 )
-def test_unsupported_completion_options_say_so(fields, needle):
+def test_unsupported_or_inconsistent_completion_options_say_so(fields, needle):
     _, message = refusal(completion, **fields)
     assert needle in message
 
 
-def test_supported_no_op_values_of_unsupported_options_pass():
-    req = completion(echo=False, best_of=2, n=2, presence_penalty=0, frequency_penalty=0.0, logit_bias={})
-    assert req.n == 2
+def test_vllm_level_options_pass():
+    req = completion(echo=True, max_tokens=0, logprobs=5, best_of=2, n=1, presence_penalty=0.5,
+                     frequency_penalty=-0.5, repetition_penalty=1.2, logit_bias={"1": 5}, min_p=0.1,
+                     min_tokens=2, stop_token_ids=[3], skip_special_tokens=False, include_stop_str_in_output=True)
+    assert req.best_of == 2 and req.logit_bias == {"1": 5.0}
 
 
 @pytest.mark.parametrize(
@@ -126,11 +134,30 @@ def test_bad_messages_are_refused_naming_the_field(messages, param):
     assert got is not None and got.startswith(param)
 
 
-def test_chat_unsupported_options_and_empty_text():
-    assert "logprobs" in refusal(chat, logprobs=True)[1]
-    assert "tools" in refusal(chat, tools=[{"type": "function"}])[1]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+def test_chat_inconsistent_options_and_empty_text():
+    assert "logprobs" in refusal(chat, top_logprobs=2)[1]
+    assert refusal(chat, tools=[{"type": "function"}])[0].startswith("tools")
     assert "no text" in refusal(chat, messages=[{"role": "user", "content": ""}])[1]
-    assert "response_format" in refusal(chat, response_format={"type": "json_object"})[0]
+    assert "json_schema" in refusal(chat, response_format={"type": "json_schema"})[1]
+    assert "not in tools" in refusal(chat, tools=[TOOL], tool_choice={"type": "function", "function": {"name": "g"}})[1]
+    assert "needs tools" in refusal(chat, tool_choice="required")[1]
+    assert "unique" in refusal(chat, tools=[TOOL, TOOL])[1]
+
+
+def test_chat_tools_and_formats_pass():
+    req = chat(tools=[TOOL], tool_choice="required", logprobs=True, top_logprobs=3)
+    assert req.forced_tools and req.tools_active
+    assert not chat(tools=[TOOL], tool_choice="none").tools_active
+    fmt = chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})
+    assert fmt.response_format.json_schema.schema_ == {"type": "object"}
+    calls = chat(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"}])
+    dicts = calls.message_dicts()
+    assert dicts[1]["tool_calls"][0]["function"]["arguments"] == {"a": 1} and dicts[2]["tool_call_id"] == "c1"
 
 
 def test_chat_content_parts_join_and_completion_limit_prefers_new_name():
