@@ -66,6 +66,16 @@ def synchronize(device: torch.device) -> None:
         torch.npu.synchronize(device)
 
 
+def sync_stream(device: torch.device) -> None:
+    """Wait for this thread's current stream on `device` only. Processes that keep NCCL/HCCL
+    receives posted while idle (an expert worker's step lanes) must never synchronize the whole
+    device: that waits for a receive only the peer's next step completes."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    elif device.type == "npu":
+        torch.npu.current_stream(device).synchronize()
+
+
 def memory_free(device: torch.device) -> int:
     """Bytes free on the device (host memory available for cpu)."""
     if device.type == "cuda":

@@ -132,6 +132,12 @@ class MogeConfig(_Section):
             raise ValueError(f"elastic.policy.min_devices ({p.min_devices}) > max_devices ({p.max_devices})")
         if self.server.min_replicas > self.server.max_replicas:
             raise ValueError("server.min_replicas > server.max_replicas")
+        if self.data_plane.step_lane and self.elastic.local_groups:
+            # a lane runs a worker's whole step; groups computed in the replica's own process have
+            # no worker at the far end, so their every layer would take the per-call retry path
+            raise ValueError("data_plane.step_lane cannot be combined with elastic.local_groups: the step "
+                             "lane only reaches expert workers, not groups the replica holds in process; "
+                             "turn one of them off")
         return self
 
     @classmethod

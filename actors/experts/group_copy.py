@@ -89,6 +89,22 @@ def allocate_groups(cfg: ModelConfig, groups: list[int], dtype: torch.dtype,
     return out
 
 
+def _settle(device: torch.device, deadline: float) -> None:
+    """Host-wait, up to `deadline`, until the point-to-point operations this thread waited on
+    (Work.wait() only orders this thread's current stream after them on nccl) have finished on the
+    device: before the communicator is torn down (an abort cancels a send still in flight) and
+    before the target hands its buffers out. Polls an event rather than synchronizing the device,
+    which would also wait for other communicators' posted receives (a worker's idle step lanes)."""
+    if device.type != "cuda":
+        return
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream(device))
+    while not ev.query():
+        if time.monotonic() > deadline:
+            raise CopyFailed("the device copy did not finish before its deadline")
+        time.sleep(50e-6)
+
+
 def _teardown(pg) -> None:
     # gloo groups go with their sockets; device communicators must be aborted or they leak
     for method in ("abort", "shutdown"):
@@ -162,10 +178,12 @@ class GroupCopyServer:
             torch.cuda.set_device(self.device)
         pg = None
         try:
+            deadline = time.monotonic() + self.timeout_s
             pg = _make_group(self.backend, dist.PrefixStore(copy_id, store), 0, _td(self.timeout_s))
             works = [pg.send([t], 1, 0) for t in tensors]
             for w in works:
                 w.wait(_td(self.timeout_s))
+            _settle(self.device, deadline)  # every byte left before the abort below
             self.copies_served += 1
         except Exception as exc:  # noqa: BLE001 - the target gave up; it falls back on its side
             log.warning("group copy %s failed on the holder: %s", copy_id, exc)
@@ -261,8 +279,7 @@ def _receive(endpoint, backend, cfg, groups, dtype, device, timeout_s, pgs):
         for w in works:
             if not w.wait(left()):
                 raise CopyFailed("receive did not complete")
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        _settle(device, deadline)
     finally:
         if pg is not None:
             _teardown(pg)

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from actors.device import resolve_device, resolve_dtype, synchronize, visible_devices_env
+from actors.device import resolve_device, resolve_dtype, sync_stream, visible_devices_env
 from actors.model.experts import ExpertGroupWeights, group_forward
 from actors.model.config import ModelConfig
 from actors.model.presets import get_preset
@@ -254,7 +254,7 @@ class ExpertWorker:
                 loaded, source, attempts = fetch_groups(
                     wanted, tuple(chain), self.cfg, self.dtype, self.device, self._from_source,
                     peer_copy=peer_copy, peer_handle=peer, timeout_s=timeout_s)
-            synchronize(self.device)
+            sync_stream(self.device)  # never the whole device: idle step lanes (device.sync_stream)
             self._groups = {**self._groups, **loaded}
         return {
             "groups": sorted(loaded),
@@ -297,7 +297,9 @@ class ExpertWorker:
         with self._load_lock:
             dropped = [g for g in groups if g in self._groups]
             self._groups = {g: w for g, w in self._groups.items() if g not in dropped}
-        if self.device.type == "cuda":
+        # empty_cache frees with cudaFree, which waits for the whole device: not while step lanes
+        # keep receives posted (the allocator reuses the cached blocks for the next load anyway)
+        if self.device.type == "cuda" and not (self._lanes is not None and self._lanes.stats()["lanes"]):
             torch.cuda.empty_cache()
         return {"groups": sorted(dropped)}
 
@@ -336,7 +338,7 @@ class ExpertWorker:
             local = ids - w.first_expert
             out[i] = group_forward(w.w13[layer], w.w2[layer], x, local, weights)
             tokens.append(int(((local >= 0) & (local < eg)).any(1).sum()))  # host sync, like the copy-out
-        synchronize(self.device)
+        sync_stream(self.device)
         self._meter.record(list(group_ids), tokens, time.perf_counter() - start)
         return out
 
@@ -350,7 +352,7 @@ class ExpertWorker:
             wts = torch.ones(2, 1, dtype=torch.float32, device=self.device)
             for layer in w.w13:
                 group_forward(w.w13[layer], w.w2[layer], x, ids - w.first_expert, wts)
-        synchronize(self.device)
+        sync_stream(self.device)
         return {"seconds": time.perf_counter() - start, "groups": sorted(self._groups)}
 
     # ---- health and metrics ----------------------------------------------------------------------

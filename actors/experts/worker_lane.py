@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import threading
 import time
 
@@ -39,6 +40,30 @@ from actors.model.experts import group_forward, slot_outputs
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT = datetime.timedelta(days=7)
+GRAPHS_ENV = "MOGE_LANE_GRAPHS"  # "0": lanes stay eager (a fallback switch for a device run)
+
+
+def capture_on(stream, fn):
+    """A CUDA graph of fn() captured on `stream` (thread-local capture mode).
+
+    Not torch.cuda.graph(): its __enter__ synchronizes the whole device and empties the cache
+    (cudaFree syncs the device too). A worker's idle lanes each keep an NCCL receive for their
+    next header posted on the device, and that receive only completes when the replica sends the
+    next step, which it does only after this step's replies, so a device-wide sync here would wait
+    forever. The caller synchronizes `stream` before capturing (warm-up ran on it)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.device(stream.device), torch.cuda.stream(stream):
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            fn()
+        except BaseException:
+            try:
+                graph.capture_end()
+            except Exception:  # noqa: BLE001 - the capture is invalid already; report fn's error
+                pass
+            raise
+        graph.capture_end()
+    return graph
 
 
 _STACK_LOCK = threading.Lock()
@@ -191,6 +216,8 @@ class WorkerLane:
         except Exception as exc:  # noqa: BLE001 - replica gone or lane aborted: only this lane ends
             log.info("lane %s ended: %s", self.lane_id, exc)
         finally:
+            # graphs holding this communicator's kernels go before the communicator does
+            self._graphs.clear()
             self.abort()
 
     def _step(self, h: list[int]) -> None:
@@ -249,13 +276,13 @@ class WorkerLane:
 
     def _capturable(self, x_dtype) -> bool:
         # the grouped-matmul expert kernel (CUDA, bf16) has no host sync; other paths do
-        return self.backend == "nccl" and self.compute_device.type == "cuda" and x_dtype == torch.bfloat16
+        return (self.backend == "nccl" and self.compute_device.type == "cuda" and x_dtype == torch.bfloat16
+                and os.environ.get(GRAPHS_ENV, "1") != "0")
 
     def _capture(self, layers, key, groups):
-        packet, reply = self._buffers(key)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
-            self._layer_ops(layers, key, groups, packet, reply)
+        packet, reply = self._buffers(key)  # static buffers, allocated (and zeroed) before the capture
+        self.stream.synchronize()  # the eager step just run on this stream is the warm-up
+        graph = capture_on(self.stream, lambda: self._layer_ops(layers, key, groups, packet, reply))
         return graph, (packet, reply), groups
 
     def abort(self) -> None:
@@ -305,24 +332,27 @@ def time_lane_compute(worker, t: int, iters: int = 10) -> dict:
         "local_s": lambda: [local.dispatch(layer, x, ids, wts).wait() for layer in layers],
     }
     out = {}
-    for name, fn in fns.items():
-        run = fn
-        if dev.type == "cuda" and dtype == torch.bfloat16:
-            s = torch.cuda.Stream(dev)
-            with torch.cuda.stream(s):
-                fn()
-            torch.cuda.synchronize(dev)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=s):
-                fn()
-            run = graph.replay
-        run()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        start = time.perf_counter()
-        for _ in range(iters):
-            run()
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        out[name] = (time.perf_counter() - start) / iters
+    # stream-level syncs only: the worker's idle lanes keep NCCL header receives posted on this
+    # device, so a device-wide sync (or torch.cuda.graph, which does one) would wait for the
+    # replica's next step, and the replica is waiting for this call (see capture_on)
+    s = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+    ctx = (lambda: torch.cuda.stream(s)) if s is not None else _null
+    sync = s.synchronize if s is not None else (lambda: None)
+    with torch.no_grad(), (torch.cuda.device(dev) if s is not None else _null()):
+        for name, fn in fns.items():
+            with ctx():
+                fn()  # warm-up (and the stacked copy) on the capture stream
+            sync()
+            run = fn
+            if s is not None and dtype == torch.bfloat16:
+                graph = capture_on(s, fn)
+                run = graph.replay
+            with ctx():
+                run()
+                sync()
+                start = time.perf_counter()
+                for _ in range(iters):
+                    run()
+                sync()
+            out[name] = (time.perf_counter() - start) / iters
     return out

@@ -59,6 +59,7 @@ def test_env_without_section_separator_is_ignored():
         ({"elastic": {"policy": {"min_devices": 4, "max_devices": 2}}}, "min_devices"),
         ({"engine": {"kv_cache_fraction": 1.5}}, "kv_cache_fraction"),
         ({"model": {"dtype": "int3"}}, "dtype"),
+        ({"data_plane": {"step_lane": True}, "elastic": {"local_groups": True}}, "local_groups"),
     ],
 )
 def test_bad_values_are_refused_naming_the_knob(overrides, needle):

@@ -80,14 +80,19 @@ class ReplicaLane:
         self.hdr = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.wire)
         self.broken: Exception | None = None
         self._bufs: dict[tuple, tuple] = {}
-        self._send = self._recv = None
+        self._send = self._recv = self._hdr_work = None
         self.send_header(header(OP_HELLO))  # creates the communicator now, not in the first step
 
-    def send_header(self, h: list[int]) -> None:
+    def send_header(self, h: list[int]):
+        if self._hdr_work is not None and self.backend != "gloo":
+            # nccl sends read `hdr` on the communicator's stream: the overwrite below (on the
+            # current stream) must not run before the previous header left (e.g. HELLO then STEP)
+            self._hdr_work.wait()
         self.hdr.copy_(torch.tensor(h, dtype=torch.int64))
-        work = self.pg.send([self.hdr], 1, 0)
+        work = self._hdr_work = self.pg.send([self.hdr], 1, 0)
         if self.backend == "gloo":
             work.wait(_td(self.timeout_s))
+        return work
 
     def buffers(self, tb: int, d: int, k: int, dtype: torch.dtype, reply_dtype: torch.dtype):
         key = (tb, d, k, dtype, reply_dtype)
@@ -116,8 +121,10 @@ class ReplicaLane:
     def close(self) -> None:
         if self.broken is None:
             try:
-                self.send_header(header(OP_CLOSE))
+                work = self.send_header(header(OP_CLOSE))
                 if self.backend != "gloo":
+                    work.wait()  # the current stream now follows the send, so polling it waits for it:
+                    # the abort below would otherwise cancel the CLOSE before the worker read it
                     _await_device(time.monotonic() + min(self.timeout_s, 5.0), self.worker_id)
             except Exception:  # noqa: BLE001 - the worker is gone already
                 pass
@@ -174,6 +181,9 @@ class StepLaneExperts:
 
     def __init__(self, remote: RemoteExperts, device: torch.device | str = "cpu", slots: int = 2,
                  timeout_s: float = 30.0, replica_id: str | None = None) -> None:
+        if getattr(remote, "local", None) is not None:
+            # groups held in this process ("local") have no lane; config.py rejects the combination
+            raise ValueError("the step lane does not serve replica-local groups (elastic.local_groups)")
         self.remote = remote
         self.cfg = remote.cfg
         self.device = torch.device(device)
