@@ -222,6 +222,7 @@ def _run(args, sources: list[str], stage: dict, out: dict) -> None:
         lease = GpuLease.options(num_gpus=1, num_cpus=0).remote()
         gpu = _get(lease.gpu_ids.remote(), 60, "reserving a GPU for the replica")[0]
         device_name = f"cuda:{gpu}"
+        torch.cuda.set_device(gpu)  # this thread's CUDA calls without a device go to the replica's GPU
     out["replica_device"] = device_name
     n_before = 1 if args.local else args.from_workers
     config = MogeConfig.load(

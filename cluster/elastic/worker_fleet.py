@@ -28,7 +28,12 @@ def actor_name(worker_id: str) -> str:
 
 def model_spec(config: MogeConfig) -> dict:
     m = config.model
-    return {"source": m.source, "n_groups": m.n_groups, "device": m.device, "dtype": m.dtype, "seed": m.seed}
+    device = m.device
+    if device_kind(config) != "cpu":
+        # a worker on a Ray-granted accelerator sees only that one, as index 0: "cuda:1" (the
+        # replica's own device, e.g. bench/scale_latency.py --local) would not exist there
+        device = device.split(":")[0]
+    return {"source": m.source, "n_groups": m.n_groups, "device": device, "dtype": m.dtype, "seed": m.seed}
 
 
 def transport_options(config: MogeConfig) -> dict:
