@@ -14,7 +14,9 @@ without ping-pong. Columns: step_ms (median decode step), tok_s, tok_s_per_gpu (
 lane_ms (worker wall per step: header to last partial sent), compute_ms (the worker's held groups
 for the step's layers, captured alone), inproc_ms (the same groups through LocalExperts' stacked
 path, captured: what the monolithic engine spends on routed experts), transport_share =
-max(0, lane - compute) / step.
+max(0, lane - compute) / step (lane wall includes waiting for the replica's attention), and
+transport_share_est = max(0, step - (monolithic step - inproc) - compute) / step (serial estimate).
+MOGE_LANE_GRAPHS=0 keeps the worker's layer loops eager (no CUDA graphs).
 """
 
 from __future__ import annotations
@@ -226,6 +228,10 @@ def engine(args) -> list[dict]:
                              "vs_mono_per_gpu": mono_ms[b] / step / 2, "lane_ms": 1e3 * lane,
                              "compute_ms": 1e3 * timing["lane_s"], "inproc_ms": 1e3 * timing["local_s"],
                              "transport_share": max(0.0, lane - timing["lane_s"]) / step,
+                             # the step minus what the monolithic step spends outside its experts
+                             # minus the worker's compute: the wire and both hosts' waiting
+                             "transport_share_est": max(0.0, step - (mono_ms[b] - timing["local_s"])
+                                                        - timing["lane_s"]) / step,
                              "graph_replays": after["graph_replays"], "capture_errors": after.get("capture_errors")})
                 print(json.dumps(rows[-1]), flush=True)
             experts.close()

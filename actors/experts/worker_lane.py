@@ -86,6 +86,9 @@ def stacked_groups(worker, groups: dict):
             stacked = {layer: (torch.cat([groups[g].w13[layer] for g in ids]),
                                torch.cat([groups[g].w2[layer] for g in ids]))
                        for layer in groups[ids[0]].w13}
+            # the copies ran on this thread's stream; other lanes read the cache from their own
+            # streams (and graphs capture the addresses): publish only once the bytes are there
+            torch.cuda.current_stream(worker.device).synchronize()
         worker._lane_stack = (groups, stacked)
         return stacked
 
@@ -336,6 +339,8 @@ def time_lane_compute(worker, t: int, iters: int = 10) -> dict:
     # device, so a device-wide sync (or torch.cuda.graph, which does one) would wait for the
     # replica's next step, and the replica is waiting for this call (see capture_on)
     s = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+    if s is not None:
+        s.wait_stream(torch.cuda.current_stream(dev))  # inputs and LocalExperts' stacks were made there
     ctx = (lambda: torch.cuda.stream(s)) if s is not None else _null
     sync = s.synchronize if s is not None else (lambda: None)
     with torch.no_grad(), (torch.cuda.device(dev) if s is not None else _null()):
