@@ -59,6 +59,14 @@ def _td(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor onto `device` without blocking the host (a pageable copy waits for
+    the whole stream, which would stall the CPU mid-step, e.g. at the second micro-batch)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)  # the pinned block is freed after the copy ran
+    return t.to(device)
+
+
 class LaneFailed(RuntimeError):
     pass
 
@@ -88,7 +96,7 @@ class ReplicaLane:
             # nccl sends read `hdr` on the communicator's stream: the overwrite below (on the
             # current stream) must not run before the previous header left (e.g. HELLO then STEP)
             self._hdr_work.wait()
-        self.hdr.copy_(torch.tensor(h, dtype=torch.int64))
+        self.hdr.copy_(_to_device(torch.tensor(h, dtype=torch.int64), self.wire))
         work = self._hdr_work = self.pg.send([self.hdr], 1, 0)
         if self.backend == "gloo":
             work.wait(_td(self.timeout_s))
@@ -271,9 +279,9 @@ class StepLaneExperts:
 
                     for h, (a, b) in zip(live, split_rows(t, len(live))):
                         owner[g, a:b] = index[h]
-            owner = owner.to(self.device)
+            owner = _to_device(owner, self.device)
         else:
-            owner = torch.tensor(owner_g, dtype=torch.int64).to(self.device)
+            owner = _to_device(torch.tensor(owner_g, dtype=torch.int64), self.device)
         whole = len(lanes) == 1 and not fallback and not split
         reply_dtype = None if whole else torch.float32  # None: the model dtype, filled at the first layer
         sub = _SubStep(slot, t, tb, lanes, owner, fallback, reply_dtype)
