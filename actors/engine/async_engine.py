@@ -4,6 +4,9 @@ and every request streams its RequestOutputs through its own asyncio queue.
 Only the step thread touches the engine's mutable state. Callers hand it work through an inbox
 (add / abort) that it drains between steps; the same point runs the step-boundary hooks, which is
 where an attention replica adopts a new placement epoch (invariant 2 in docs/architecture.md: never inside a step).
+A step that raises is retried once (the scheduler state is only advanced after the model ran, so
+the retry computes the same step); a request whose own sampling fails inside a step is failed
+alone by the engine (RequestOutput.error). Only a step that fails twice fails every request.
 A consumer that stops listening (client disconnect: the generator is cancelled or closed) aborts its
 request, which frees its KV blocks at the next boundary.
 """
@@ -143,9 +146,9 @@ class AsyncEngine:
                 break
             if self.engine.has_unfinished():
                 try:
-                    outputs = self.engine.step()
+                    outputs = self._step_with_retry()
                 except Exception as exc:  # a failed step must not hang its requests
-                    log.exception("engine step failed; aborting its requests")
+                    log.exception("engine step failed twice; aborting its requests")
                     self._fail_all(exc)
                     continue
                 self._deliver(outputs)
@@ -157,6 +160,13 @@ class AsyncEngine:
             once, self._once = self._once, []
         for _, fut in once:
             fut.set_exception(EngineStopped("the engine was shut down"))
+
+    def _step_with_retry(self) -> list[RequestOutput]:
+        try:
+            return self.engine.step()
+        except Exception:  # noqa: BLE001 - e.g. a transient expert-call failure: try once more
+            log.exception("engine step failed; retrying it once")
+            return self.engine.step()
 
     def _boundary(self) -> None:
         with self._lock:
@@ -194,7 +204,8 @@ class AsyncEngine:
             for out in outputs:
                 stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
                 if stream is not None:
-                    by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+                    item = out.error if out.error is not None else out  # failed alone: the stream raises it
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, item))
         for loop, items in by_loop.items():
             self._post(loop, items)
 

@@ -11,6 +11,7 @@ Shape legend: T = tokens in the step, B = sequences in the step, M = widest bloc
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,8 @@ from actors.engine.sampling_params import SamplingParams
 from actors.engine.model_runner import ModelRunner
 from actors.engine.scheduler import Scheduler
 from actors.engine.sequence import Sequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     # once, in the first output, when it asked for prompt_logprobs: None for the first prompt token
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    error: BaseException | None = None  # set when this request alone failed inside a step
 
 
 @dataclass
@@ -116,6 +120,7 @@ class LLMEngine:
                 f"prompt ({n} tokens) + max_tokens ({max_tokens}) = {n + max_tokens} exceeds the "
                 f"context length of {limit} tokens; lower max_tokens or shorten the prompt"
             )
+        _check_sampling(params)
         need = self.blocks.blocks_for(n + max_tokens)
         if need > self.blocks.num_blocks:
             raise RequestRejected(
@@ -216,20 +221,60 @@ class LLMEngine:
             return outputs
         rows = [r for r, _ in seqs]
         seqs = [s for _, s in seqs]
-        for seq in seqs:
+        kept = []
+        for r, seq in zip(rows, seqs):
             if seq.slot is None:
-                seq.slot = self.slots.acquire(seq.params, seq.token_ids, seq.num_prompt_tokens, self._stop_ids(seq))
+                try:
+                    seq.slot = self.slots.acquire(seq.params, seq.token_ids, seq.num_prompt_tokens, self._stop_ids(seq))
+                except Exception as exc:  # noqa: BLE001 - this request's own values: only it fails
+                    log.exception("request %s: its sampling parameters failed at admission to a slot", seq.request_id)
+                    outputs.append(self._fail(seq, exc))
+                    continue
+            kept.append((r, seq))
+        if not kept:
+            return outputs
+        rows, seqs = [r for r, _ in kept], [s for _, s in kept]
         row_logits = logits if len(rows) == len(scheduled) else logits[rows]
         constrained = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
         allowed = self.grammars.fill_masks(constrained, len(seqs), row_logits.device) if constrained else None
         slot_ids = torch.tensor([s.slot for s in seqs], dtype=torch.long).to(row_logits.device, non_blocking=True)
-        sampled = self.sampler(row_logits, slot_ids, [self.slots.flags[s.slot] for s in seqs], allowed)
-        tokens, logprobs = sampled.to_host()
-        self._tokens_generated += len(tokens)
-        for i, (seq, tok) in enumerate(zip(seqs, tokens)):
-            lp = None if logprobs is None or seq.params.logprobs is None else _token_logprob(tok, logprobs[i], seq.params.logprobs)
+        flags = [self.slots.flags[s.slot] for s in seqs]
+        try:
+            results = [self.sampler(row_logits, slot_ids, flags, allowed).to_host()]
+            per_row = False
+        except Exception:  # noqa: BLE001 - find the rows to blame instead of failing the batch
+            log.exception("sampling a batch of %d failed; re-sampling row by row", len(seqs))
+            results = [self._sample_one(row_logits, slot_ids, flags, allowed, i) for i in range(len(seqs))]
+            per_row = True
+        for i, seq in enumerate(seqs):
+            result = results[i] if per_row else results[0]
+            if isinstance(result, BaseException):
+                outputs.append(self._fail(seq, result))
+                continue
+            tokens, logprobs = result
+            j = 0 if per_row else i
+            tok = tokens[j]
+            self._tokens_generated += 1
+            lp = None if logprobs is None or seq.params.logprobs is None else _token_logprob(tok, logprobs[j], seq.params.logprobs)
             outputs.append(self._append_token(seq, tok, lp))
         return outputs
+
+    def _sample_one(self, row_logits, slot_ids, flags, allowed, i: int):
+        """Row i alone: (tokens, logprobs) of a one-row step, or the exception it raises."""
+        try:
+            mask = None if allowed is None else allowed[i:i + 1]
+            return self.sampler(row_logits[i:i + 1], slot_ids[i:i + 1], [flags[i]], mask).to_host()
+        except Exception as exc:  # noqa: BLE001 - this request's own values: only it fails
+            return exc
+
+    def _fail(self, seq: Sequence, error: BaseException) -> RequestOutput:
+        """Finish one request whose sampling failed; its output carries the error."""
+        self.scheduler.finish(seq, "abort")
+        self._release_slot(seq)
+        self._seqs.pop(seq.request_id, None)
+        out = self._output(seq, [], "")
+        out.error = error
+        return out
 
     # ---- per-request extras: stop ids, prompt log-probabilities, slots ---------------------------
 
@@ -312,3 +357,21 @@ class LLMEngine:
 def _token_logprob(token: int, row: tuple[float, list[tuple[int, float]]], k: int) -> TokenLogprob:
     logprob, top = row
     return TokenLogprob(token, logprob, top[:k])
+
+
+def _check_sampling(params: SamplingParams) -> None:
+    """Build, once, the tensors the sampling slots hold for these values (floats, int64 top_k and
+    seed) and a seeded generator, so a value that cannot become one is refused at admission rather
+    than inside a shared step."""
+    floats = [getattr(params, name, 0.0) for name in
+              ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")]
+    try:
+        torch.tensor([float(v) for v in floats], dtype=torch.float32)
+        torch.tensor([int(params.top_k)], dtype=torch.int64)
+        if params.seed is not None:
+            torch.tensor([int(params.seed)], dtype=torch.int64)
+            torch.Generator().manual_seed(int(params.seed))
+    except (RuntimeError, OverflowError, TypeError, ValueError) as exc:
+        raise RequestRejected(f"sampling parameters out of range: {exc}") from exc
+    if not all(v == v and abs(v) < float("inf") for v in floats):
+        raise RequestRejected("sampling parameters must be finite numbers")

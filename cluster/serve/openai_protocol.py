@@ -11,6 +11,13 @@ the `X-Ignored-Fields` response header and a log line. Extensions beyond OpenAI,
 
 Checks that need the server's configuration (model name, context length, max n) live in the
 serve app, not here.
+
+Numeric ranges (the "edge" of per-request isolation, see docs/reliability.md): every integer field
+must fit in int64 (and `seed + n - 1` too, since choice j samples with seed + j), so nothing a
+client sends can overflow when it becomes a tensor or a torch.Generator seed inside an engine step.
+A temperature below TEMPERATURE_FLOOR or a top_p below TOP_P_FLOOR is treated as greedy: both
+mean "only the most likely token", and computing them literally gives NaN probabilities
+(logits / 1e-308) or an empty nucleus (top_p rounds to 0 in float32).
 """
 
 from __future__ import annotations
@@ -24,6 +31,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 MAX_LOGPROBS = 20
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+TEMPERATURE_FLOOR = 1e-5  # below: greedy (the float32 softmax of logits / t overflows for tiny t)
+TOP_P_FLOOR = 1e-6  # below: greedy (the nucleus is the top token, float32 cannot hold less)
+FREE_FORM_FIELDS = frozenset({"tools", "tool_choice", "response_format"})  # not range-checked: never tensors
 
 
 class _Request(BaseModel):
@@ -130,6 +142,38 @@ class _SamplingFields(_Request):
         if ids and (len(ids) > 64 or any(not 0 <= t < 2**31 for t in ids)):
             raise ValueError("stop_token_ids: at most 64 non-negative token ids")
         return ids
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integers_fit_int64(cls, data: Any) -> Any:
+        """Every integer anywhere in the body (fields, token ids, nested) within int64: a bigger
+        one can only be a mistake, and must never reach a tensor constructor inside a step."""
+        if not isinstance(data, dict):
+            return data
+        # declared fields only (unknown ones are ignored anyway); free-form JSON (tool schemas) is not ours
+        known = {f.alias or name for name, f in cls.model_fields.items()} - FREE_FORM_FIELDS
+        bad = _first_big_int({k: v for k, v in data.items() if k in known}, ())
+        if bad is not None:
+            path, value = bad
+            raise ValueError(f"{'.'.join(path) or 'value'}: {value} is outside the 64-bit integer range")
+        return data
+
+    @model_validator(mode="after")
+    def _seed_plus_n_fits(self) -> "_SamplingFields":
+        if self.seed is not None and self.seed + self.n - 1 > INT64_MAX:
+            raise ValueError(f"seed + n - 1 must be at most {INT64_MAX} (choice j samples with seed + j)")
+        return self
+
+    @model_validator(mode="after")
+    def _tiny_temperature_or_top_p_is_greedy(self) -> "_SamplingFields":
+        tiny_t = self.temperature is not None and self.temperature < TEMPERATURE_FLOOR
+        tiny_p = self.top_p is not None and self.top_p < TOP_P_FLOOR
+        if tiny_t or tiny_p:
+            # the assignments bypass validation on purpose: these are normalised, not client values
+            object.__setattr__(self, "temperature", 0.0)
+            if tiny_p:
+                object.__setattr__(self, "top_p", 1.0)
+        return self
 
     @model_validator(mode="after")
     def _unsupported(self) -> "_SamplingFields":
@@ -320,6 +364,23 @@ def _arguments(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def _first_big_int(value: Any, path: tuple[str, ...]) -> tuple[tuple[str, ...], int] | None:
+    """(path, value) of the first int outside int64 in a parsed JSON value, else None."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None if INT64_MIN <= value <= INT64_MAX else (path, value)
+    if isinstance(value, dict):
+        items = ((str(k), v) for k, v in value.items())
+    elif isinstance(value, list):
+        items = ((str(i), v) for i, v in enumerate(value))
+    else:
+        return None
+    for key, item in items:
+        found = _first_big_int(item, (*path, key))
+        if found is not None:
+            return found
+    return None
 
 
 # --------------------------------------------------------------------------------------- responses

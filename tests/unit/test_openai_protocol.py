@@ -210,3 +210,38 @@ def test_model_list_shape():
     body = p.ModelList(data=[p.ModelCard(id="tiny", max_model_len=2048)]).model_dump(mode="json")
     assert body["object"] == "list"
     assert body["data"][0]["id"] == "tiny" and body["data"][0]["object"] == "model"
+
+
+# ---- numeric ranges at the edge (docs/reliability.md) ---------------------------------------------
+
+
+@pytest.mark.parametrize("fields, named", [
+    ({"top_k": 2**63}, "top_k"),
+    ({"seed": 2**64}, "seed"),
+    ({"seed": -(2**63) - 1}, "seed"),
+    ({"max_tokens": 2**70}, "max_tokens"),
+    ({"n": 2**63}, "n"),
+    ({"prompt": [1, 2, 2**64]}, "prompt.2"),
+])
+def test_integers_outside_int64_are_refused_naming_the_field(fields, named):
+    _, message = refusal(completion, **fields)
+    assert message.startswith(f"{named}:") and "64-bit" in message
+
+
+def test_seed_plus_n_must_fit_int64():
+    _, message = refusal(completion, seed=2**63 - 1, n=2)
+    assert "seed + n - 1" in message
+    assert completion(seed=2**63 - 2, n=2).seed == 2**63 - 2
+
+
+@pytest.mark.parametrize("fields", [{"temperature": 1e-308}, {"temperature": 5e-6, "top_p": 0.9},
+                                    {"temperature": 0.7, "top_p": 5e-324}])
+def test_tiny_temperature_or_top_p_is_greedy(fields):
+    for build in (completion, chat):
+        req = build(**fields)
+        assert req.temperature == 0.0 and (req.top_p is None or req.top_p >= p.TOP_P_FLOOR)
+
+
+def test_ordinary_temperature_and_top_p_are_kept():
+    req = completion(temperature=0.7, top_p=0.9)
+    assert (req.temperature, req.top_p) == (0.7, 0.9)
