@@ -47,8 +47,17 @@ class ServerSection(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     api_keys: list[str] = Field(default_factory=list, description="Bearer keys; empty = no auth")
-    admin_keys: list[str] = Field(default_factory=list, description="keys for /admin; default api_keys")
+    admin_keys: list[str] = Field(default_factory=list, description="keys for /admin; empty = admin API off")
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    admin_max_body_bytes: int = Field(16 << 10, ge=256, description="body limit of /admin routes")
+    body_read_timeout_s: float = Field(10, gt=0, description="a request body must arrive within this (408)")
+    request_timeout_s: float = Field(600, gt=0, description="total deadline of one request (504)")
+    max_waiting_requests: int = Field(
+        64, ge=0, description="generation requests a replica admits beyond engine.max_num_seqs; more get 429")
+    retry_after_s: int = Field(1, ge=1, description="Retry-After of a 429")
+    extra_ongoing_requests: int = Field(
+        128, ge=8, description="Serve slots beyond the admitted generation requests, for /health, /metrics "
+        "and clients still sending their body")
     max_n: int = Field(8, ge=1, description="cap on n (choices per request)")
     max_tokens_default: int = Field(256, ge=1)
     num_replicas: int | Literal["auto"] = 1

@@ -309,6 +309,12 @@ class RemoteExperts:
 
     # ---- metrics and teardown ------------------------------------------------------------------------
 
+    def groups_without_live_holder(self) -> list[int]:
+        """Groups every current holder of which has failed (served by failover until repaired)."""
+        with self._lock:
+            down = set(self._down)
+        return [g for g in range(self.cfg.n_groups) if all(h in down for h in self._placement.holders_of(g))]
+
     def metrics(self, reset: bool = False) -> dict:
         """Group load per layer (see actors/experts/group_load.py) + epoch, retries and failed workers."""
         return {**self.load.snapshot(reset), "epoch": self.epoch, "retries": self.retries, "down": sorted(self._down)}

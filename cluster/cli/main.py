@@ -132,8 +132,8 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"  try: {example_curl(base_url, model, key)}", flush=True)
         if cluster.stack is not None:
             dp, server = config.data_plane, config.server
-            admin = (f"moge status --url {base_url} --admin-key KEY" if server.admin_keys or server.api_keys
-                     else "disabled (no --admin-key / --api-key)")
+            admin = (f"moge status --url {base_url} --admin-key KEY" if server.admin_keys
+                     else "disabled (no --admin-key)")
             print(f"  experts: {dp.num_workers} {dp.transport} worker(s) under the elastic controller; "
                   f"admin: {admin}", flush=True)
         print("  Ctrl-C to stop", flush=True)

@@ -4,8 +4,9 @@
   POST /admin/scale   {"devices": N}      grow or shrink to N expert workers, live
   POST /admin/migrate {"group": g, "worker": "w1", "replicate": false}
 
-Keys: server.admin_keys, or server.api_keys when admin_keys is empty; with neither set the admin
-routes refuse every call (403) rather than open cluster control to anyone who can reach the port.
+Keys: server.admin_keys only. Without an admin key the admin routes refuse every call (403): an
+OpenAI API key never opens cluster control (scale, migrate), and no key means nobody can.
+Bodies are small JSON objects, limited by server.admin_max_body_bytes (cluster/serve/request_guard.py).
 The routes forward to the controller actor; its refusals come back as 400 / 409, and an
 unreachable controller as 503 on these routes only (serving is unaffected).
 """
@@ -56,7 +57,7 @@ class MigrateRequest(BaseModel):
 
 
 def admin_keys(settings: Any) -> ApiKeys:
-    return ApiKeys(settings.admin_keys or settings.api_keys)
+    return ApiKeys(settings.admin_keys)  # no fallback to api_keys: serving access is not cluster control
 
 
 def admin_router(controller: Callable[[], Any], keys: ApiKeys, timeout_s: float = 600.0) -> APIRouter:
@@ -65,7 +66,7 @@ def admin_router(controller: Callable[[], Any], keys: ApiKeys, timeout_s: float 
 
     def authorise(request: Request) -> None:
         if not keys.enabled:
-            raise AdminDisabled("The admin API is disabled: set server.admin_keys (or server.api_keys)")
+            raise AdminDisabled("The admin API is disabled: set server.admin_keys (--admin-key)")
         keys.check(request.headers.get("authorization"))
 
     async def call(method: str, *args: Any) -> Any:

@@ -77,7 +77,19 @@ class AttentionReplica:
                  self.served.max_model_len, self.replica.mode)
 
     def __serve_build_asgi_app__(self):  # Serve calls this once, after __init__
-        return build_http_app(self.front, health=self._healthy, admin=self._admin_routes())
+        from cluster.serve.request_guard import GuardLimits
+
+        limits = GuardLimits.from_settings(self.config.server, self.config.engine.max_num_seqs)
+        return build_http_app(self.front, health=self._healthy, admin=self._admin_routes(), ready=self._ready,
+                              limits=limits)
+
+    async def _ready(self) -> dict:
+        """Degraded while an expert group has no live holder (its calls wait for a failover)."""
+        elastic = self.replica.elastic
+        if elastic is None:
+            return {"ready": True}
+        unserved = elastic.experts.groups_without_live_holder()
+        return {"ready": not unserved, "groups_without_live_holder": unserved, "epoch": elastic.epoch}
 
     def _admin_routes(self):
         """/admin/status|scale|migrate, forwarded to the controller; only elastic replicas have one."""
@@ -106,9 +118,12 @@ class AttentionReplica:
 def deployment_options(config: MogeConfig) -> dict[str, Any]:
     """Serve options of the replica deployment from the server section (replicas, resources)."""
     server: ServerSection = config.server
-    # Serve's default (5 in flight per replica) would starve a batch of max_num_seqs; allow the
-    # batch plus as much again queued in the engine, and at least twice the autoscaling target.
-    max_ongoing = max(2 * config.engine.max_num_seqs, math.ceil(2 * server.target_ongoing_requests))
+    # Serve's default (5 in flight per replica) would starve a batch of max_num_seqs. The replica
+    # admits max_num_seqs + max_waiting_requests generation requests itself (429 beyond:
+    # cluster/serve/request_guard.py); Serve gets extra_ongoing_requests more slots on top, so
+    # /health, /metrics and clients still sending their body never queue in the proxy behind them.
+    admitted = config.engine.max_num_seqs + server.max_waiting_requests
+    max_ongoing = max(admitted + server.extra_ongoing_requests, math.ceil(2 * server.target_ongoing_requests))
     opts: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": server.replica_num_cpus, "num_gpus": server.replica_num_gpus},
         "max_ongoing_requests": max_ongoing,

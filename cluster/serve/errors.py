@@ -27,6 +27,7 @@ class APIError(Exception):
     status: int = 400
     type: str = "invalid_request_error"
     code: str | None = None
+    headers: dict[str, str] | None = None  # extra response headers (Retry-After, Allow, ...)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -39,8 +40,9 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else {}
+        headers.update(self.headers or {})
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
 
 
 class InvalidRequest(APIError):
@@ -81,6 +83,37 @@ class BodyTooLarge(APIError):
 class ServerError(APIError):
     status = 500
     type = "server_error"
+
+
+class RequestTimeout(APIError):
+    """The client did not send its whole body within the body-read deadline."""
+
+    status = 408
+    code = "request_timeout"
+    headers = {"Connection": "close"}
+
+
+class UnsupportedMediaType(APIError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class Overloaded(APIError):
+    """The replica's waiting queue is full: come back after Retry-After seconds."""
+
+    status = 429
+    type = "overloaded_error"
+    code = "server_overloaded"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(max(1, int(retry_after_s)))}
+
+
+class DeadlineExceeded(APIError):
+    status = 504
+    type = "server_error"
+    code = "request_deadline_exceeded"
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -133,6 +166,7 @@ def install_handlers(app: FastAPI) -> None:
             err: APIError = NotFound("Unknown route", code="unknown_url")
         elif exc.status_code == 405:
             err = MethodNotAllowed("Method not allowed on this route", code="method_not_allowed")
+            err.headers = dict(exc.headers or {})  # Starlette names the allowed methods in Allow
         else:
             err = APIError(str(exc.detail))
             err.status = exc.status_code
@@ -148,3 +182,33 @@ def install_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_request_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
     app.add_exception_handler(Exception, on_api_error)
+
+
+class ErrorBoundary:
+    """ASGI middleware just inside the metrics middleware: an exception that escapes the app (a bug)
+    becomes the OpenAI 500 body here, so the metrics middleware sees and counts the 500 (Starlette's
+    catch-all handler would answer it outside every user middleware). After the response started
+    nothing can be sent: the exception is logged and the connection ends."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Any) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 - the boundary: nothing escapes as a bare 500
+            if started:
+                log.exception("error after the response started", exc_info=exc)
+                return
+            await as_api_error(exc).response()(scope, receive, send)

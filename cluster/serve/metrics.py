@@ -29,6 +29,9 @@ class ReplicaMetrics:
         self.requests = Counter(
             "moge_requests", "HTTP requests answered, by route and status code", ["route", "status"], registry=r
         )
+        self.stream_errors = Counter(
+            "moge_stream_errors", "errors reported inside an already started (200) stream, by the status "
+            "they would have had", ["status"], registry=r)
         self.prompt_tokens = Counter("moge_prompt_tokens", "prompt tokens of finished requests", registry=r)
         self.completion_tokens = Counter(
             "moge_completion_tokens", "tokens generated for finished requests", registry=r
@@ -53,6 +56,9 @@ class ReplicaMetrics:
 
     def count_request(self, route: str, status: int) -> None:
         self.requests.labels(route=route, status=str(status)).inc()
+
+    def count_stream_error(self, status: int) -> None:
+        self.stream_errors.labels(status=str(status)).inc()
 
     def count_tokens(self, prompt: int, completion: int) -> None:
         self.prompt_tokens.inc(prompt)

@@ -29,11 +29,13 @@ from cluster.serve.openai_params import (
 from cluster.serve.tools import StreamingToolParser, forced_call_grammar, parse_tool_calls, tools_system_prompt
 from cluster.serve.auth import ApiKeyMiddleware, ApiKeys
 from cluster.config import ServerSection
-from cluster.serve.errors import BodyTooLarge, InvalidRequest, ModelNotFound, as_api_error, install_handlers
+from cluster.serve.errors import (BodyTooLarge, ErrorBoundary, InvalidRequest, ModelNotFound, as_api_error,
+                                  install_handlers)
 from cluster.serve.metrics import CONTENT_TYPE, ReplicaMetrics
 from cluster.serve.openapi_doc import body_schema, install_request_schemas, parse_request, report_ignored
+from cluster.serve.request_guard import GuardLimits, RequestGuard
 
-KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics",
+KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics",
                 "/admin/status", "/admin/scale", "/admin/migrate", "/tokenize", "/detokenize",
                 "/openapi.json", "/docs")
 
@@ -326,7 +328,9 @@ class OpenAIServer:
                 if req.include_usage_in_stream:
                     yield p.sse_event(chunks.usage(_usage(choices, results)))
             except Exception as exc:  # the stream has started: report in-band, then end it
-                yield p.sse_event(as_api_error(exc).body())
+                err = as_api_error(exc)
+                self.metrics.count_stream_error(err.status)
+                yield p.sse_event(err.body())
             finally:
                 await events.aclose()
             yield p.SSE_DONE
@@ -626,10 +630,13 @@ class RouteMetricsMiddleware:
 
 
 def build_http_app(
-    server: OpenAIServer, health: Callable[[], Awaitable[bool]] | None = None, admin: APIRouter | None = None
+    server: OpenAIServer, health: Callable[[], Awaitable[bool]] | None = None, admin: APIRouter | None = None,
+    ready: Callable[[], Awaitable[dict]] | None = None, limits: GuardLimits | None = None,
 ) -> FastAPI:
     """The ASGI app of one replica: routes, OpenAI error bodies, auth, per-route counters.
-    `admin`: the elastic admin routes (cluster/serve/admin_api.py), which check the admin keys themselves."""
+    `admin`: the elastic admin routes (cluster/serve/admin_api.py), which check the admin keys themselves.
+    `ready`: -> {"ready": bool, ...details} for /ready (degraded while a group has no live holder).
+    `limits`: body deadline, admission and total deadline (cluster/serve/request_guard.py)."""
     app = FastAPI(title="moge-serve", summary="OpenAI-compatible API of one attention replica",
                   version="1", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
     install_handlers(app)
@@ -674,12 +681,25 @@ def build_http_app(
         ok = True if health is None else await health()
         return JSONResponse({"status": "ok" if ok else "unhealthy"}, status_code=200 if ok else 503)
 
+    @app.get("/ready")
+    async def readiness() -> Response:
+        """Readiness, unlike /health (liveness): 503 'degraded' while some expert group has no live
+        holder (its steps wait for a failover), so a balancer can prefer another replica."""
+        alive = True if health is None else await health()
+        state = {"ready": alive} if ready is None else await ready()
+        ok = alive and bool(state.get("ready"))
+        body = {**state, "status": "ready" if ok else ("degraded" if alive else "unhealthy"), "ready": ok}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(server.metrics.render(), media_type=CONTENT_TYPE)
 
     install_request_schemas(app)
-    # Outermost last: counting sees the 401s that auth answers itself.
+    # Outermost last: counting sees the 401s that auth answers itself and every 500 (ErrorBoundary);
+    # the guard runs after auth, so an unauthenticated client's body is never read.
+    app.add_middleware(RequestGuard, limits=limits or GuardLimits(max_body_bytes=limit))
     app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(server.settings.api_keys), own_keys_prefixes=own_keys)
+    app.add_middleware(ErrorBoundary)
     app.add_middleware(RouteMetricsMiddleware, metrics=server.metrics)
     return app

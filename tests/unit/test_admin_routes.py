@@ -61,6 +61,7 @@ def make_app(controller, **server):
 def request(app, method: str, path: str, key: str | None, **kwargs) -> httpx.Response:
     async def go():
         headers = {"Authorization": f"Bearer {key}"} if key else {}
+        headers.update(kwargs.pop("headers", {}))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
             return await client.request(method, path, headers=headers, **kwargs)
 
@@ -79,10 +80,21 @@ def test_admin_routes_take_admin_keys_only():
     assert request(app, "GET", "/admin/nothing", None).status_code == 404
 
 
-def test_admin_keys_default_to_api_keys_and_no_key_disables_admin():
+def test_admin_is_off_without_an_admin_key_even_with_api_keys():
     ctl = ScriptedController()
-    assert request(make_app(lambda: ctl, api_keys=[API_KEY]), "GET", "/admin/status", API_KEY).status_code == 200
+    off = request(make_app(lambda: ctl, api_keys=[API_KEY]), "GET", "/admin/status", API_KEY)
+    assert off.status_code == 403 and off.json()["error"]["code"] == "admin_disabled"
+    scale = request(make_app(lambda: ctl, api_keys=[API_KEY]), "POST", "/admin/scale", API_KEY, json={"devices": 2})
+    assert scale.status_code == 403 and ctl.calls == []
     assert request(make_app(lambda: ctl), "GET", "/admin/status", None).status_code == 403
+
+
+def test_admin_bodies_are_limited():
+    ctl = ScriptedController()
+    big = b'{"devices": 2, "pad": "' + b"x" * (32 << 10) + b'"}'
+    r = request(make_app(lambda: ctl, admin_keys=[ADMIN_KEY]), "POST", "/admin/scale", ADMIN_KEY, content=big,
+                headers={"Content-Type": "application/json"})
+    assert r.status_code == 413
 
 
 @pytest.mark.parametrize("path, body, status", [

@@ -89,6 +89,9 @@ def make_app(**server):
 
 async def call(app, method: str, path: str, key: str | None = KEY, **kwargs) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if "content" in kwargs:  # raw bodies in these tests are JSON (or meant to be)
+        headers["Content-Type"] = "application/json"
+    headers.update(kwargs.pop("headers", {}))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
         return await client.request(method, path, headers=headers, **kwargs)
 
