@@ -34,6 +34,14 @@ PRESET_PREFIX = "preset:"
 STATS_WINDOW_S = 10.0  # tokens/s and busy fraction are reported over this sliding window
 
 
+DEFAULT_MAX_CALL_TOKENS = 1 << 16
+
+
+class CallRejected(ValueError):
+    """A call outside what this worker accepts (shapes, bounds, duplicate groups): the caller's fault.
+    Checked before any compute, so a malformed or hostile request costs no device time."""
+
+
 def model_config_of(spec: dict) -> ModelConfig:
     """The ModelConfig a model_spec describes (only config.json is read for a directory)."""
     source = spec["source"]
@@ -157,6 +165,8 @@ class ExpertWorker:
         self.transport = transport
         options = dict(transport_options or {})
         self.host = options.get("host") or _node_ip()
+        self.max_call_tokens = int(options.get("max_call_tokens") or DEFAULT_MAX_CALL_TOKENS)
+        self.max_reply_bytes = int(options.get("max_message_bytes") or (256 << 20))
         self._server = self._start_server(transport, options)
         self._lanes = None  # worker_lane.LaneServer, started by the first accept_lane
         self._lanes_lock = threading.Lock()
@@ -288,6 +298,9 @@ class ExpertWorker:
     def export_groups(self, groups: list[int]) -> dict[int, dict]:
         """CPU copies of held groups for a peer: {g: {"group", "first_expert", "w13": {layer: t}, "w2": ...}}."""
         held = self._groups
+        groups = [int(g) for g in groups]
+        if len(set(groups)) != len(groups) or len(groups) > self.cfg.n_groups:
+            raise CallRejected(f"group ids must be unique and at most {self.cfg.n_groups}: {groups[:16]}")
         missing = [g for g in groups if g not in held]
         if missing:
             raise GroupNotHeld(f"worker {self.worker_id} does not hold groups {missing}")
@@ -326,6 +339,7 @@ class ExpertWorker:
         missing = [g for g in group_ids if g not in held]
         if missing:
             raise GroupNotHeld(f"worker {self.worker_id} does not hold groups {missing} (holds {sorted(held)})")
+        self.check_call(held, layer, group_ids, x, ids, weights)
         start = time.perf_counter()
         x = x.to(self.device, self.dtype)
         ids = ids.to(self.device)
@@ -341,6 +355,30 @@ class ExpertWorker:
         sync_stream(self.device)
         self._meter.record(list(group_ids), tokens, time.perf_counter() - start)
         return out
+
+    def check_call(self, held: dict, layer: int, group_ids: list[int], x: torch.Tensor, ids: torch.Tensor,
+                   weights: torch.Tensor) -> None:
+        """CallRejected unless the call is one a replica would send: unique held groups, a MoE layer
+        they have, x [T, hidden] floating, ids / weights [T, k] with k <= top_k, T and the reply
+        (n * T * hidden elements) within this worker's limits."""
+        if len(set(group_ids)) != len(group_ids):
+            raise CallRejected(f"duplicate group ids in {list(group_ids)[:16]}")
+        if any(layer not in held[g].w13 for g in group_ids):
+            raise CallRejected(f"layer {layer} is not a MoE layer of the held groups")
+        hidden = self.cfg.hidden_size
+        if x.dim() != 2 or x.shape[1] != hidden or not x.is_floating_point():
+            raise CallRejected(f"x must be a floating [T, {hidden}] tensor, got {x.dtype}{list(x.shape)}")
+        t = x.shape[0]
+        if t > self.max_call_tokens:
+            raise CallRejected(f"{t} tokens in one call; the limit is {self.max_call_tokens}")
+        for name, tensor in (("ids", ids), ("weights", weights)):
+            if tensor.dim() != 2 or tensor.shape[0] != t or tensor.shape[1] > self.cfg.top_k:
+                raise CallRejected(f"{name} must be [{t}, k <= {self.cfg.top_k}], got {list(tensor.shape)}")
+        if ids.dtype not in (torch.int64, torch.int32) or ids.shape != weights.shape or not weights.is_floating_point():
+            raise CallRejected("ids must be integer and weights floating, of the same shape")
+        reply = len(group_ids) * t * hidden * torch.empty((), dtype=self.dtype).element_size()
+        if reply > self.max_reply_bytes:
+            raise CallRejected(f"the reply would be {reply} bytes; the limit is {self.max_reply_bytes}")
 
     def warmup(self) -> dict:
         """One tiny call per held group and MoE layer: kernels compiled, allocator primed."""

@@ -72,7 +72,9 @@ def start_elastic(config: MogeConfig, namespace: str | None = "moge", redis_data
     import ray
 
     from cluster.elastic.controller import start_controller
+    from cluster.security import cluster_secret
 
+    cluster_secret.ensure()  # created before any worker or replica asks for it
     redis = None
     if not config.elastic.redis_url:
         redis = EmbeddedRedis(data_dir=redis_data_dir).start()

@@ -37,10 +37,13 @@ def model_spec(config: MogeConfig) -> dict:
 
 
 def transport_options(config: MogeConfig) -> dict:
+    """The worker's transport options; the cluster secret rides in them through Ray (actor args)."""
+    from cluster.security import cluster_secret
+
     dp = config.data_plane
     return {"max_message_bytes": dp.grpc_max_message_bytes, "tls_cert": dp.grpc_tls_cert,
             "tls_key": dp.grpc_tls_key, "tls_ca": dp.grpc_tls_ca, "host": dp.advertise_host,
-            "timeout_s": dp.call_timeout_s}
+            "timeout_s": dp.call_timeout_s, "auth_token": cluster_secret.ensure()}
 
 
 def device_kind(config: MogeConfig) -> str:

@@ -41,9 +41,12 @@ def client_transport(config: MogeConfig, device, replica_id: str | None = None) 
     """The replica's side of data_plane.transport."""
     dp = config.data_plane
     if dp.transport == "grpc":
+        from cluster.security import cluster_secret
+
         mutual = dp.grpc_tls_ca is not None
         return make_transport(
             "grpc",
+            auth_token=cluster_secret.ensure(),
             timeout_s=dp.call_timeout_s,
             max_message_bytes=dp.grpc_max_message_bytes,
             tls_ca=dp.grpc_tls_ca or dp.grpc_tls_cert,  # self-signed worker cert: trust the cert itself

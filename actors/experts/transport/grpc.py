@@ -11,10 +11,18 @@ Options (transport_options on the worker, keyword arguments of GrpcTransport on 
                      present a certificate signed by that CA (mutual TLS)
   tls_ca             PEM file: CA the replica trusts (and the worker checks client certs against)
   tls_server_name    replica: name expected in the worker's certificate, if not its address
+  auth_token         the cluster secret (both sides): every RPC must carry it in the
+                     `x-moge-auth` metadata, checked by a server interceptor before any handler
+                     runs (Compute, Ping, Stats, ExportGroups alike) -> UNAUTHENTICATED otherwise.
+                     The cluster creates it at start and hands it out through Ray
+                     (cluster/elastic/cluster_secret.py); None leaves the server open (only for
+                     in-process tests). TLS / mTLS above stay available on top.
+  max_call_tokens    worker: most tokens (rows of x) one Compute may carry (default 65536)
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +37,7 @@ from protos import moge_expert_pb2 as pb
 from protos import moge_expert_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE = 256 << 20
+AUTH_METADATA = "x-moge-auth"
 
 
 def tensor_to_proto(t: torch.Tensor) -> pb.Tensor:
@@ -55,6 +64,45 @@ def _hostport(host: str, port: int | str) -> str:
 # ---- worker side ------------------------------------------------------------------------------
 
 
+class _SecretInterceptor(grpc.ServerInterceptor):
+    """Refuses every RPC whose `x-moge-auth` metadata is not the cluster secret (constant-time)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+    def intercept_service(self, continuation, details):
+        presented = ""
+        for key, value in details.invocation_metadata or ():
+            if key == AUTH_METADATA:
+                presented = value if isinstance(value, str) else value.decode("latin-1")
+        if hmac.compare_digest(presented.encode(), self._token):
+            return continuation(details)
+        handler = continuation(details)
+        if handler is None:
+            return None  # unknown method: gRPC answers UNIMPLEMENTED
+        message = "missing or wrong cluster secret"
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        def deny_stream(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            yield  # pragma: no cover - makes this a generator, as a unary-stream handler must be
+
+        # the request is not even deserialised: the body of an unauthenticated call is never parsed
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(deny_stream)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(deny_stream)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+def _auth_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    return ((AUTH_METADATA, token),) if token else None
+
+
 class _DataServicer(pb_grpc.ExpertDataServicer):
     def __init__(self, worker) -> None:
         self.worker = worker
@@ -67,7 +115,7 @@ class _DataServicer(pb_grpc.ExpertDataServicer):
             y = self.worker.compute(request.layer, list(request.group_ids), x, ids, weights)
         except GroupNotHeld as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except ValueError as exc:  # malformed tensors: the caller's fault
+        except ValueError as exc:  # malformed tensors, out-of-bounds call: the caller's fault
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return pb.ComputeReply(y=tensor_to_proto(y), worker_id=self.worker.worker_id)
 
@@ -87,6 +135,8 @@ class _ControlServicer(pb_grpc.WorkerControlServicer):
             exported = self.worker.export_groups(list(request.groups))
         except GroupNotHeld as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except ValueError as exc:  # duplicate or too many group ids
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         for g, data in exported.items():
             for name in ("w13", "w2"):
                 for layer, t in sorted(data[name].items()):
@@ -98,10 +148,13 @@ class _ControlServicer(pb_grpc.WorkerControlServicer):
 class GrpcExpertServer:
     def __init__(self, worker, host: str, options: dict) -> None:
         max_bytes = int(options.get("max_message_bytes") or DEFAULT_MAX_MESSAGE)
+        token = options.get("auth_token")
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=int(options.get("threads", 8)), thread_name_prefix="moge-grpc"),
             options=_message_options(max_bytes),
+            interceptors=[_SecretInterceptor(token)] if token else None,
         )
+        self.authenticated = bool(token)
         pb_grpc.add_ExpertDataServicer_to_server(_DataServicer(worker), self._server)
         pb_grpc.add_WorkerControlServicer_to_server(_ControlServicer(worker), self._server)
         cert, key = _read(options.get("tls_cert")), _read(options.get("tls_key"))
@@ -118,7 +171,7 @@ class GrpcExpertServer:
         self._server.start()
 
     def address(self) -> dict:
-        return {"host": self.host, "port": self.port, "tls": self.tls}
+        return {"host": self.host, "port": self.port, "tls": self.tls, "auth": self.authenticated}
 
     def stop(self) -> None:
         self._server.stop(grace=None)
@@ -151,9 +204,11 @@ class GrpcTransport(ExpertTransport):
         tls_cert: str | None = None,
         tls_key: str | None = None,
         tls_server_name: str | None = None,
+        auth_token: str | None = None,
         **_: object,
     ) -> None:
         self.timeout_s = timeout_s
+        self._metadata = _auth_metadata(auth_token)
         self.max_message_bytes = max_message_bytes
         self._tls = dict(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key, tls_server_name=tls_server_name)
         self._lock = threading.Lock()
@@ -193,7 +248,7 @@ class GrpcTransport(ExpertTransport):
             weights=tensor_to_proto(weights),
         )
         device = x.device
-        rpc = link[2].Compute.future(request, timeout=self.timeout_s)
+        rpc = link[2].Compute.future(request, timeout=self.timeout_s, metadata=self._metadata)
 
         def done(f: grpc.Future) -> None:
             try:
@@ -210,13 +265,15 @@ class GrpcTransport(ExpertTransport):
         super().close()
 
 
-def fetch_groups(endpoint: dict, groups: list[int], timeout_s: float = 600.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE, **tls) -> dict[int, dict]:
+def fetch_groups(endpoint: dict, groups: list[int], timeout_s: float = 600.0, max_message_bytes: int = DEFAULT_MAX_MESSAGE,
+                 auth_token: str | None = None, **tls) -> dict[int, dict]:
     """Stream `groups` from a holder's WorkerControl.ExportGroups -> the export_groups() layout."""
     channel = _channel(endpoint, max_message_bytes, **tls)
     try:
         stub = pb_grpc.WorkerControlStub(channel)
         out: dict[int, dict] = {}
-        for item in stub.ExportGroups(pb.ExportRequest(groups=list(groups)), timeout=timeout_s):
+        request = pb.ExportRequest(groups=list(groups))
+        for item in stub.ExportGroups(request, timeout=timeout_s, metadata=_auth_metadata(auth_token)):
             entry = out.setdefault(item.group, {"group": item.group, "first_expert": item.first_expert, "w13": {}, "w2": {}})
             entry[item.name][item.layer] = tensor_from_proto(item.tensor)
         return out
@@ -224,10 +281,11 @@ def fetch_groups(endpoint: dict, groups: list[int], timeout_s: float = 600.0, ma
         channel.close()
 
 
-def worker_stats(endpoint: dict, timeout_s: float = 5.0, **tls) -> dict:
+def worker_stats(endpoint: dict, timeout_s: float = 5.0, auth_token: str | None = None, **tls) -> dict:
     """WorkerControl.Stats over gRPC (for callers without a Ray handle)."""
     channel = _channel(endpoint, DEFAULT_MAX_MESSAGE, **tls)
     try:
-        return json.loads(pb_grpc.WorkerControlStub(channel).Stats(pb.StatsRequest(), timeout=timeout_s).json)
+        stub = pb_grpc.WorkerControlStub(channel)
+        return json.loads(stub.Stats(pb.StatsRequest(), timeout=timeout_s, metadata=_auth_metadata(auth_token)).json)
     finally:
         channel.close()

@@ -1,0 +1,1 @@
+"""Secrets the cluster creates for itself (the expert-worker RPC secret)."""
