@@ -11,14 +11,24 @@ The default in-process model starts none of this.
 
 Ray gets a bounded number of logical CPUs (what the replicas and expert workers ask for, not the
 machine's core count) and no dashboard: both keep start-up short on a small machine.
+
+Hermetic and private (docs/reliability.md): `start_ray` always starts a new local instance
+(address="local": never joins another Ray found through RAY_ADDRESS or /tmp/ray), in its own temp
+dir, with token authentication on and its own token (a 0600 file in that dir, not the user's shared
+~/.ray/auth_token), and with the node IP 127.0.0.1 so that GCS, raylet, object manager, workers,
+the dashboard agent and its metrics exporter bind to loopback. One port Ray does not let us bind:
+each Serve replica's inter-deployment gRPC server listens on [::]:0 (hard-coded in Ray Serve).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import secrets
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -50,9 +60,43 @@ def logical_cpus(config: MogeConfig) -> int:
     return max(1, math.ceil(need))
 
 
-def start_ray(num_cpus: int) -> None:
-    """ray.init for this machine: bounded logical CPUs, no dashboard, workers that can import
-    this checkout (they are separate processes and do not inherit the driver's sys.path)."""
+def private_ray_dir() -> str:
+    """A fresh temp dir for one local Ray (short: Ray's Unix socket paths must stay < 108 bytes)
+    holding a new auth token file readable only by this user; token auth is switched on for this
+    process and everything it starts."""
+    root = tempfile.mkdtemp(prefix="moge-ray-", dir="/tmp")
+    token = Path(root) / "auth_token"
+    fd = os.open(token, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    _refresh_ray_auth()
+    return root
+
+
+def _refresh_ray_auth() -> None:
+    """Ray caches its auth mode and token when first imported; make it read the new ones."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except (ImportError, AttributeError):  # an older Ray without token auth: nothing cached
+        pass
+
+
+def remove_private_ray_dir(root: str | None) -> None:
+    if root and Path(root).name.startswith("moge-ray-"):
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def start_ray(num_cpus: int) -> str:
+    """ray.init for this machine: a new, private, loopback-only local instance (see the module
+    docstring), bounded logical CPUs, no dashboard, workers that can import this checkout (they are
+    separate processes and do not inherit the driver's sys.path). -> its temp dir, for
+    remove_private_ray_dir after ray.shutdown()."""
     import ray
 
     path = os.environ.get("PYTHONPATH", "")
@@ -61,17 +105,26 @@ def start_ray(num_cpus: int) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if on_main_thread else None
-    ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        namespace=APP_NAME,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    root = private_ray_dir()
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            namespace=APP_NAME,
+            log_to_driver=False,
+            configure_logging=False,
+            _temp_dir=root,
+            _node_ip_address="127.0.0.1",
+        )
+    except BaseException:
+        remove_private_ray_dir(root)
+        raise
     # ray.init installs a native SIGTERM handler that aborts the process; a caller that set its own
     # (the CLI's clean shutdown) gets it back.
     if callable(previous):
         signal.signal(signal.SIGTERM, previous)
+    return root
 
 
 class LocalCluster:
@@ -86,6 +139,7 @@ class LocalCluster:
         self.base_url = ""
         self.stack = None  # cluster.elastic.stack.ElasticStack when there are expert workers
         self._owns_ray = False
+        self._ray_dir: str | None = None
         self._owns_serve = False
         self._app_running = False
 
@@ -100,7 +154,7 @@ class LocalCluster:
 
         deadline = time.monotonic() + timeout_s
         if not ray.is_initialized():
-            start_ray(self.num_cpus)
+            self._ray_dir = start_ray(self.num_cpus)
             self._owns_ray = True
         config = self.config
         if elastic_enabled(config) and self.control_plane:
@@ -157,6 +211,8 @@ class LocalCluster:
                 if self._owns_ray:
                     ray.shutdown()
                     self._owns_ray = False
+                    remove_private_ray_dir(self._ray_dir)
+                    self._ray_dir = None
 
     def __enter__(self) -> "LocalCluster":
         self.start()

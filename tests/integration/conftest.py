@@ -33,7 +33,7 @@ import httpx
 import pytest
 
 from cluster.config import MogeConfig
-from cluster.cli.local_cluster import LocalCluster, free_port, logical_cpus, start_ray
+from cluster.cli.local_cluster import LocalCluster, free_port, logical_cpus, remove_private_ray_dir, start_ray
 
 TEST_API_KEY = "sk-moge-integration-test"
 RAY_LOGICAL_CPUS = 4  # one replica plus room for expert workers started by other tests
@@ -85,11 +85,12 @@ def ray_local(moge_server_config: MogeConfig) -> Iterator[None]:
     if ray.is_initialized():  # another conftest already started it
         yield
         return
-    start_ray(max(RAY_LOGICAL_CPUS, logical_cpus(moge_server_config)))
+    root = start_ray(max(RAY_LOGICAL_CPUS, logical_cpus(moge_server_config)))
     try:
         yield
     finally:
         ray.shutdown()
+        remove_private_ray_dir(root)
 
 
 @pytest.fixture(scope="session")
