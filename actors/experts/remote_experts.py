@@ -11,16 +11,29 @@ Invariant 2: `adopt(placement)` only stages a placement; `on_step_boundary()` (c
 between steps) makes it current. Invariant 4: a call that fails is re-sent to another holder of the
 group, or to a replacement worker from `replacer`, inside the same step.
 
+Hung (not dead) workers: every call waits at most a deadline derived from recent call latency
+(`deadline_factor` x the slowest of the last calls, at least `min_deadline_s`, at most
+`wait_timeout_s`), so a stopped worker costs one deadline, not the transport's 30 s timeout. Past
+it the worker is marked down and the call goes to another holder; when a group has no live holder
+and a `local_fallback` is given (an in-process ExpertWorker that loads groups from the checkpoint
+on first use; unlike the placement's "local" holder it is never in a placement), the replica
+computes the group itself — the same code and weights as a worker, so the tokens are the same —
+while the replacement (`replacer`, in the background) or the controller's repair restores a
+remote holder.
+
 Shape legend: T = tokens of the layer, D = hidden, K = slots per token, G = groups,
 T' = rows of one call, k = slots of one call, n = groups of one call.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
+from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
@@ -31,8 +44,13 @@ from actors.model.config import ModelConfig
 from actors.experts.placement import Placement, split_rows
 from actors.experts.transport.base import ExpertTransport, WorkerRef
 
+log = logging.getLogger(__name__)
+
 # replacer(worker_id, groups) -> a WorkerRef holding `groups`, ready to be connected
 Replacer = Callable[[str, tuple[int, ...]], WorkerRef]
+FALLBACK = "<fallback>"  # the pseudo-worker of groups computed by the local fallback (never in a placement)
+LATENCY_SAMPLES = 64  # calls the deadline looks back on
+MIN_SAMPLES = 8  # below this many, a call waits the full wait_timeout_s (cold start, warm-up)
 
 
 class ExpertCallFailed(RuntimeError):
@@ -48,6 +66,7 @@ class _Call:
     ids: torch.Tensor  # [T', k] global expert ids, -1 for slots not sent to this worker
     weights: torch.Tensor  # [T', k]
     future: "Future[torch.Tensor]"  # -> [n, T', D]
+    sent_at: float = field(default_factory=time.monotonic)
 
 
 class _PendingRemote:
@@ -85,6 +104,10 @@ class RemoteExperts:
         wait_timeout_s: float = 60.0,
         restage_poll_s: float = 0.05,
         local: LocalHolder | None = None,
+        local_fallback: Any = None,
+        min_deadline_s: float = 1.5,
+        deadline_factor: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if placement.n_groups != cfg.n_groups:
             raise ValueError(f"placement has {placement.n_groups} groups, the model {cfg.n_groups}")
@@ -94,6 +117,13 @@ class RemoteExperts:
         self.max_attempts = max_attempts
         self.wait_timeout_s = wait_timeout_s
         self.restage_poll_s = restage_poll_s  # how often a step waiting on a replacement looks for a new epoch
+        self.local_fallback = local_fallback  # ExpertWorker-like: load_groups(groups), compute(...)
+        self.min_deadline_s = min_deadline_s
+        self.deadline_factor = deadline_factor
+        self.clock = clock
+        self.local_calls = 0  # group calls computed by the local fallback (metric)
+        self._latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self._replacing: set[str] = set()
         self.load = GroupLoad(cfg.n_groups)
         self.retries = 0  # calls re-sent after a failure (metric)
         self._placement = placement
@@ -167,7 +197,7 @@ class RemoteExperts:
             if LOCAL in self._placement.holders_of(g):  # in process: never down, never split
                 local.append(g)
                 continue
-            holders = self._live_holders(g)
+            holders = self._live_holders_or_fallback(g)
             rows = None if n == t else hits[:, g].nonzero().squeeze(1)
             if len(holders) == 1:
                 plan.setdefault(holders[0], []).append((g, rows))
@@ -181,6 +211,19 @@ class RemoteExperts:
         # local groups computed while the remote calls are in flight
         parts = self.local.partials(layer, x, topk_ids, topk_weights, local) if local else None
         return _PendingRemote(self, layer, x, calls, parts)
+
+    def _live_holders_or_fallback(self, g: int) -> list[str]:
+        if self.local_fallback is not None:
+            holders = self._placement.holders_of(g)
+            live = [h for h in holders if h not in self._down]
+            if live:
+                return live
+            staged = self._staged_holder(g)
+            if staged is not None:
+                return [staged]
+            self._replace_in_background(holders[0])
+            return [FALLBACK]
+        return self._live_holders(g)
 
     def _live_holders(self, g: int) -> list[str]:
         holders = self._placement.holders_of(g)
@@ -206,8 +249,30 @@ class RemoteExperts:
             mask, xs = mask[rows_union], x[rows_union]
             ids, weights = topk_ids[rows_union], topk_weights[rows_union]
         ids, weights = _compact(mask, ids, weights, self._slots_per_row(len(groups), rows_union is None))
+        if worker == FALLBACK:
+            return _Call(worker, groups, rows_union, xs, ids, weights, self._fallback(layer, groups, xs, ids, weights))
         return _Call(worker, groups, rows_union, xs, ids, weights,
                      self.transport.call(worker, layer, groups, xs, ids, weights))
+
+    def _fallback(self, layer: int, groups: list[int], x, ids, weights) -> "Future[torch.Tensor]":
+        """Compute `groups` in this process (loading them from the checkpoint on first use)."""
+        out: Future = Future()
+        try:
+            self.local_fallback.load_groups(list(groups))
+            out.set_result(self.local_fallback.compute(layer, list(groups), x, ids, weights))
+            self.local_calls += 1
+        except Exception as exc:  # noqa: BLE001 - reaches the waiter like a failed remote call
+            out.set_exception(exc)
+        return out
+
+    def call_deadline_s(self) -> float:
+        """How long one call may take before its worker counts as hung: a multiple of the slowest
+        recent call, within [min_deadline_s, wait_timeout_s]."""
+        with self._lock:
+            recent = list(self._latencies)
+        if len(recent) < MIN_SAMPLES:
+            return self.wait_timeout_s
+        return min(self.wait_timeout_s, max(self.min_deadline_s, self.deadline_factor * max(recent)))
 
     def _slots_per_row(self, n_groups: int, broadcast: bool) -> int | None:
         # MoGE keeps exactly K/G slots per group per token: no host sync needed to size the call.
@@ -219,9 +284,18 @@ class RemoteExperts:
 
     def _collect(self, layer: int, call: _Call) -> list[tuple[int, torch.Tensor | None, torch.Tensor]]:
         try:
-            y = call.future.result(timeout=self.wait_timeout_s)  # [n, T', D]
+            remaining = self.call_deadline_s() - (self.clock() - call.sent_at)
+            y = call.future.result(timeout=max(0.0, remaining))  # [n, T', D]
+            if call.worker != FALLBACK:
+                with self._lock:
+                    self._latencies.append(self.clock() - call.sent_at)
             return [(g, call.rows, y[i]) for i, g in enumerate(call.groups)]
-        except Exception as exc:  # noqa: BLE001 - any failure of the call: re-send, never lose the step
+        except Exception as exc:  # noqa: BLE001 - any failure of the call, or past its deadline: re-send
+            if call.worker == FALLBACK:
+                raise ExpertCallFailed(f"layer {layer}: the local fallback failed: {exc}") from exc
+            if isinstance(exc, TimeoutError):
+                log.warning("expert worker %s did not answer within %.2fs: marked down", call.worker,
+                            self.call_deadline_s())
             self._mark_down(call.worker)
             return [self._retry(layer, call, g, exc) for g in call.groups]
 
@@ -234,8 +308,10 @@ class RemoteExperts:
             target = None
             try:
                 target = self._alternative(g, call.worker)
+                if target == FALLBACK:
+                    return g, call.rows, self._fallback(layer, [g], call.x, ids, call.weights).result()[0]
                 fut = self.transport.call(target, layer, [g], call.x, ids, call.weights)
-                return g, call.rows, fut.result(timeout=self.wait_timeout_s)[0]
+                return g, call.rows, fut.result(timeout=self.call_deadline_s())[0]
             except Exception as exc:  # noqa: BLE001 - no holder found (target None) or it failed too
                 error = exc
                 if target is not None:
@@ -249,6 +325,8 @@ class RemoteExperts:
             if holder not in self._down:
                 return holder
         holders = self._placement.holders_of(g)
+        if self.local_fallback is not None:
+            return self._live_holders_or_fallback(g)[0]
         return self._fallback_holder(g, failed if failed in holders else holders[0])
 
     def _fallback_holder(self, g: int, dead: str) -> str:
@@ -291,6 +369,27 @@ class RemoteExperts:
                 if holder is not None:
                     return holder
 
+    def _replace_in_background(self, worker_id: str) -> None:
+        """Start (once at a time per worker) a replacement; the step does not wait for it."""
+        if self.replacer is None:
+            return
+        with self._lock:
+            if worker_id in self._replacing:
+                return
+            self._replacing.add(worker_id)
+        groups = self._placement.groups_of(worker_id)
+
+        def replace() -> None:
+            try:
+                self._replace(worker_id, groups[0] if groups else 0)
+            except Exception as exc:  # noqa: BLE001 - the controller's repair may win instead
+                log.warning("background replacement of %s failed: %s", worker_id, exc)
+            finally:
+                with self._lock:
+                    self._replacing.discard(worker_id)
+
+        threading.Thread(target=replace, name=f"replace-{worker_id}", daemon=True).start()
+
     def _mark_down(self, worker_id: str) -> None:
         with self._lock:
             self._down.add(worker_id)
@@ -315,9 +414,16 @@ class RemoteExperts:
             down = set(self._down)
         return [g for g in range(self.cfg.n_groups) if all(h in down for h in self._placement.holders_of(g))]
 
+    def groups_without_live_holder(self) -> list[int]:
+        """Groups every current holder of which has failed (served by failover until repaired)."""
+        with self._lock:
+            down = set(self._down)
+        return [g for g in range(self.cfg.n_groups) if all(h in down for h in self._placement.holders_of(g))]
+
     def metrics(self, reset: bool = False) -> dict:
         """Group load per layer (see actors/experts/group_load.py) + epoch, retries and failed workers."""
-        return {**self.load.snapshot(reset), "epoch": self.epoch, "retries": self.retries, "down": sorted(self._down)}
+        return {**self.load.snapshot(reset), "epoch": self.epoch, "retries": self.retries, "down": sorted(self._down),
+                "local_calls": self.local_calls, "call_deadline_s": self.call_deadline_s()}
 
     def close(self) -> None:
         self.transport.close()

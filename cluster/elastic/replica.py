@@ -23,7 +23,7 @@ from actors.experts.worker import model_config_of
 from actors.experts.placement import Placement
 from actors.experts.remote_experts import RemoteExperts
 from cluster.config import MogeConfig
-from cluster.serve.data_plane import WORKER_NAMESPACE, DataPlane, client_transport, with_step_lane
+from cluster.serve.data_plane import WORKER_NAMESPACE, DataPlane, client_transport, local_fallback, with_step_lane
 from cluster.elastic.epoch_listener import EpochListener
 from cluster.elastic.metrics_reporter import ReplicaReporter
 from cluster.elastic.redis_server import connect
@@ -97,14 +97,16 @@ class ElasticReplica:
             log.warning("could not register replica %s in Redis: %s", rid, e)
         placement = _placement_at_start(store, namespace, start_timeout_s)
         fleet = WorkerFleet(config, namespace)
-        transport = client_transport(config, resolve_device(config.model.device), rid)
+        device = resolve_device(config.model.device)
+        transport = client_transport(config, device, rid)
         refs = {w: fleet.ref(w) for w in placement.workers if w != LOCAL}
         cfg = model_config_of(model_spec(config))
         local = ReplicaGroups(config, cfg, store, fleet, rid) if el.local_groups else None
         holder = local.start(placement) if local is not None else None
         experts = RemoteExperts(cfg, transport, placement, refs, replacer=DataPlane(config, fleet).replace,
-                                wait_timeout_s=2 * dp.call_timeout_s, local=holder)
-        experts = with_step_lane(config, experts, resolve_device(config.model.device), rid)
+                                wait_timeout_s=2 * dp.call_timeout_s, local=holder,
+                                local_fallback=local_fallback(config, device))
+        experts = with_step_lane(config, experts, device, rid)
         return cls(config, rid, store, fleet, experts, local)
 
     def _prepare(self, placement: Placement) -> None:

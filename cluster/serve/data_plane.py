@@ -37,6 +37,15 @@ def worker_ids(n: int) -> list[str]:
     return [f"w{i}" for i in range(n)]
 
 
+def local_fallback(config: MogeConfig, device) -> "ExpertWorker":
+    """An in-process expert worker on the replica's device that loads a group from the checkpoint
+    the first time no remote holder answers for it (RemoteExperts computes it here meanwhile).
+    Nothing is loaded until then."""
+    from actors.experts.worker import ExpertWorker
+
+    return ExpertWorker("replica-fallback", {**model_spec(config), "device": str(device)}, "inprocess")
+
+
 def client_transport(config: MogeConfig, device, replica_id: str | None = None) -> ExpertTransport:
     """The replica's side of data_plane.transport."""
     dp = config.data_plane
@@ -114,7 +123,8 @@ def build_remote_experts(
     replica_id = replica_id or uuid.uuid4().hex[:12]
     transport = client_transport(config, device, replica_id)
     remote = RemoteExperts(
-        loaded_model_cfg, transport, placement, refs, replacer=plane.replace, wait_timeout_s=2 * dp.call_timeout_s
+        loaded_model_cfg, transport, placement, refs, replacer=plane.replace, wait_timeout_s=2 * dp.call_timeout_s,
+        local_fallback=local_fallback(config, device),
     )
     return with_step_lane(config, remote, device, replica_id)
 

@@ -1,0 +1,107 @@
+"""A hung (not dead) expert worker: RemoteExperts waits one deadline derived from recent call
+latency, then computes the worker's groups itself from the checkpoint (same tokens), asks for a
+replacement in the background, and goes back to the worker once it is replaced."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from actors.experts.placement import pack_groups
+from actors.experts.remote_experts import RemoteExperts
+from actors.experts.transport.base import WorkerRef
+from actors.experts.transport.inprocess import InProcessTransport
+from actors.experts.worker import ExpertWorker
+from actors.model.experts import LocalExperts
+from actors.weights.loader import random_expert_groups
+from tests.unit.test_remote_experts import MOGE, SPEC, routing
+
+WAIT_S = 30
+
+
+class HangableWorker(ExpertWorker):
+    """compute blocks while `hung` is set (SIGSTOP), counting the calls that got stuck."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.resume = threading.Event()
+        self.resume.set()
+        self.stuck = 0
+
+    def compute(self, *args):
+        if not self.resume.is_set():
+            self.stuck += 1
+            self.resume.wait(WAIT_S)
+        return super().compute(*args)
+
+
+def build(replacer=None, **kw):
+    ids = ["w0", "w1"]
+    placement = pack_groups(MOGE.n_groups, ids)
+    workers = {w: HangableWorker(w, SPEC) for w in ids}
+    for w in ids:
+        workers[w].load_groups(list(placement.groups_of(w)))
+    refs = {w: WorkerRef(w, local=workers[w]) for w in ids}
+    fallback = ExpertWorker("replica-fallback", SPEC)
+    rx = RemoteExperts(MOGE, InProcessTransport(), placement, refs, replacer=replacer, local_fallback=fallback,
+                       wait_timeout_s=WAIT_S, min_deadline_s=0.3, **kw)
+    return rx, workers, fallback
+
+
+def test_a_hung_worker_costs_one_deadline_then_its_groups_are_computed_locally_with_the_same_result():
+    rx, workers, fallback = build()
+    local = LocalExperts(MOGE, random_expert_groups(MOGE, range(MOGE.n_groups), 0))
+    try:
+        for layer in range(10):  # warm: the deadline learns the call latency
+            x, ids, w = routing(MOGE, 5, seed=layer)
+            assert torch.equal(rx.dispatch(1, x, ids, w).wait(), local.dispatch(1, x, ids, w).wait())
+        assert rx.call_deadline_s() < 2
+        workers["w1"].resume.clear()  # SIGSTOP
+        timings = []
+        for step in range(5):
+            x, ids, w = routing(MOGE, 7, seed=100 + step)
+            t0 = time.monotonic()
+            got = rx.dispatch(1, x, ids, w).wait()
+            timings.append(time.monotonic() - t0)
+            assert torch.equal(got, local.dispatch(1, x, ids, w).wait())
+        assert timings[0] < rx.call_deadline_s() + 1.5  # one deadline (plus the local group load)
+        assert max(timings[1:]) < 0.5  # afterwards: no waiting on the hung worker at all
+        assert workers["w1"].stuck == 1 and rx.local_calls >= 5
+        assert sorted(fallback.held_groups()) == list(rx.placement.groups_of("w1"))
+        assert rx.groups_without_live_holder() == list(rx.placement.groups_of("w1"))
+    finally:
+        workers["w1"].resume.set()
+        rx.close()
+
+
+def test_the_replacement_runs_in_the_background_and_the_worker_is_used_again():
+    replaced = threading.Event()
+    box = {}
+
+    def replacer(worker_id, groups):
+        box["worker"].resume.set()  # the controller / replacement brought it back
+        replaced.set()
+        return WorkerRef(worker_id, local=box["worker"])
+
+    rx, workers, _ = build(replacer=replacer)
+    box["worker"] = workers["w1"]
+    try:
+        for layer in range(10):
+            x, ids, w = routing(MOGE, 5, seed=layer)
+            rx.dispatch(1, x, ids, w).wait()
+        workers["w1"].resume.clear()
+        x, ids, w = routing(MOGE, 5, seed=7)
+        rx.dispatch(1, x, ids, w).wait()
+        assert replaced.wait(WAIT_S)
+        deadline = time.monotonic() + WAIT_S
+        while rx.groups_without_live_holder() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rx.groups_without_live_holder() == []
+        before = workers["w1"].stats()["calls"]
+        rx.dispatch(1, x, ids, w).wait()
+        assert workers["w1"].stats()["calls"] == before + 1
+    finally:
+        workers["w1"].resume.set()
+        rx.close()
