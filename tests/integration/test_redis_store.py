@@ -138,3 +138,31 @@ def test_metric_windows_and_trimming(store):
     assert w.group_tokens() == {0: 30} and w.mean_utilisation() == pytest.approx(0.5)
     # samples older than the retention are gone from Redis, not only filtered
     assert store.r.zcard(store.key("metrics", "replica")) == 11
+
+
+def test_a_killed_embedded_redis_is_restarted_with_its_data_and_clients_reconnect(tmp_path):
+    import os
+    import signal
+    import time
+
+    from actors.experts.placement import Placement
+
+    srv = EmbeddedRedis(data_dir=str(tmp_path / "redis")).start().supervise(poll_s=0.05)
+    try:
+        store = ElasticStore(connect(srv.url, socket_timeout_s=1.0), prefix="sup")
+        store.restore_placement(Placement(7, (("w0",), ("w1",))))
+        old_pid = srv.process.pid
+        os.kill(old_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        placement = None
+        while time.monotonic() < deadline:  # the same client object, retried: it must reconnect
+            try:
+                placement = store.placement()
+                break
+            except (redis.RedisError, OSError):
+                time.sleep(0.05)
+        assert placement is not None and placement.epoch == 7 and placement.holders == (("w0",), ("w1",))
+        assert srv.restarts == 1 and srv.process.pid != old_pid
+    finally:
+        srv.stop()
+    assert not srv.running()
