@@ -21,7 +21,10 @@ and removes a node once nothing runs on it.
 Prints (and with --out writes) one JSON object that tests/integration/test_ray_nodes.py asserts on.
 It runs in its own process because the rest of the integration suite shares one single-node Ray
 session per pytest process, and a driver can belong to only one cluster. RAY_TMPDIR points at a
-private directory so this cluster's address file never captures another process's `ray.init()`.
+private directory so this cluster's address file never captures another process's `ray.init()`;
+RAY_ADDRESS names this cluster once it runs, so nothing resolves an implicit address by scanning the
+machine for Ray processes (another Ray instance on the machine made that ambiguous: "Found multiple
+active Ray instances"); and the cluster has its own auth token (a 0600 file in the private dir).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -135,6 +139,7 @@ class NodesScenario:
         config = scenario_config()
         self.cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 2, "resources": {SLOT: 1}, "include_dashboard": False, "_system_config": FAST_NODE_DEATH})
+        os.environ["RAY_ADDRESS"] = self.cluster.address  # every implicit lookup finds this cluster only
         ray.init(address=self.cluster.address, namespace=NAMESPACE, log_to_driver=False, configure_logging=False)
         self.out["head_node_id"] = self.cluster.head_node.node_id
         self.stack = start_elastic(config, namespace=NAMESPACE)
@@ -274,6 +279,12 @@ def isolate_ray(tmp_root: str) -> None:
     cluster address; workers import this checkout."""
     os.environ["RAY_TMPDIR"] = tmp_root
     os.environ.pop("RAY_ADDRESS", None)
+    token = Path(tmp_root) / "auth_token"  # this cluster's own token, not the user's ~/.ray/auth_token
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(token)
+    os.environ.pop("RAY_AUTH_TOKEN", None)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     path = os.environ.get("PYTHONPATH", "")
     if str(REPO_ROOT) not in path.split(os.pathsep):
