@@ -16,7 +16,7 @@ from cluster.elastic.redis_server import EmbeddedRedis
 
 pytestmark = pytest.mark.integration
 
-KEY = "sk-serve-config"
+KEY, ADMIN_KEY = "sk-serve-config", "sk-serve-config-admin"
 
 
 def test_replica_starts_the_controller_when_deployed_from_a_serve_config(ray_local, reference_model):
@@ -29,7 +29,7 @@ def test_replica_starts_the_controller_when_deployed_from_a_serve_config(ray_loc
         env={},
         model={"source": "preset:tiny-moge", "device": "cpu", "dtype": "float32"},
         engine={"num_kv_blocks": 128},
-        server={"host": "127.0.0.1", "port": free_port(), "api_keys": [KEY]},
+        server={"host": "127.0.0.1", "port": free_port(), "api_keys": [KEY], "admin_keys": [ADMIN_KEY]},
         data_plane={"transport": "grpc", "num_workers": 2, "worker_num_cpus": 0.25},
         elastic={"redis_url": redis.url, "key_prefix": "serve-config-test", "policy": {"max_devices": 4}},
     )
@@ -44,7 +44,8 @@ def test_replica_starts_the_controller_when_deployed_from_a_serve_config(ray_loc
             assert r.status_code == 200, r.text
             expected = greedy_reference(reference_model, reference_model.tokenizer.encode(prompt), 8)
             assert r.json()["choices"][0]["token_ids"] == expected
-            status = client.get("/admin/status")
+            assert client.get("/admin/status").status_code == 401  # an API key never opens /admin
+            status = client.get("/admin/status", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
         assert status.status_code == 200, status.text
         assert status.json()["devices"] == 2 and status.json()["epoch"] == 0
     finally:
