@@ -164,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            # A key of our own opens /admin/status (the device count) and exercises the auth path.
+            # A key of our own, as API and admin key (the admin API is off without one): it opens
+            # /admin/status (the device count) and exercises the auth path.
             args.api_key = args.api_key or secrets.token_urlsafe(16)
-            server = start_server(port, out, args.config, [*args.server_arg, "--api-key", args.api_key])
+            server = start_server(port, out, args.config, [*args.server_arg, "--api-key", args.api_key,
+                                                               "--admin-key", args.api_key])
         wait_healthy(url, args.server_timeout, server, out / "server.log" if server else None)
         poller = DevicePoller(url, api_key=args.api_key)
         poller.start()

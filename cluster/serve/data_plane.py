@@ -25,7 +25,7 @@ from actors.experts.remote_experts import RemoteExperts
 from actors.experts.transport.base import ExpertTransport, WorkerRef
 from actors.experts.transport.factory import make_transport
 from cluster.config import MogeConfig
-from cluster.elastic.worker_fleet import WorkerFleet
+from cluster.elastic.worker_fleet import WorkerFleet, model_spec
 
 log = logging.getLogger(__name__)
 
