@@ -4,12 +4,13 @@
 - kill -9 the embedded redis-server: the supervisor restarts it from its append-only file, the
   controller and replicas reconnect, and `moge scale` (the CLI, over the admin API) works again
   within 30 s;
-- SIGSTOP one expert worker for MOGE_SIGSTOP_S (default 10 in CI; docs/reliability.md reports 30):
+- SIGSTOP one expert worker for MOGE_SIGSTOP_S (default 30, as in docs/reliability.md):
   no stream stalls more than 5 s (the replica waits one latency-derived deadline, then computes the
   worker's groups itself from the checkpoint), /ready reports degraded meanwhile, the controller
-  replaces the hung worker.
+  replaces the hung worker (it notices a hang after one stats timeout and two 5 s pings, ~15 s, so
+  with a stop shorter than ~20 s the worker may resume before it is replaced; that check then skips).
 
-    PYTHONPATH=. MOGE_SIGSTOP_S=30 timeout 900 python -m pytest -q -s tests/integration/test_hardening_elastic.py
+    PYTHONPATH=. timeout 900 python -m pytest -q -s tests/integration/test_hardening_elastic.py
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ API_KEY, ADMIN_KEY = "sk-hardening-elastic", "sk-hardening-admin"
 CONCURRENCY = 4
 MAX_TOKENS = 16
 PROMPTS = [f"fault {i}: the experts keep answering" for i in range(6)]
-SIGSTOP_S = float(os.environ.get("MOGE_SIGSTOP_S", "10"))
+SIGSTOP_S = float(os.environ.get("MOGE_SIGSTOP_S", "30"))
 LOAD_BOUND_S = 300
 
 
@@ -198,6 +199,8 @@ def test_sigstop_one_worker_under_load_no_stall_over_5s_nothing_fails_same_token
     assert all(ids == expected[p] for p, ids, _ in load.results)
     assert worst < 5, worst
     assert any(degraded)  # /ready told balancers while the group was served by the fallback
+    if SIGSTOP_S < 20:
+        return  # resumed before the controller's hang detection could act
     # the controller replaced the hung worker: out of the placement, or a new process under its id
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
