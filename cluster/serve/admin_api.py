@@ -6,7 +6,7 @@
 
 Keys: server.admin_keys only. Without an admin key the admin routes refuse every call (403): an
 OpenAI API key never opens cluster control (scale, migrate), and no key means nobody can.
-Bodies are small JSON objects, limited by server.admin_max_body_bytes (cluster/serve/request_guard.py).
+Bodies are small JSON objects, limited by server.admin_max_body_bytes (cluster/serve/middleware/request_guard.py).
 The routes forward to the controller actor; its refusals come back as 400 / 409, and an
 unreachable controller as 503 on these routes only (serving is unaffected).
 """
@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.serve.auth import ApiKeys
+from cluster.serve.middleware.auth import ApiKeys
 from cluster.serve.errors import APIError, InvalidRequest
 
 ADMIN_PREFIX = "/admin"

@@ -77,7 +77,7 @@ class AttentionReplica:
                  self.served.max_model_len, self.replica.mode)
 
     def __serve_build_asgi_app__(self):  # Serve calls this once, after __init__
-        from cluster.serve.request_guard import GuardLimits
+        from cluster.serve.middleware.request_guard import GuardLimits
 
         limits = GuardLimits.from_settings(self.config.server, self.config.engine.max_num_seqs)
         return build_http_app(self.front, health=self._healthy, admin=self._admin_routes(), ready=self._ready,
@@ -120,7 +120,7 @@ def deployment_options(config: MogeConfig) -> dict[str, Any]:
     server: ServerSection = config.server
     # Serve's default (5 in flight per replica) would starve a batch of max_num_seqs. The replica
     # admits max_num_seqs + max_waiting_requests generation requests itself (429 beyond:
-    # cluster/serve/request_guard.py); Serve gets extra_ongoing_requests more slots on top, so
+    # cluster/serve/middleware/request_guard.py); Serve gets extra_ongoing_requests more slots on top, so
     # /health, /metrics and clients still sending their body never queue in the proxy behind them.
     admitted = config.engine.max_num_seqs + server.max_waiting_requests
     max_ongoing = max(admitted + server.extra_ongoing_requests, math.ceil(2 * server.target_ongoing_requests))

@@ -27,13 +27,13 @@ from cluster.serve.openai_params import (
     TokenText, chat_logprobs, check_vocab, completion_logprobs, first_prompt_entry, output_grammar, sampling_params,
 )
 from cluster.serve.tools import StreamingToolParser, forced_call_grammar, parse_tool_calls, tools_system_prompt
-from cluster.serve.auth import ApiKeyMiddleware, ApiKeys
+from cluster.serve.middleware.auth import ApiKeyMiddleware, ApiKeys
 from cluster.config import ServerSection
 from cluster.serve.errors import (BodyTooLarge, ErrorBoundary, InvalidRequest, ModelNotFound, as_api_error,
                                   install_handlers)
 from cluster.serve.metrics import CONTENT_TYPE, ReplicaMetrics
 from cluster.serve.openapi_doc import body_schema, install_request_schemas, parse_request, report_ignored
-from cluster.serve.request_guard import GuardLimits, RequestGuard
+from cluster.serve.middleware.request_guard import GuardLimits, RequestGuard
 
 KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics",
                 "/admin/status", "/admin/scale", "/admin/migrate", "/tokenize", "/detokenize",
@@ -636,7 +636,7 @@ def build_http_app(
     """The ASGI app of one replica: routes, OpenAI error bodies, auth, per-route counters.
     `admin`: the elastic admin routes (cluster/serve/admin_api.py), which check the admin keys themselves.
     `ready`: -> {"ready": bool, ...details} for /ready (degraded while a group has no live holder).
-    `limits`: body deadline, admission and total deadline (cluster/serve/request_guard.py)."""
+    `limits`: body deadline, admission and total deadline (cluster/serve/middleware/request_guard.py)."""
     app = FastAPI(title="moge-serve", summary="OpenAI-compatible API of one attention replica",
                   version="1", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
     install_handlers(app)

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from actors.engine.sampling_params import SamplingParams
-from cluster.serve.auth import ApiKeys
+from cluster.serve.middleware.auth import ApiKeys
 from cluster.config import MogeConfig
 from cluster.serve.errors import AuthenticationFailed
 from cluster.serve.metrics import ReplicaMetrics

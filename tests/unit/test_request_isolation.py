@@ -13,26 +13,26 @@ from actors.engine.request_rejected import RequestRejected
 from actors.engine.sampling_params import SamplingParams
 from tests.unit.test_engine import PROMPTS, fake_engine, fake_reference, run_all, tokens_of
 
-POISON_TOP_K = 4242  # the sampler below raises for any batch containing a row with this top_k
+POISON_TOP_K = 42  # the sampler below raises for any batch containing the slot of the request "bad"
 
 
 class PoisonedSampler:
-    """Wraps the real sampler; raises as an overflow inside torch would, for one request's value."""
+    """Wraps the real sampler; raises, as an overflow inside torch would, for any batch holding the
+    sampling slot of one request (found through the engine, as the slot table is per engine)."""
 
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.batches = 0
+    def __init__(self, inner, engine) -> None:
+        self.inner, self.engine = inner, engine
 
-    def __call__(self, logits, params, generators):
-        self.batches += 1
-        if any(p.top_k == POISON_TOP_K for p in params):
+    def __call__(self, logits, slots, flags, allowed=None):
+        bad = self.engine._seqs.get("bad")
+        if bad is not None and bad.slot is not None and bad.slot in slots.tolist():
             raise RuntimeError("value cannot be converted to type int64 without overflow")
-        return self.inner(logits, params, generators)
+        return self.inner(logits, slots, flags, allowed)
 
 
 def test_a_request_that_breaks_sampling_fails_alone_and_the_batch_keeps_its_tokens():
     engine = fake_engine()
-    engine.sampler = PoisonedSampler(engine.sampler)
+    engine.sampler = PoisonedSampler(engine.sampler, engine)
     greedy = SamplingParams(temperature=0, max_tokens=12)
     for i, p in enumerate(PROMPTS[:4]):
         engine.add_request(f"ok{i}", p, greedy)
@@ -64,11 +64,11 @@ class FailOnce:
     def __init__(self, execute) -> None:
         self.execute, self.failures = execute, 0
 
-    def __call__(self, scheduled):
+    def __call__(self, *args, **kwargs):
         if self.failures == 0:
             self.failures += 1
             raise ConnectionError("transient")
-        return self.execute(scheduled)
+        return self.execute(*args, **kwargs)
 
 
 def test_a_step_that_fails_once_is_retried_and_nobody_fails():
