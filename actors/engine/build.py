@@ -43,6 +43,8 @@ class EngineSettings:
     num_kv_blocks: int | None = None
     ping_pong: bool = False
     enable_prefix_caching: bool = True
+    cuda_graphs: bool = True
+    cuda_graph_memory_mb: int = 4096
 
 
 def kv_block_budget(settings: EngineSettings, loaded: LoadedModel, max_model_len: int) -> int:
@@ -81,5 +83,7 @@ def build_engine(
         max_num_batched_tokens=settings.max_num_batched_tokens,
         ping_pong=settings.ping_pong,
         enable_prefix_caching=settings.enable_prefix_caching,
+        cuda_graphs=settings.cuda_graphs,
+        cuda_graph_memory_mb=settings.cuda_graph_memory_mb,
     )
     return LLMEngine(loaded, spec), loaded

@@ -41,6 +41,8 @@ class EngineSpec:
     max_num_batched_tokens: int = 2048
     ping_pong: bool = False  # two micro-batches per step (remote experts)
     enable_prefix_caching: bool = True  # share full KV blocks of identical prefixes between requests
+    cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (CUDA, in-process experts)
+    cuda_graph_memory_mb: int = 4096  # device memory the captured graphs may take
 
 
 @dataclass
@@ -82,7 +84,11 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.name = getattr(loaded, "name", "model")
         self.spec = spec
-        self.runner = ModelRunner(self.model, self.cfg, spec.num_kv_blocks, spec.block_size, ping_pong=spec.ping_pong)
+        self.runner = ModelRunner(
+            self.model, self.cfg, spec.num_kv_blocks, spec.block_size, ping_pong=spec.ping_pong,
+            cuda_graphs=spec.cuda_graphs, max_num_seqs=spec.max_num_seqs, max_model_len=spec.max_model_len,
+            graph_memory_mb=spec.cuda_graph_memory_mb,
+        )
         self.kv = self.runner.kv
         self.blocks = BlockManager(spec.num_kv_blocks, spec.block_size, spec.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, spec.max_num_seqs, spec.max_num_batched_tokens)

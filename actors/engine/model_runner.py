@@ -2,8 +2,10 @@
 
 It owns what sits between the scheduler and the model: the paged KV cache tensors, batch preparation
 (flattening the scheduled sequences into one StepBatch, copied to the device once), the step
-boundary at which a new placement epoch takes effect, and how the step runs — the model whole, or as
-two ping-pong micro-batches when the routed experts are remote (actors/engine/ping_pong.py).
+boundary at which a new placement epoch takes effect, and how the step runs — a pure-decode step as
+a CUDA-graph replay (actors/engine/graphs/cuda_graphs.py: CUDA device, experts in this process),
+otherwise the model whole, or as two ping-pong micro-batches when the routed experts are remote
+(actors/engine/ping_pong.py).
 
 Shape legend: T = tokens in the step, B = sequences in the step, M = widest block table, V = vocab.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 
 import torch
 
@@ -22,23 +25,54 @@ from actors.model.expert_compute import StepRerun
 from actors.model.kv_cache import PagedKVCache
 from actors.model.step_batch import StepBatch
 
+log = logging.getLogger(__name__)
+
 
 class ModelRunner:
-    def __init__(self, model, cfg, num_kv_blocks: int, block_size: int, ping_pong: bool = False) -> None:
+    def __init__(
+        self,
+        model,
+        cfg,
+        num_kv_blocks: int,
+        block_size: int,
+        ping_pong: bool = False,
+        cuda_graphs: bool = False,
+        max_num_seqs: int = 0,
+        max_model_len: int = 0,
+        graph_memory_mb: int = 4096,
+    ) -> None:
         self.model = model
         self.cfg = cfg
         self.block_size = block_size
         weight = next(model.parameters(), None)
         self.device = weight.device if weight is not None else torch.device("cpu")
         self.dtype = weight.dtype if weight is not None else torch.float32
-        self.kv = PagedKVCache.for_model(self.cfg, num_kv_blocks, block_size, self.dtype, self.device)
+        use_graphs = cuda_graphs and self._graphs_possible(ping_pong)
+        self.kv = PagedKVCache.for_model(self.cfg, num_kv_blocks, block_size, self.dtype, self.device, use_graphs)
         self.ping_pong = PingPongRunner(model) if ping_pong else None
+        self.graphs = None
+        if use_graphs:
+            from actors.engine.graphs.cuda_graphs import DecodeGraphs
+
+            max_blocks = -(-max_model_len // block_size)
+            self.graphs = DecodeGraphs(model, self.kv, max_num_seqs, max_blocks, graph_memory_mb)
+            self.graphs.capture()
+
+    def _graphs_possible(self, ping_pong: bool) -> bool:
+        if self.device.type != "cuda":
+            return False  # CPU and NPU decode eagerly
+        if ping_pong or not getattr(getattr(self.model, "experts", None), "graph_safe", False):
+            log.info("decode runs eagerly: the routed experts are not capturable in a CUDA graph (remote or partial)")
+            return False
+        return True
 
     def execute(
         self, scheduled: ScheduledBatch, prompt_rows: list[int] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run one step: [B, V] logits, one row per scheduled sequence, and [E, V] logits of the
         flattened-token rows `prompt_rows` (prompt log-probabilities; None when none are asked)."""
+        if not prompt_rows and self.graphs is not None and self.graphs.covers(scheduled.num_new_tokens):
+            return self.graphs.run(scheduled.seqs), None  # experts are local: no placement boundary
         batch = self.prepare(scheduled)
         b = batch.num_seqs
         if prompt_rows:

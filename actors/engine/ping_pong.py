@@ -77,8 +77,8 @@ class PingPongRunner:
         for layer in range(m.cfg.num_layers):
             for mb in halves:
                 self._finish(mb)
-                mb.h = m.attention_block(layer, mb.h, mb.batch, kv)
-                mb.x, ids, weights = m.route(layer, mb.h)
+                mb.h, mb.x = m.attention_block(layer, mb.h, mb.batch, kv)
+                ids, weights = m.route(layer, mb.x)
                 mb.layer = layer
                 mb.pending = None if ids is None else m.experts.dispatch(layer, mb.x, ids, weights)
         for mb in halves:

@@ -7,6 +7,10 @@ Hkv = KV heads, Dh = head dim.
 The new tokens are scattered into a padded [B, Q] query layout, every sequence's keys are gathered
 from its blocks, and one masked SDPA call does the lot. Key j is visible to a query at position p
 iff j <= p: positions are cache indices, so this is both the causal mask and the context length.
+
+A decode step (one new token per sequence, known from the shapes alone: T == B) needs no host value
+at all: on CUDA it goes to the paged decode kernel (actors/model/kernels/paged_decode.py), which
+reads the block table on the device; elsewhere the plan is built without asking the device for Q.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from actors.model import kernels
 from actors.model.kv_cache import PagedKVCache
 from actors.model.step_batch import StepBatch
 
@@ -37,7 +42,10 @@ def plan_attention(batch: StepBatch, block_size: int) -> AttentionPlan:
     token = torch.arange(batch.num_tokens, device=device)
     seq = torch.searchsorted(starts[1:], token, right=True)  # [T]
     row = token - starts[seq]
-    max_query = int((starts[1:] - starts[:-1]).max().item()) if num_seqs else 0
+    if batch.num_tokens == num_seqs:  # decode: Q = 1 without a device-to-host read
+        max_query = 1 if num_seqs else 0
+    else:
+        max_query = int((starts[1:] - starts[:-1]).max().item()) if num_seqs else 0
     # Padded query rows get position 0: they see key 0 only (never an all-masked row, which SDPA
     # turns into NaN) and their outputs are dropped.
     qpos = torch.zeros(num_seqs, max_query, dtype=torch.long, device=device)
@@ -49,18 +57,20 @@ def plan_attention(batch: StepBatch, block_size: int) -> AttentionPlan:
 
 def paged_attention(
     q: torch.Tensor,  # [T, H, Dh], RoPE applied
-    k: torch.Tensor,  # [T, Hkv, Dh], RoPE applied
-    v: torch.Tensor,  # [T, Hkv, Dh]
     layer: int,
     batch: StepBatch,
     kv: PagedKVCache,
-    plan: AttentionPlan,
+    step,  # the model's per-step context: .plan (an AttentionPlan, built on first use)
     scale: float,
 ) -> torch.Tensor:
-    """-> [T, H, Dh]. Stores the new k, v in the cache first, then attends over the whole context."""
-    kv.store(layer, k, v, batch.slot_mapping)
+    """-> [T, H, Dh]: the new tokens (their K/V already in the cache) against their whole context."""
     num_seqs, heads, head_dim = batch.num_seqs, q.shape[1], q.shape[2]
-    kv_heads = k.shape[1]
+    kv_heads = kv.k[layer].shape[2]
+    if batch.num_tokens == num_seqs and kernels.fused(q) and kernels.power_of_two(head_dim):
+        from actors.model.kernels.paged_decode import paged_decode_attention
+
+        return paged_decode_attention(q, kv.k[layer], kv.v[layer], batch.block_tables, batch.context_lens, scale)
+    plan: AttentionPlan = step.plan
 
     qp = q.new_zeros(num_seqs, plan.max_query, heads, head_dim)
     qp[plan.seq_of_token, plan.row_of_token] = q

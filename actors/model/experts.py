@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from actors.model import kernels
 from actors.model.expert_compute import Done, PendingExperts
 from actors.model.config import ModelConfig
 
@@ -68,6 +69,10 @@ def group_forward(
     weights: torch.Tensor,  # [T, k] float32
 ) -> torch.Tensor:
     """[T, D] in x.dtype: Σ_k weight · expert_k(x) over this group's experts only."""
+    if kernels.fused(x):  # same per-slot arithmetic as LocalExperts' fused path: partials match
+        from actors.model.kernels.moe import fused_moe
+
+        return fused_moe(x, w13, w2, local_ids, weights, experts_per_group=w13.shape[0], n_groups=1)
     return slot_outputs(w13, w2, x, local_ids, weights).sum(dim=1).to(x.dtype)
 
 
@@ -135,8 +140,11 @@ class LocalExperts:
         one grouped matmul pair serve every group (a decode step is launch-bound otherwise). The
         groups' own tensors are re-pointed at views of the stack: no second copy is kept."""
         ids = list(self.groups)
-        if len(ids) < 2 or ids != list(range(ids[0], ids[0] + len(ids))):
+        if not ids or ids != list(range(ids[0], ids[0] + len(ids))):
             return {}
+        if len(ids) == 1:
+            g = self.groups[ids[0]]
+            return {layer: (g.w13[layer], g.w2[layer]) for layer in g.w13}
         stacked = {}
         for layer in self.groups[ids[0]].w13:
             w13 = torch.cat([g.w13[layer] for g in self.groups.values()])
@@ -151,6 +159,13 @@ class LocalExperts:
         self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> PendingExperts:
         self._check_held(topk_ids)
+        if layer in self._stacked and kernels.fused(x):
+            from actors.model.kernels.moe import fused_moe
+
+            w13, w2 = self._stacked[layer]
+            first = next(iter(self.groups.values())).first_expert
+            eg = self.cfg.experts_per_group
+            return Done(fused_moe(x, w13, w2, topk_ids - first, topk_weights, eg, len(self.groups)))
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for partial in self.group_partials(layer, x, topk_ids, topk_weights).values():
             out += partial.float()
@@ -188,6 +203,16 @@ class LocalExperts:
                 partial = (slots * (slot_group == g).unsqueeze(-1)).sum(dim=1)
             out[g] = partial.to(x.dtype)
         return out
+
+    @property
+    def graph_safe(self) -> bool:
+        """Can a step through these experts be captured in a CUDA graph? Every group held (no
+        held-set check that reads ids on the host), consecutive (one stacked pass per layer) and the
+        fused CUDA path (no per-expert loop sized on the host)."""
+        if len(self.groups) != self.cfg.n_groups or not self._stacked:
+            return False
+        w13 = next(iter(self._stacked.values()))[0]
+        return kernels.fused(w13)
 
     def _check_held(self, topk_ids: torch.Tensor) -> None:
         if len(self.groups) == self.cfg.n_groups:

@@ -27,18 +27,28 @@ class PagedKVCache:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        pad_block: bool = False,
     ) -> None:
+        """pad_block: one block more than num_blocks, never lent to a sequence, where the padding
+        rows of a CUDA-graph batch write their K/V (block id `num_blocks`)."""
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.pad_block = num_blocks if pad_block else None
+        shape = (num_blocks + int(pad_block), block_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]  # [NB, BS, Hkv, Dh]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @classmethod
     def for_model(
-        cls, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str
+        cls,
+        cfg: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        pad_block: bool = False,
     ) -> "PagedKVCache":
-        return cls(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+        return cls(cfg.num_layers, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, dtype, device, pad_block)
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Write the new tokens' k, v [T, Hkv, Dh] at their slots [T]."""

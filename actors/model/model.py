@@ -5,8 +5,8 @@ heads, Dh = head dim, N = routed experts, K = experts kept per token.
 
     h = embed(ids)                                          [T, D]
     for layer l:
-        h = h + attn(norm_in(h))                            paged KV cache
-        x = norm_post(h); ids, w = router(x)                x [T, D], ids/w [T, K]
+        h = h + attn(norm_in(h)); x = norm_post(h)          paged KV cache
+        ids, w = router(x)                                  x [T, D], ids/w [T, K]
         routed = experts.dispatch(l, x, ids, w).wait()      [T, D], wherever the experts are
         h = h + routed + shared(x)                          (dense layers: h + mlp(x))
     logits = lm_head(norm(h[last token of each sequence]))  [B, V] float32
@@ -14,19 +14,27 @@ heads, Dh = head dim, N = routed experts, K = experts kept per token.
 The routed experts are not part of this module: `self.experts` is any ExpertCompute, swapped by
 whoever distributes the model. The per-layer pieces are public so a ping-pong runner can interleave
 two micro-batches (attention of one while the experts of the other are away).
+
+On CUDA the elementwise tails run as fused Triton kernels (actors/model/kernels/: add + RMSNorm,
+q/k norm + RoPE + KV write, SiLU-and-multiply, router softmax + top-K/G), decode attention reads the
+paged cache through the block table, and nothing in a step waits on the host, so a decode step can be
+captured in a CUDA graph (actors/engine/graphs/). Everywhere else the plain torch code below runs.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from actors.model import kernels
 from actors.model.attention import AttentionPlan, paged_attention, plan_attention
 from actors.model.expert_compute import ExpertCompute
 from actors.model.kv_cache import PagedKVCache
 from actors.model.config import ModelConfig
-from actors.model.routing import route
+from actors.model.routing import route, route_fused
 from actors.model.step_batch import StepBatch
 
 
@@ -59,9 +67,22 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.fused(x):
+            from actors.model.kernels.norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+    def add_forward(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (h + delta, norm(h + delta)): the residual add and the next norm in one pass."""
+        if kernels.fused(h):
+            from actors.model.kernels.norm import add_rms_norm
+
+            return add_rms_norm(h, delta, self.weight, self.eps)
+        h = h + delta
+        return h, self(h)
 
 
 class Rotary:
@@ -72,9 +93,14 @@ class Rotary:
         exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
         self.inv_freq = 1.0 / theta**exponents  # built on cpu even under a meta-device context
 
+    def on(self, device: torch.device) -> torch.Tensor:
+        """inv_freq [Dh/2] float32 on device (moved once, before any CUDA-graph capture)."""
+        if self.inv_freq.device != device:
+            self.inv_freq = self.inv_freq.to(device)
+        return self.inv_freq
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.inv_freq.device != positions.device:
-            self.inv_freq = self.inv_freq.to(positions.device)
+        self.on(positions.device)
         freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)  # [T, Dh/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, Dh]
         return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -97,6 +123,10 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(inner, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.fused(x):
+            from actors.model.kernels.activation import silu_mul
+
+            return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -121,10 +151,17 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(t, self.heads, self.head_dim)
         k = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, step.cos, step.sin), apply_rotary(k, step.cos, step.sin)
-        out = paged_attention(q, k, v, layer, batch, kv, step.plan, self.head_dim**-0.5)  # [T, H, Dh]
+        if kernels.fused(x) and kernels.power_of_two(self.head_dim):
+            from actors.model.kernels.rope import qk_rope_store
+
+            norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None, 0.0)
+            qk_rope_store(q, k, v, batch.positions, step.inv_freq, *norms, kv.k[layer], kv.v[layer], batch.slot_mapping)
+        else:
+            if self.qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rotary(q, step.cos, step.sin), apply_rotary(k, step.cos, step.sin)
+            kv.store(layer, k, v, batch.slot_mapping)
+        out = paged_attention(q, layer, batch, kv, step, self.head_dim**-0.5)  # [T, H, Dh]
         return self.o_proj(out.reshape(t, self.heads * self.head_dim))
 
 
@@ -161,10 +198,28 @@ class DecoderLayer(nn.Module):
 
 
 class _StepContext:
-    """Per-step values every layer shares (RoPE tables, attention plan)."""
+    """Per-step values every layer shares, each built on first use: RoPE tables and the attention
+    plan for the torch path; the fused kernels need neither."""
 
-    def __init__(self, batch: StepBatch, plan: AttentionPlan, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        self.batch, self.plan, self.cos, self.sin = batch, plan, cos, sin
+    def __init__(self, batch: StepBatch, rotary: Rotary, block_size: int, dtype: torch.dtype) -> None:
+        self.batch, self.rotary, self.block_size, self.dtype = batch, rotary, block_size, dtype
+        self.inv_freq = rotary.on(batch.positions.device)
+
+    @functools.cached_property
+    def plan(self) -> AttentionPlan:
+        return plan_attention(self.batch, self.block_size)
+
+    @functools.cached_property
+    def _cos_sin(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary.cos_sin(self.batch.positions, self.dtype)
+
+    @property
+    def cos(self) -> torch.Tensor:
+        return self._cos_sin[0]
+
+    @property
+    def sin(self) -> torch.Tensor:
+        return self._cos_sin[1]
 
 
 class MoGEModel(nn.Module):
@@ -189,25 +244,28 @@ class MoGEModel(nn.Module):
         return self.embed_tokens(input_ids)
 
     @torch.no_grad()
-    def attention_block(self, layer: int, h: torch.Tensor, batch: StepBatch, kv: PagedKVCache) -> torch.Tensor:
-        """h + attention(input_norm(h)); writes this step's K/V for `layer`."""
+    def attention_block(
+        self, layer: int, h: torch.Tensor, batch: StepBatch, kv: PagedKVCache
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (h + attention(input_norm(h)), post_attention_norm of that) [T, D] each; writes this
+        step's K/V for `layer`."""
         block = self.layers[layer]
         step = self._step_context(batch, kv.block_size, h.dtype)
-        return h + block.self_attn(block.input_layernorm(h), layer, batch, kv, step)
+        attn = block.self_attn(block.input_layernorm(h), layer, batch, kv, step)
+        return block.post_attention_layernorm.add_forward(h, attn)
 
     @torch.no_grad()
-    def route(
-        self, layer: int, h: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """-> (x_normed [T, D], topk_ids [T, K], topk_weights [T, K] float32).
-        Dense layers return (x_normed, None, None): nothing to dispatch."""
+    def route(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """x_normed [T, D] -> (topk_ids [T, K], topk_weights [T, K] float32); (None, None) for a
+        dense layer: nothing to dispatch."""
         block = self.layers[layer]
-        x = block.post_attention_layernorm(h)
         if not block.is_moe:
-            return x, None, None
+            return None, None
         moe: MoEBlock = block.mlp
-        ids, weights = route(self.cfg, moe.gate(x), getattr(moe, "router_scale", None))
-        return x, ids, weights
+        logits, scale = moe.gate(x), getattr(moe, "router_scale", None)
+        if kernels.fused(x):
+            return route_fused(self.cfg, logits, scale)
+        return route(self.cfg, logits, scale)
 
     @torch.no_grad()
     def finish_moe(
@@ -230,10 +288,11 @@ class MoGEModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, batch: StepBatch, kv: PagedKVCache) -> torch.Tensor:
+        self._steps.pop(id(batch), None)  # a reused (CUDA-graph) batch object gets fresh step values
         h = self.embed(batch.input_ids)
         for layer in range(self.cfg.num_layers):
-            h = self.attention_block(layer, h, batch, kv)
-            x, ids, weights = self.route(layer, h)
+            h, x = self.attention_block(layer, h, batch, kv)
+            ids, weights = self.route(layer, x)
             routed = None if ids is None else self.experts.dispatch(layer, x, ids, weights).wait()
             h = self.finish_moe(layer, h, x, routed)
         return self.head(h, batch.logits_index)
@@ -241,8 +300,7 @@ class MoGEModel(nn.Module):
     def _step_context(self, batch: StepBatch, block_size: int, dtype: torch.dtype) -> _StepContext:
         step = self._steps.get(id(batch))
         if step is None or step.batch is not batch:  # the stored ref keeps id(batch) from being reused
-            cos, sin = self.rotary.cos_sin(batch.positions, dtype)
-            step = _StepContext(batch, plan_attention(batch, block_size), cos, sin)
+            step = _StepContext(batch, self.rotary, block_size, dtype)
             if len(self._steps) >= 2:
                 self._steps.pop(next(iter(self._steps)))
             self._steps[id(batch)] = step

@@ -57,6 +57,17 @@ def route(
     return topk_route(logits, cfg.top_k, cfg.renormalize)
 
 
+def route_fused(
+    cfg: ModelConfig, logits: torch.Tensor, router_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route` as one Triton launch (CUDA): softmax and the per-group top-K/G in registers."""
+    from actors.model.kernels.routing import route as fused
+
+    if cfg.family == "moge":
+        return fused(logits, cfg.n_groups, cfg.k_per_group, router_scale, renormalize=False)
+    return fused(logits, 1, cfg.top_k, None, renormalize=cfg.renormalize)
+
+
 def tokens_per_group(topk_ids: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """[G] int64: tokens that a group receives (a token counts once even if it uses several of the
     group's experts) — the rows dispatch sends to the group's holder."""

@@ -34,6 +34,8 @@ def engine_settings(config: MogeConfig, ping_pong: bool = False) -> EngineSettin
         num_kv_blocks=e.num_kv_blocks,
         ping_pong=ping_pong,
         enable_prefix_caching=e.enable_prefix_caching,
+        cuda_graphs=e.cuda_graphs,
+        cuda_graph_memory_mb=e.cuda_graph_memory_mb,
     )
 
 

@@ -60,8 +60,8 @@ def test_per_layer_pieces_compose_to_forward():
     batch = one_sequence_batch(prompt, 0, torch.arange(2), "cpu")
     h = model.embed(batch.input_ids)
     for layer in range(loaded.cfg.num_layers):
-        h = model.attention_block(layer, h, batch, kv)
-        x, ids, w = model.route(layer, h)
+        h, x = model.attention_block(layer, h, batch, kv)
+        ids, w = model.route(layer, x)
         h = model.finish_moe(layer, h, x, model.experts.dispatch(layer, x, ids, w).wait())
     torch.testing.assert_close(model.head(h, batch.logits_index)[0], _alone_logits(loaded, prompt))
 

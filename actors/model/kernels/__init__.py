@@ -1,0 +1,45 @@
+"""Fused kernels for the model's hot path on CUDA, written in Triton (which ships with CUDA builds
+of torch). Each op here has the plain torch code it replaces beside it as the fallback, which is what
+CPU and NPU run (bit for bit what the model always computed there).
+
+Why our own Triton and not a kernel library: FlashInfer and flash-attn ship CUDA builds of several
+hundred MB that do not install on the benchmark machine (no registry there, 64 MiB per transfer), and
+none of them covers MoGE routing; Triton kernels are plain Python, compile on the device, run in a CUDA
+graph and can be checked on a CPU with TRITON_INTERPRET=1.
+
+`fused(x)` decides per call: CUDA tensor, Triton importable, not switched off. MOGE_FUSED_KERNELS=0
+in the environment (or set_enabled(False)) switches every op back to torch, e.g. to measure.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+_enabled = os.environ.get("MOGE_FUSED_KERNELS", "1") != "0"
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def set_enabled(on: bool) -> None:
+    global _enabled
+    _enabled = on
+
+
+def fused(x: torch.Tensor) -> bool:
+    """Run the Triton version of an op on x? Only on CUDA: elsewhere the torch fallback."""
+    return _enabled and x.is_cuda and triton_available()
+
+
+def power_of_two(n: int) -> bool:
+    """Head dims the RoPE and decode-attention kernels take (tl.arange sizes)."""
+    return n >= 16 and n & (n - 1) == 0

@@ -1,0 +1,174 @@
+"""Routed experts on CUDA with no host synchronisation and fixed launch shapes (CUDA-graph safe).
+
+Shape legend: T = tokens, D = hidden, I = expert width, E = experts held, K = slots per token,
+A = T * K (token, slot) assignments, G = groups held, Eg = experts per group.
+
+Two ways to the per-slot outputs ys [A, D], then one combine:
+
+- GEMV (few tokens, or any dtype that torch._grouped_mm does not take): one program per assignment
+  and tile of output rows reads that expert's weight rows once and dots them with the token; the
+  SiLU-and-multiply is folded into the down projection's loads. No sort, three launches in all. An
+  expert hit by several tokens is read once per token, so this is for small batches.
+- Grouped (bf16, more tokens): assignments sorted by expert, torch._grouped_mm over device-side
+  offsets, the Triton SiLU-and-multiply between the two projections.
+
+The combine computes, per token, Σ_g dtype(Σ_{slot in g} weight · y) summed in float32 in ascending
+group order and rounded to the dtype: the arithmetic of LocalExperts' per-group partials and of the
+distributed combine, in one launch instead of a few per group.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from actors.model.kernels.activation import silu_mul
+
+# Largest token count that takes the GEMV path in bf16 (measured on the H200: docs/performance.md).
+GEMV_MAX_TOKENS = int(os.environ.get("MOGE_MOE_GEMV_MAX_TOKENS", "8"))
+
+
+@triton.jit
+def _expert_gemv_kernel(
+    x_ptr, w_ptr, ids_ptr, out_ptr,
+    stride_x, stride_we, stride_wn, stride_out,
+    n_out, n_in, n_experts,
+    K: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[a, n] = Σ_i w[e_a, n, i] · in[a, i] where in = x[a // K] (ACT false) or
+    silu(h[a, :n_in]) * h[a, n_in:] (ACT true, x = h [A, 2 n_in])."""
+    a = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_out
+    e = tl.load(ids_ptr + a)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    if (e >= 0) & (e < n_experts):
+        if ACT:
+            src = x_ptr + a * stride_x
+        else:
+            src = x_ptr + (a // K) * stride_x
+        w_rows = w_ptr + e * stride_we + rows[:, None] * stride_wn
+        for k0 in range(0, n_in, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < n_in
+            if ACT:
+                gate = tl.load(src + cols, mask=col_ok, other=0.0)
+                up = tl.load(src + n_in + cols, mask=col_ok, other=0.0).to(tl.float32)
+                gf = gate.to(tl.float32)
+                silu = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype).to(tl.float32)
+                inp = (silu * up).to(gate.dtype).to(tl.float32)
+            else:
+                inp = tl.load(src + cols, mask=col_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * inp[None, :], axis=1)
+    tl.store(out_ptr + a * stride_out + rows, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    ys_ptr, rows_ptr, ids_ptr, w_ptr, out_ptr,
+    stride_y, stride_out, n_cols, n_local,
+    K: tl.constexpr, K_PAD: tl.constexpr, G: tl.constexpr, EG: tl.constexpr,
+    HAS_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < n_cols
+    k = tl.arange(0, K_PAD)
+    slot_ok = k < K
+    ids = tl.load(ids_ptr + t * K + k, mask=slot_ok, other=-1)
+    ours = slot_ok & (ids >= 0) & (ids < n_local)
+    if HAS_ROWS:
+        rows = tl.load(rows_ptr + t * K + k, mask=slot_ok, other=0).to(tl.int64)
+    else:
+        rows = t * K + k
+    w = tl.load(w_ptr + t * K + k, mask=slot_ok, other=0.0)
+    y = tl.load(ys_ptr + rows[:, None] * stride_y + cols[None, :], mask=ours[:, None] & col_ok[None, :], other=0.0)
+    contrib = y.to(tl.float32) * w[:, None]  # [K_PAD, BLOCK_D]
+    group = ids // EG
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for g in tl.static_range(G):
+        part = tl.sum(tl.where((ours & (group == g))[:, None], contrib, 0.0), axis=0)
+        acc += part.to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + t * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def expert_gemv(inp: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, k: int, act: bool) -> torch.Tensor:
+    """inp [T, n_in] (act false) or [A, 2 n_in] (act true); w [E, n_out, n_in]; ids [A] -> [A, n_out]."""
+    n_experts, n_out, n_in = w.shape
+    a = ids.shape[0]
+    out = torch.empty((a, n_out), dtype=inp.dtype, device=inp.device)
+    if a == 0:
+        return out
+    block_n = 16
+    _expert_gemv_kernel[(a, triton.cdiv(n_out, block_n))](
+        inp, w, ids, out, inp.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        n_out, n_in, n_experts, K=k, ACT=act, BLOCK_N=block_n, BLOCK_K=256, num_warps=4,
+    )
+    return out
+
+
+def combine(
+    ys: torch.Tensor,  # [rows, D] per-slot expert outputs
+    rows: torch.Tensor | None,  # [T*K] row of ys holding slot (t, k); None = row t*K + k
+    local_ids: torch.Tensor,  # [T, K], outside [0, E) = not computed here
+    weights: torch.Tensor,  # [T, K] float32
+    n_local: int,
+    experts_per_group: int,
+    n_groups: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    t, k = local_ids.shape
+    d = ys.shape[1]
+    out = torch.empty((t, d), dtype=dtype, device=ys.device)
+    if t == 0:
+        return out
+    block_d = min(512, triton.next_power_of_2(d))
+    _combine_kernel[(t, triton.cdiv(d, block_d))](
+        ys, rows if rows is not None else local_ids, local_ids, weights.contiguous(), out,
+        ys.stride(0), out.stride(0), d, n_local,
+        K=k, K_PAD=triton.next_power_of_2(k), G=n_groups, EG=experts_per_group,
+        HAS_ROWS=rows is not None, BLOCK_D=block_d, num_warps=4,
+    )
+    return out
+
+
+def grouped_usable(x: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+
+
+def fused_moe(
+    x: torch.Tensor,  # [T, D]
+    w13: torch.Tensor,  # [E, 2I, D] gate rows, then up
+    w2: torch.Tensor,  # [E, D, I]
+    local_ids: torch.Tensor,  # [T, K] int64, ids local to w13; outside [0, E) = not ours
+    weights: torch.Tensor,  # [T, K] float32
+    experts_per_group: int,
+    n_groups: int,
+    gemv_max_tokens: int | None = None,
+) -> torch.Tensor:
+    """[T, D] in x.dtype: per token Σ over groups of the group's partial (see module doc)."""
+    t, k = local_ids.shape
+    n_local, two_i, _ = w13.shape
+    local_ids = local_ids.contiguous()
+    flat = local_ids.view(-1)
+    limit = GEMV_MAX_TOKENS if gemv_max_tokens is None else gemv_max_tokens
+    if not grouped_usable(x) or t <= limit:
+        h = expert_gemv(x, w13, flat, k, act=False)  # [A, 2I]
+        ys = expert_gemv(h, w2, flat, k, act=True)  # [A, D]
+        return combine(ys, None, local_ids, weights, n_local, experts_per_group, n_groups, x.dtype)
+
+    key = torch.where((flat >= 0) & (flat < n_local), flat, n_local)
+    key, order = torch.sort(key, stable=True)  # ours first, grouped by expert
+    xs = x[order // k]  # [A, D]
+    ends = torch.searchsorted(key, torch.arange(1, n_local + 1, device=x.device, dtype=key.dtype))
+    offs = ends.to(torch.int32)
+    h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)  # [A, 2I]; rows past offs[-1] unwritten
+    act = silu_mul(h[:, : two_i // 2], h[:, two_i // 2 :])
+    ys = torch._grouped_mm(act, w2.transpose(1, 2), offs=offs)  # [A, D]
+    rows = torch.empty_like(order)
+    rows[order] = torch.arange(order.numel(), device=x.device)
+    return combine(ys, rows, local_ids, weights, n_local, experts_per_group, n_groups, x.dtype)

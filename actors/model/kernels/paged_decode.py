@@ -1,0 +1,93 @@
+"""Paged decode attention: one new query token per sequence against its whole cached context,
+reading the block table on the device (no host work, fixed launch shape: CUDA-graph safe).
+
+Shape legend: B = sequences, H / Hkv = query / KV heads, G = H / Hkv query heads per KV head,
+Dh = head dim, NB = cache blocks, BS = block size, M = block-table width, N = keys per tile.
+
+One program per (sequence, KV head) computes all G query heads that share the KV head (the keys and
+values are read once for the group): keys are gathered N at a time through the block table, scores
+q·k for the G heads come from one tensor-core dot, and an online softmax (running max and sum)
+accumulates the values, so a context of any length takes one pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, ctx_ptr, out_ptr,
+    scale,
+    stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, stride_tb, stride_ob, stride_oh,
+    G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr, IEEE: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kvh * G + g
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=(g < G)[:, None], other=0.0)
+    ctx = tl.load(ctx_ptr + seq)
+
+    m = tl.full([G_PAD], float("-inf"), tl.float32)
+    denom = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
+    n = tl.arange(0, TILE_N)
+    for start in range(0, ctx, TILE_N):
+        key = start + n
+        valid = key < ctx
+        block = tl.load(table_ptr + seq * stride_tb + key // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        row = block * stride_cb + (key % BLOCK_SIZE) * stride_cs + kvh * stride_ch
+        k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(valid[None, :], s * scale, float("-inf"))  # [G_PAD, N]
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        denom = denom * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+    out = acc / denom[:, None]
+    tl.store(
+        out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=(g < G)[:, None],
+    )
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [B, H, Dh], RoPE applied
+    k_cache: torch.Tensor,  # [NB, BS, Hkv, Dh]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, M] int
+    context_lens: torch.Tensor,  # [B] int, keys per sequence (>= 1)
+    scale: float,
+) -> torch.Tensor:
+    """-> [B, H, Dh] in q.dtype."""
+    b, heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    out = torch.empty_like(q)
+    if b == 0:
+        return out
+    group = heads // kv_heads
+    _paged_decode_kernel[(b, kv_heads)](
+        q, k_cache, v_cache, block_tables, context_lens, out,
+        scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        G=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        TILE_N=32, IEEE=q.dtype == torch.float32, num_warps=4,
+    )
+    return out
