@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from actors.model.model import experts as experts_module
+from actors.model import experts as experts_module
 from actors.device import synchronize
 from actors.model.experts import group_forward
 from actors.weights.loader import load_model, random_expert_groups
@@ -21,17 +21,29 @@ pytestmark = [
 ]
 
 
-def test_grouped_mm_path_matches_per_expert_path(monkeypatch):
+def test_expert_paths_agree(monkeypatch):
+    """Fused grouped-matmul path, fused GEMV path, torch grouped_mm path and the per-expert loop."""
+    from actors.model import kernels
+    from actors.model.kernels.moe import fused_moe
+
     cfg = PRESETS["bench-moge"]
     g = random_expert_groups(cfg, [5], seed=0, dtype=torch.bfloat16, device="cuda")[5]
     gen = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(512, cfg.hidden_size, device="cuda", generator=gen).bfloat16()
     ids = torch.randint(0, cfg.experts_per_group, (512, 1), device="cuda", generator=gen)
     w = torch.rand(512, 1, device="cuda", generator=gen)
-    fast = group_forward(g.w13[0], g.w2[0], x, ids, w)
-    monkeypatch.setattr(experts_module, "_grouped_mm_usable", lambda x: False)
-    slow = group_forward(g.w13[0], g.w2[0], x, ids, w)
-    torch.testing.assert_close(fast.float(), slow.float(), atol=2e-2, rtol=2e-2)
+    eg = cfg.experts_per_group
+    grouped = fused_moe(x, g.w13[0], g.w2[0], ids, w, eg, 1, gemv_max_tokens=0)
+    gemv = fused_moe(x, g.w13[0], g.w2[0], ids, w, eg, 1, gemv_max_tokens=1 << 20)
+    kernels.set_enabled(False)
+    try:
+        torch_grouped = group_forward(g.w13[0], g.w2[0], x, ids, w)
+        monkeypatch.setattr(experts_module, "_grouped_mm_usable", lambda x: False)
+        loop = group_forward(g.w13[0], g.w2[0], x, ids, w)
+    finally:
+        kernels.set_enabled(True)
+    for got in (grouped, gemv, torch_grouped):
+        torch.testing.assert_close(got.float(), loop.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_bench_preset_loads_and_decodes_in_bf16():

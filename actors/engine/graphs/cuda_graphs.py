@@ -54,12 +54,20 @@ class DecodeGraphs:
         self.arange = torch.arange(max_batch + 1, **long)
         self.logits = torch.zeros(max_batch, model.cfg.vocab_size, dtype=torch.float32, device=self.device)
         staging = 4 * max_batch + max_batch * max_blocks_per_seq
-        self.staging_host = torch.empty(staging, dtype=torch.long, pin_memory=True)
+        cuda = self.device.type == "cuda"
+        self.staging_host = torch.empty(staging, dtype=torch.long, pin_memory=cuda)
         self.staging_dev = torch.empty(staging, **long)
-        self.copied = torch.cuda.Event()  # the staging copy finished: the pinned buffer may be refilled
+        # the staging copy finished: the pinned buffer may be refilled
+        self.copied = torch.cuda.Event() if cuda else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.bucket_of: list[int] = []  # batch size -> bucket, for 0..largest captured
         self.memory_bytes = 0
+
+    def use_buckets(self, sizes: list[int]) -> None:
+        """Serve batches up to max(sizes), each padded to the smallest size that holds it. Without a
+        captured graph a bucket runs the model eagerly over the static buffers (tests on CPU)."""
+        sizes = sorted(sizes)
+        self.bucket_of = [0] + [next(s for s in sizes if s >= b) for b in range(1, sizes[-1] + 1)]
 
     # ---- start-up ------------------------------------------------------------------------------
 
@@ -106,9 +114,8 @@ class DecodeGraphs:
                 break
             self.graphs[bp] = graph
             self.memory_bytes = used
-        largest = max(self.graphs)
         sizes = sorted(self.graphs)
-        self.bucket_of = [0] + [next(s for s in sizes if s >= b) for b in range(1, largest + 1)]
+        self.use_buckets(sizes)
         log.info(
             "CUDA graphs: %d decode batch sizes (%s) captured in %.1f s, %.0f MiB of device memory (budget %.0f MiB)",
             len(sizes), ",".join(map(str, sizes)), time.perf_counter() - started,
@@ -137,13 +144,19 @@ class DecodeGraphs:
             flat += s.block_table
             flat += [0] * (width - len(s.block_table))
         n = len(flat)
-        self.copied.synchronize()  # the previous step's copy out of the pinned buffer is done
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous step's copy out of the pinned buffer is done
         host = self.staging_host[:n]
         host.copy_(torch.tensor(flat, dtype=torch.long))
         dev = self.staging_dev[:n]
         dev.copy_(host, non_blocking=True)
-        self.copied.record()
+        if self.copied is not None:
+            self.copied.record()
         self.meta[:, :bp].copy_(dev[: 4 * bp].view(4, bp))
         self.tables[:b, :width].copy_(dev[4 * bp :].view(b, width))
-        self.graphs[bp].replay()
+        graph = self.graphs.get(bp)
+        if graph is not None:
+            graph.replay()
+        else:
+            self.logits[:bp].copy_(self.model(self.batch(bp), self.kv))
         return self.logits[:b]

@@ -19,6 +19,9 @@ import os
 import torch
 
 _enabled = os.environ.get("MOGE_FUSED_KERNELS", "1") != "0"
+# Tests only: run the Triton path on CPU tensors too (with TRITON_INTERPRET=1), so the model's use of
+# every kernel is checked on a machine without a GPU.
+_on_cpu = False
 
 
 @functools.cache
@@ -30,14 +33,14 @@ def triton_available() -> bool:
     return True
 
 
-def set_enabled(on: bool) -> None:
-    global _enabled
-    _enabled = on
+def set_enabled(on: bool, on_cpu: bool = False) -> None:
+    global _enabled, _on_cpu
+    _enabled, _on_cpu = on, on_cpu
 
 
 def fused(x: torch.Tensor) -> bool:
     """Run the Triton version of an op on x? Only on CUDA: elsewhere the torch fallback."""
-    return _enabled and x.is_cuda and triton_available()
+    return _enabled and (x.is_cuda or (_on_cpu and x.device.type == "cpu")) and triton_available()
 
 
 def power_of_two(n: int) -> bool:

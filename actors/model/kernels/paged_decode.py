@@ -31,7 +31,7 @@ def _paged_decode_kernel(
     d = tl.arange(0, HEAD_DIM)
     heads = kvh * G + g
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=(g < G)[:, None], other=0.0)
-    ctx = tl.load(ctx_ptr + seq)
+    ctx = tl.load(ctx_ptr + tl.program_id(0))
 
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     denom = tl.zeros([G_PAD], tl.float32)

@@ -1,0 +1,212 @@
+"""The Triton kernels (actors/model/kernels/) against the torch code they replace, on fresh random
+inputs. Runs on CUDA, or on a CPU through Triton's interpreter:
+
+    TRITON_INTERPRET=1 python -m pytest -q tests/gpu/test_kernels.py     # CPU, triton installed
+    python -m pytest -q tests/gpu/test_kernels.py                        # CUDA
+
+Skips without triton (CI) and on a CPU without the interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                       reason="needs CUDA, or TRITON_INTERPRET=1 for Triton's CPU interpreter"),
+]
+# bf16 on the GPU as served; the interpreter computes in numpy, which has no bf16
+DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
+
+
+def tol(dtype):
+    return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+
+
+def gen(seed):
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def randn(*shape, dtype=torch.float32, g=None):
+    return torch.randn(*shape, device=DEVICE, generator=g).to(dtype)
+
+
+def torch_rms(x, w, eps):
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_and_add_rms_norm(dtype):
+    from actors.model.kernels.norm import add_rms_norm, rms_norm
+
+    g = gen(1)
+    h, d, w = randn(7, 96, dtype=dtype, g=g), randn(7, 96, dtype=dtype, g=g), randn(96, dtype=dtype, g=g)
+    torch.testing.assert_close(rms_norm(h, w, 1e-6), torch_rms(h, w, 1e-6), **tol(dtype))
+    new_h, normed = add_rms_norm(h, d, w, 1e-6)
+    torch.testing.assert_close(new_h, h + d, **tol(dtype))
+    torch.testing.assert_close(normed, torch_rms(h + d, w, 1e-6), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_on_two_halves_of_one_tensor(dtype):
+    from actors.model.kernels.activation import silu_mul
+
+    h = randn(5, 2 * 48, dtype=dtype, g=gen(2))
+    gate, up = h.chunk(2, dim=-1)
+    torch.testing.assert_close(silu_mul(gate, up), F.silu(gate) * up, **tol(dtype))
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_qk_rope_store_matches_torch(qk_norm):
+    from actors.model.kernels.rope import qk_rope_store
+    from actors.model.model import Rotary, apply_rotary
+
+    g = gen(3)
+    t, heads, kv_heads, dh, nb, bs = 6, 4, 2, 16, 5, 4
+    q, k, v = randn(t, heads, dh, g=g), randn(t, kv_heads, dh, g=g), randn(t, kv_heads, dh, g=g)
+    positions = torch.tensor([0, 1, 2, 9, 3, 17], device=DEVICE)
+    slots = torch.randperm(nb * bs, device=DEVICE, generator=g)[:t]
+    qw, kw = randn(dh, g=g), randn(dh, g=g)
+    rot = Rotary(dh, 10000.0)
+    cos, sin = rot.cos_sin(positions, torch.float32)
+    qr, kr = (torch_rms(q, qw, 1e-6), torch_rms(k, kw, 1e-6)) if qk_norm else (q, k)
+    want_q, want_k = apply_rotary(qr, cos, sin), apply_rotary(kr, cos, sin)
+
+    kc, vc = torch.zeros(nb, bs, kv_heads, dh, device=DEVICE), torch.zeros(nb, bs, kv_heads, dh, device=DEVICE)
+    norms = (qw, kw, 1e-6) if qk_norm else (None, None, 0.0)
+    qk_rope_store(q, k, v, positions, rot.on(positions.device), *norms, kc, vc, slots)
+    torch.testing.assert_close(q, want_q, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kc.view(-1, kv_heads, dh)[slots], want_k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vc.view(-1, kv_heads, dh)[slots], v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size, heads, kv_heads, dh", [(16, 8, 2, 32), (4, 4, 4, 16), (8, 32, 4, 64)])
+def test_paged_decode_matches_sdpa_path(dtype, block_size, heads, kv_heads, dh):
+    """Random block tables (shuffled, shared pool) and context lengths across tile boundaries."""
+    from actors.model.attention import paged_attention, plan_attention
+    from actors.model.kernels.paged_decode import paged_decode_attention
+    from actors.model.kv_cache import PagedKVCache
+    from actors.model.step_batch import StepBatch
+
+    g = gen(4)
+    ctx = [1, 5, 33, 64, 70, 17]
+    b = len(ctx)
+    width = max(-(-c // block_size) for c in ctx) + 1
+    nb = b * width + 3
+    kv = PagedKVCache(1, nb, block_size, kv_heads, dh, dtype, DEVICE)
+    kv.k[0].copy_(randn(*kv.k[0].shape, dtype=dtype, g=g))
+    kv.v[0].copy_(randn(*kv.v[0].shape, dtype=dtype, g=g))
+    tables = torch.randperm(nb, device=DEVICE, generator=g)[: b * width].view(b, width)
+    context = torch.tensor(ctx, device=DEVICE)
+    q = randn(b, heads, dh, dtype=dtype, g=g)
+    batch = StepBatch(
+        input_ids=torch.zeros(b, dtype=torch.long, device=DEVICE),
+        positions=context - 1,
+        query_start=torch.arange(b + 1, device=DEVICE),
+        context_lens=context,
+        block_tables=tables,
+        slot_mapping=torch.zeros(b, dtype=torch.long, device=DEVICE),
+        logits_index=torch.arange(b, device=DEVICE),
+    )
+
+    class Step:
+        plan = plan_attention(batch, block_size)
+
+    from actors.model import kernels
+
+    kernels.set_enabled(False)  # the SDPA path
+    try:
+        want = paged_attention(q, 0, batch, kv, Step, dh**-0.5)
+    finally:
+        kernels.set_enabled(True)
+    got = paged_decode_attention(q, kv.k[0], kv.v[0], tables, context, dh**-0.5)
+    torch.testing.assert_close(got.float(), want.float(), **tol(dtype))
+
+
+@pytest.mark.parametrize("family", ["moge", "qwen3_moe"])
+def test_fused_router_matches_torch_router(family):
+    from actors.model.config import ModelConfig
+    from actors.model.routing import route, route_fused
+
+    cfg = ModelConfig(family=family, vocab_size=8, hidden_size=8, num_layers=1, num_heads=1, num_kv_heads=1,
+                      head_dim=8, n_experts=48, n_groups=4 if family == "moge" else 1,
+                      top_k=8 if family == "moge" else 6, moe_intermediate_size=8,
+                      renormalize=family != "moge")
+    g = gen(5)
+    logits = randn(9, cfg.n_experts, g=g)
+    scale = torch.rand(cfg.n_experts, device=DEVICE, generator=g) + 0.5 if family == "moge" else None
+    ids, w = route_fused(cfg, logits, scale)
+    want_ids, want_w = route(cfg, logits, scale)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(w, want_w, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_fused_moe_matches_local_experts_torch_path(dtype, tokens):
+    """Both expert paths (GEMV always; grouped on CUDA bf16 past the GEMV limit), with slots of
+    groups this holder lacks (ids outside [0, E)) ignored."""
+    from actors.model.experts import slot_outputs
+    from actors.model.kernels.moe import fused_moe
+
+    g = gen(6)
+    e, d, inter, k, eg = 8, 64, 32, 4, 2
+    w13 = randn(e, 2 * inter, d, dtype=dtype, g=g) / 8
+    w2 = randn(e, d, inter, dtype=dtype, g=g) / 8
+    x = randn(tokens, d, dtype=dtype, g=g)
+    ids = torch.randint(-2, e + 2, (tokens, k), device=DEVICE, generator=g)
+    w = torch.rand(tokens, k, device=DEVICE, generator=g)
+    slots = slot_outputs(w13.float(), w2.float(), x.float(), ids, w)  # [T, K, D] float32 reference
+    group = ids.clamp(0, e - 1) // eg
+    want = sum((slots * (group == gi).unsqueeze(-1)).sum(1).to(dtype).float() for gi in range(e // eg)).to(dtype)
+    for limit in (0, 1 << 20):  # grouped where usable, then GEMV
+        got = fused_moe(x, w13, w2, ids, w, eg, e // eg, gemv_max_tokens=limit)
+        torch.testing.assert_close(got.float(), want.float(), **tol(dtype))
+
+
+@pytest.fixture
+def kernels_everywhere():
+    """The model's fused path on this device (on CPU: Triton's interpreter)."""
+    from actors.model import kernels
+
+    kernels.set_enabled(True, on_cpu=True)
+    yield
+    kernels.set_enabled(True)
+
+
+@pytest.mark.parametrize("preset_family", ["moge", "qwen3_moe"])
+def test_model_through_the_kernels_matches_the_torch_path(kernels_everywhere, preset_family):
+    """Whole model, prefill + decode steps: every kernel in place (router, norms, RoPE + KV write,
+    paged decode attention, expert GEMV + combine) against the plain torch code, float32."""
+    from dataclasses import replace
+
+    from actors.model import kernels
+    from actors.model.presets import get_preset
+    from actors.model.reference import greedy_logits
+    from actors.weights.loader import LoadedModel, build_model, random_attention_part, random_expert_groups
+    from actors.model.experts import LocalExperts
+
+    cfg = get_preset("tiny-moge")
+    if preset_family == "qwen3_moe":
+        cfg = replace(cfg, family="qwen3_moe", qk_norm=True, renormalize=True, router_scale=False,
+                      shared_intermediate_size=0, attention_bias=False, o_bias=False, top_k=3)
+    state = random_attention_part(cfg, 0, torch.float32, torch.device(DEVICE))
+    groups = random_expert_groups(cfg, range(cfg.n_groups), 0, torch.float32, torch.device(DEVICE))
+    model = build_model(cfg, state, LocalExperts(cfg, groups))
+    loaded = LoadedModel(model, cfg, None, "t", groups, "", torch.float32, torch.device(DEVICE), 0)
+    prompt = [5, 77, 3, 190, 42, 8, 11]
+    fast_tokens, fast_logits = greedy_logits(loaded, prompt, 6, stop_at_eos=False)
+    kernels.set_enabled(False)
+    tokens, logits = greedy_logits(loaded, prompt, 6, stop_at_eos=False)
+    assert fast_tokens == tokens
+    torch.testing.assert_close(fast_logits, logits, atol=1e-4, rtol=1e-4)
