@@ -1,5 +1,6 @@
-"""Named model shapes with random weights: a CPU demo/test model, a GPU benchmark model and the
-full Pangu Pro MoE 72B shape (for sizing only; never instantiated in tests).
+"""Named model shapes with random weights: a CPU demo/test model, GPU benchmark models (a 12-layer
+MoGE one and the full 48-layer Qwen3-30B-A3B shape, ~61 GB in bf16, made on the device: no disk) and
+the full Pangu Pro MoE 72B shape (for sizing only; never instantiated in tests).
 
 Preset weights are random (actors/weights/loader.py, fixed seed); the byte tokenizer's ids are
 0..255 bytes, then BOS 256, EOS 257, PAD 258 (actors/weights/tokenizer.py).
@@ -62,6 +63,31 @@ PRESETS: dict[str, ModelConfig] = {
         eos_token_ids=(BYTE_EOS,),
         pad_token_id=BYTE_PAD,
         architecture="PanguProMoEForCausalLM",
+    ),
+    # Qwen3-30B-A3B's shape (config.json of the release: 48 layers, 128 experts, top-8 renormalised,
+    # expert width 768, q/k RMSNorm, 32 query / 4 KV heads of 128) with random weights: full-depth
+    # decode timings without a checkpoint. 8 groups of 16 experts (a deployment choice for top-k).
+    "qwen3-30b-a3b": ModelConfig(
+        family="qwen3_moe",
+        vocab_size=151936,
+        hidden_size=2048,
+        num_layers=48,
+        num_heads=32,
+        num_kv_heads=4,
+        head_dim=128,
+        n_experts=128,
+        n_groups=8,
+        top_k=8,
+        moe_intermediate_size=768,
+        renormalize=True,
+        qk_norm=True,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=40960,
+        bos_token_id=BYTE_BOS,
+        eos_token_ids=(BYTE_EOS,),
+        pad_token_id=BYTE_PAD,
+        architecture="Qwen3MoeForCausalLM",
     ),
     # Pangu Pro MoE 72B-A16B. vocab_size, rope_theta and max_position_embeddings are the defaults
     # of the released configuration_pangu_moe.py (153376, 1.6e7, 131072).
