@@ -28,9 +28,10 @@ for stage in $stages; do
         --batch-sizes ${BATCHES:-1,32,128} --systems ${SYSTEMS:-graphs,transformers} --profile-batches ${PROFILE:-1,128} \
         --out "$OUT/decode.jsonl" 2>>"$log" | grep -v '"event"' | cut -c1-220 ;;
     presets)
-      timeout ${T_PRESETS:-150} python3 bench/decode_vs_transformers.py --device cuda --dtype bfloat16 --systems graphs \
-        --preset bench-moge:${MOGE_BATCHES:-1,32,128} --preset qwen3-30b-a3b:1,256 --prefill 2048x8 \
-        --out "$OUT/decode.jsonl" 2>>"$log" | cut -c1-220 ;;
+      timeout ${T_MOGE:-50} python3 bench/decode_vs_transformers.py --device cuda --dtype bfloat16 --systems graphs \
+        --preset bench-moge:${MOGE_BATCHES:-1,32,128} --out "$OUT/decode.jsonl" 2>>"$log" | grep -v '"event"' | cut -c1-220
+      timeout ${T_QWEN48:-120} python3 bench/decode_vs_transformers.py --device cuda --dtype bfloat16 --systems graphs \
+        --preset qwen3-30b-a3b:1,256 --prefill 2048x8 --profile-batches 1 --out "$OUT/decode.jsonl" 2>>"$log" | cut -c1-220 ;;
   esac
   echo "== $stage: $(( $(date +%s) - t0 )) s (rc ${PIPESTATUS[0]})"
 done
