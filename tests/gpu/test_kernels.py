@@ -1,7 +1,7 @@
 """The Triton kernels (actors/model/kernels/) against the torch code they replace, on fresh random
 inputs. Runs on CUDA, or on a CPU through Triton's interpreter:
 
-    TRITON_INTERPRET=1 python -m pytest -q tests/gpu/test_kernels.py     # CPU, triton installed
+    TRITON_INTERPRET=1 python -m pytest -q tests/gpu/test_kernels.py     # CPU: pip install triton "numpy<2.4"
     python -m pytest -q tests/gpu/test_kernels.py                        # CUDA
 
 Skips without triton (CI) and on a CPU without the interpreter.
@@ -129,8 +129,9 @@ def test_paged_decode_matches_sdpa_path(dtype, block_size, heads, kv_heads, dh):
         want = paged_attention(q, 0, batch, kv, Step, dh**-0.5)
     finally:
         kernels.set_enabled(True)
-    got = paged_decode_attention(q, kv.k[0], kv.v[0], tables, context, dh**-0.5)
-    torch.testing.assert_close(got.float(), want.float(), **tol(dtype))
+    for splits in (1, 4, None):  # one pass, split contexts (empty splits included), the default
+        got = paged_decode_attention(q, kv.k[0], kv.v[0], tables, context, dh**-0.5, splits=splits)
+        torch.testing.assert_close(got.float(), want.float(), **tol(dtype))
 
 
 @pytest.mark.parametrize("family", ["moge", "qwen3_moe"])
@@ -172,6 +173,27 @@ def test_fused_moe_matches_local_experts_torch_path(dtype, tokens):
     for limit in (0, 1 << 20):  # grouped where usable, then GEMV
         got = fused_moe(x, w13, w2, ids, w, eg, e // eg, gemv_max_tokens=limit)
         torch.testing.assert_close(got.float(), want.float(), **tol(dtype))
+
+
+@pytest.mark.parametrize("block_n, block_k", [(4, 512), (32, 16), (16, 256)])
+def test_expert_gemv_any_tile_shape(block_n, block_k):
+    """The tile shapes the autotuner may pick give the same products (rows and widths not multiples)."""
+    from actors.model.kernels.moe import expert_gemv
+
+    g = gen(7)
+    w = randn(5, 40, 72, g=g)
+    x = randn(3, 72, g=g)
+    ids = torch.tensor([0, 4, -1, 2, 2, 7], device=DEVICE)  # K = 2 slots per token; -1, 7: not ours
+    got = expert_gemv(x, w, ids, 2, act=False, block_n=block_n, block_k=block_k)
+    ok = (ids >= 0) & (ids < 5)
+    want = torch.einsum("and,ad->an", w[ids.clamp(0, 4)], x[torch.arange(6, device=DEVICE) // 2]) * ok[:, None]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    h = randn(6, 2 * 36, g=g)
+    w2 = randn(5, 40, 36, g=g)
+    act = F.silu(h[:, :36]) * h[:, 36:]
+    got = expert_gemv(h, w2, ids, 2, act=True, block_n=block_n, block_k=block_k)
+    want = torch.einsum("and,ad->an", w2[ids.clamp(0, 4)], act) * ok[:, None]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture

@@ -27,15 +27,17 @@ import triton.language as tl
 
 from actors.model.kernels.activation import silu_mul
 
-# Largest token count that takes the GEMV path in bf16 (measured on the H200: docs/performance.md).
-GEMV_MAX_TOKENS = int(os.environ.get("MOGE_MOE_GEMV_MAX_TOKENS", "8"))
+# Largest token count that takes the GEMV path in bf16. On the H200, Qwen3-30B-A3B layer shape
+# (bench/kernel_check.py, docs/performance.md): GEMV 278 us vs grouped 350 us at 16 tokens, even at 32.
+GEMV_MAX_TOKENS = int(os.environ.get("MOGE_MOE_GEMV_MAX_TOKENS", "16"))
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
 def _expert_gemv_kernel(
     x_ptr, w_ptr, ids_ptr, out_ptr,
     stride_x, stride_we, stride_wn, stride_out,
-    n_out, n_in, n_experts,
+    n_out, n_in, n_experts, a_bucket,
     K: tl.constexpr, ACT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[a, n] = Σ_i w[e_a, n, i] · in[a, i] where in = x[a // K] (ACT false) or
@@ -67,6 +69,18 @@ def _expert_gemv_kernel(
     tl.store(out_ptr + a * stride_out + rows, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
+# Tile shapes tried once per (output rows, input width, assignments rounded up to a power of two),
+# at the first call: the engine's warm-up before CUDA-graph capture, never inside a capture.
+_expert_gemv_tuned = triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+        for bn, bk, w in ((16, 256, 4), (8, 256, 4), (32, 128, 4), (16, 512, 8), (4, 512, 4), (32, 256, 8))
+    ],
+    key=["n_out", "n_in", "a_bucket"],
+    do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
+)(_expert_gemv_kernel)
+
+
 @triton.jit
 def _combine_kernel(
     ys_ptr, rows_ptr, ids_ptr, w_ptr, out_ptr,
@@ -96,18 +110,23 @@ def _combine_kernel(
     tl.store(out_ptr + t * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
-def expert_gemv(inp: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, k: int, act: bool) -> torch.Tensor:
+def expert_gemv(
+    inp: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, k: int, act: bool,
+    block_n: int | None = None, block_k: int = 256,
+) -> torch.Tensor:
     """inp [T, n_in] (act false) or [A, 2 n_in] (act true); w [E, n_out, n_in]; ids [A] -> [A, n_out]."""
     n_experts, n_out, n_in = w.shape
     a = ids.shape[0]
     out = torch.empty((a, n_out), dtype=inp.dtype, device=inp.device)
     if a == 0:
         return out
-    block_n = 16
-    _expert_gemv_kernel[(a, triton.cdiv(n_out, block_n))](
-        inp, w, ids, out, inp.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        n_out, n_in, n_experts, K=k, ACT=act, BLOCK_N=block_n, BLOCK_K=256, num_warps=4,
-    )
+    args = (inp, w, ids, out, inp.stride(0), w.stride(0), w.stride(1), out.stride(0),
+            n_out, n_in, n_experts, triton.next_power_of_2(a))
+    if _INTERPRET or block_n is not None:  # fixed tiles: the interpreter, tests
+        bn = block_n or 16
+        _expert_gemv_kernel[(a, triton.cdiv(n_out, bn))](*args, K=k, ACT=act, BLOCK_N=bn, BLOCK_K=block_k, num_warps=4)
+    else:
+        _expert_gemv_tuned[lambda meta: (a, triton.cdiv(n_out, meta["BLOCK_N"]))](*args, K=k, ACT=act)
     return out
 
 

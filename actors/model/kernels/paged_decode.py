@@ -4,10 +4,12 @@ reading the block table on the device (no host work, fixed launch shape: CUDA-gr
 Shape legend: B = sequences, H / Hkv = query / KV heads, G = H / Hkv query heads per KV head,
 Dh = head dim, NB = cache blocks, BS = block size, M = block-table width, N = keys per tile.
 
-One program per (sequence, KV head) computes all G query heads that share the KV head (the keys and
-values are read once for the group): keys are gathered N at a time through the block table, scores
-q·k for the G heads come from one tensor-core dot, and an online softmax (running max and sum)
-accumulates the values, so a context of any length takes one pass.
+One program per (sequence, KV head, split) computes all G query heads that share the KV head (the
+keys and values are read once for the group): keys are gathered N at a time through the block table,
+scores q·k for the G heads come from one tensor-core dot, and an online softmax (running max and sum)
+accumulates the values. With few sequences the context is cut into S splits run side by side
+(flash-decoding) and a second launch merges their partial softmaxes; S depends on the batch size
+only, so the launch shape stays fixed for a CUDA graph.
 """
 
 from __future__ import annotations
@@ -19,27 +21,35 @@ import triton.language as tl
 
 @triton.jit
 def _paged_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, ctx_ptr, out_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, ctx_ptr, out_ptr, part_ptr, stat_ptr,
     scale,
     stride_qb, stride_qh, stride_cb, stride_cs, stride_ch, stride_tb, stride_ob, stride_oh,
-    G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    TILE_N: tl.constexpr, IEEE: tl.constexpr,
+    H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    TILE_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, HEAD_DIM)
     heads = kvh * G + g
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=(g < G)[:, None], other=0.0)
     ctx = tl.load(ctx_ptr + tl.program_id(0))
+    if SPLITS == 1:
+        lo = 0
+        hi = ctx
+    else:  # split s takes keys [s * chunk, (s + 1) * chunk), chunk a whole number of tiles
+        chunk = tl.cdiv(tl.cdiv(ctx, SPLITS), TILE_N) * TILE_N
+        lo = split * chunk
+        hi = tl.minimum(lo + chunk, ctx)
 
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     denom = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, HEAD_DIM], tl.float32)
     n = tl.arange(0, TILE_N)
-    for start in range(0, ctx, TILE_N):
+    for start in range(lo, hi, TILE_N):
         key = start + n
-        valid = key < ctx
+        valid = key < hi
         block = tl.load(table_ptr + seq * stride_tb + key // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
         row = block * stride_cb + (key % BLOCK_SIZE) * stride_cs + kvh * stride_ch
         k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=valid[:, None], other=0.0)
@@ -59,12 +69,45 @@ def _paged_decode_kernel(
             pv = tl.dot(p.to(v.dtype), v)
         acc = acc * alpha[:, None] + pv
         m = m_new
-    out = acc / denom[:, None]
-    tl.store(
-        out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=(g < G)[:, None],
-    )
+    if SPLITS == 1:
+        out = acc / denom[:, None]
+        tl.store(
+            out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=(g < G)[:, None],
+        )
+    else:  # partial [B, S, H, Dh] (unnormalised) and its (max, sum) [B, S, H, 2]; empty splits: -inf, 0
+        row = (seq * SPLITS + split) * H + heads
+        tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=(g < G)[:, None])
+        tl.store(stat_ptr + row * 2, m, mask=g < G)
+        tl.store(stat_ptr + row * 2 + 1, denom, mask=g < G)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_ptr, stat_ptr, out_ptr, stride_ob, stride_oh,
+    H: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    s = tl.arange(0, SPLITS)
+    d = tl.arange(0, HEAD_DIM)
+    row = (seq * SPLITS + s) * H + head  # [S]
+    m = tl.load(stat_ptr + row * 2)
+    denom = tl.load(stat_ptr + row * 2 + 1)
+    acc = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :])  # [S, Dh]
+    top = tl.max(m, axis=0)  # split 0 always holds key 0: finite
+    w = tl.exp(m - top)  # empty splits (-inf) weigh 0
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(denom * w, axis=0)
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def num_splits(batch: int, kv_heads: int) -> int:
+    """Splits per sequence so that about two programs per SM run when sequences are few."""
+    programs = batch * kv_heads
+    if programs >= 64:
+        return 1
+    return min(16, triton.next_power_of_2(max(1, 256 // programs)))
 
 
 def paged_decode_attention(
@@ -74,20 +117,30 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # [B, M] int
     context_lens: torch.Tensor,  # [B] int, keys per sequence (>= 1)
     scale: float,
+    splits: int | None = None,
 ) -> torch.Tensor:
-    """-> [B, H, Dh] in q.dtype."""
+    """-> [B, H, Dh] in q.dtype. splits: default num_splits(B, Hkv)."""
     b, heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     out = torch.empty_like(q)
     if b == 0:
         return out
     group = heads // kv_heads
-    _paged_decode_kernel[(b, kv_heads)](
-        q, k_cache, v_cache, block_tables, context_lens, out,
+    splits = num_splits(b, kv_heads) if splits is None else splits
+    part = stat = out  # unused with one split
+    if splits > 1:
+        part = torch.empty((b, splits, heads, head_dim), dtype=torch.float32, device=q.device)
+        stat = torch.empty((b, splits, heads, 2), dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(b, kv_heads, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part, stat,
         scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        G=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        TILE_N=32, IEEE=q.dtype == torch.float32, num_warps=4,
+        H=heads, G=group, G_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, TILE_N=32, SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=4,
     )
+    if splits > 1:
+        _merge_splits_kernel[(b, heads)](
+            part, stat, out, out.stride(0), out.stride(1), H=heads, HEAD_DIM=head_dim, SPLITS=splits, num_warps=4
+        )
     return out
