@@ -88,8 +88,7 @@ class DecodeGraphs:
         """Capture every bucket, smallest first, while the memory they take stays in the budget
         (larger batches then run eagerly). All graphs share one memory pool."""
         started = time.perf_counter()
-        torch.cuda.synchronize(self.device)
-        reserved0 = torch.cuda.memory_reserved(self.device)
+        reserved0 = self._reserved()
         self.meta[0].zero_()
         self.meta[1].zero_()
         self.meta[2].fill_(self.pad_slot)
@@ -105,8 +104,7 @@ class DecodeGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self.logits[:bp].copy_(self.model(batch, self.kv))
-            torch.cuda.synchronize(self.device)
-            used = torch.cuda.memory_reserved(self.device) - reserved0
+            used = self._reserved() - reserved0
             if used > self.budget_bytes and self.graphs:
                 del graph  # over budget: batches from here on run eagerly
                 log.warning("CUDA graphs: batch %d would take %.0f MiB > budget %.0f MiB; larger batches run eagerly",
@@ -121,6 +119,13 @@ class DecodeGraphs:
             len(sizes), ",".join(map(str, sizes)), time.perf_counter() - started,
             self.memory_bytes / 2**20, self.budget_bytes / 2**20,
         )
+
+    def _reserved(self) -> int:
+        """Device memory held by the allocator once its unused cache is released: what the graphs'
+        private pool adds shows as growth (torch.cuda.graph empties the cache at each capture anyway)."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_reserved(self.device)
 
     # ---- per step ------------------------------------------------------------------------------
 
