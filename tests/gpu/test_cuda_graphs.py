@@ -44,13 +44,13 @@ def compare_each_step(engine):
     runner, diffs = engine.runner, []
     plain = runner.execute
 
-    def both(scheduled):
-        if runner.graphs is None or not runner.graphs.covers(scheduled.num_new_tokens):
-            return plain(scheduled)
+    def both(scheduled, prompt_rows=None):
+        if prompt_rows or runner.graphs is None or not runner.graphs.covers(scheduled.num_new_tokens):
+            return plain(scheduled, prompt_rows)
         eager = runner.model(runner.prepare(scheduled), runner.kv).clone()
         graph = runner.graphs.run(scheduled.seqs)
         diffs.append((len(scheduled), (graph - eager).abs().max().item()))
-        return graph
+        return graph, None
 
     runner.execute = both
     return diffs
