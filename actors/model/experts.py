@@ -175,8 +175,10 @@ class LocalExperts:
         self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> dict[int, torch.Tensor]:
         """{group: [T, D] in x.dtype} for every held group, ascending: what a caller sums in group
-        order in float32 (dispatch here; RemoteExperts when some groups are held in process)."""
-        if layer in self._stacked:
+        order in float32 (dispatch here; RemoteExperts when some groups are held in process).
+        With the fused kernels each group goes through group_forward, as on an expert worker, so a
+        group's partial is the same wherever it is computed."""
+        if layer in self._stacked and not kernels.fused(x):
             return self._partials_stacked(layer, x, topk_ids, topk_weights)
         out = {}
         for g, weights in self.groups.items():

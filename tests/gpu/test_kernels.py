@@ -232,3 +232,33 @@ def test_model_through_the_kernels_matches_the_torch_path(kernels_everywhere, pr
     tokens, logits = greedy_logits(loaded, prompt, 6, stop_at_eos=False)
     assert fast_tokens == tokens
     torch.testing.assert_close(fast_logits, logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["moge", "qwen3_moe"])
+def test_group_partials_sum_to_the_fused_dispatch(kernels_everywhere, family):
+    """A group's partial computed alone (as an expert worker or a local holder does) adds up, in
+    group order, to exactly what the one-pass fused dispatch returns."""
+    from dataclasses import replace
+
+    from actors.model.experts import LocalExperts
+    from actors.model.presets import get_preset
+    from actors.weights.loader import random_expert_groups
+
+    cfg = get_preset("tiny-moge")
+    if family == "qwen3_moe":
+        cfg = replace(cfg, family="qwen3_moe", router_scale=False, renormalize=True, top_k=3)
+    experts = LocalExperts(cfg, random_expert_groups(cfg, range(cfg.n_groups), 0, torch.float32, DEVICE))
+    g = gen(8)
+    x = randn(5, cfg.hidden_size, g=g)
+    logits = randn(5, cfg.n_experts, g=g)
+    if family == "moge":
+        probs = logits.softmax(-1).view(5, cfg.n_groups, -1)
+        w, local = probs.max(-1)
+        ids = local + torch.arange(cfg.n_groups, device=DEVICE) * cfg.experts_per_group
+    else:
+        w, ids = logits.softmax(-1).topk(cfg.top_k)
+    whole = experts.dispatch(0, x, ids, w).wait()
+    parts = experts.group_partials(0, x, ids, w)
+    assert list(parts) == sorted(parts)
+    total = sum(p.float() for p in parts.values()).to(x.dtype)
+    assert torch.equal(whole, total)
