@@ -22,6 +22,11 @@ class PendingExperts(Protocol):
 
 
 class ExpertCompute(Protocol):
+    """Optional capability, read with getattr (absent = False): `graph_safe: bool`, true when
+    dispatch(...).wait() only launches device work whose shapes follow from its inputs' shapes and
+    never waits on the host, so the model runner may capture whole decode steps in a CUDA graph
+    (LocalExperts on CUDA holding every group; a graph-capable device transport may set it too)."""
+
     def dispatch(
         self,
         layer: int,
