@@ -35,6 +35,7 @@ import torch.distributed as dist
 from actors.device import collective_backend
 from actors.experts.transport.collective import _make_group
 from actors.experts.transport.step_wire import DTYPES, HEADER_LEN, OP_CLOSE, OP_HELLO, OP_STEP, new_packet
+from actors.model import kernels
 from actors.model.experts import group_forward, slot_outputs
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,12 @@ def held_partial(cfg, groups: dict, layer: int, x: torch.Tensor, ids: torch.Tens
     reproduces the single-process result bit for bit. Masked slots (id -1) compute nothing."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     kg = cfg.k_per_group
+    if stacked is not None and layer in stacked and kernels.fused(x):  # LocalExperts' fused kernels
+        from actors.model.kernels.moe import fused_moe
+
+        first = min(groups)
+        return fused_moe(x, *stacked[layer], ids - groups[first].first_expert, weights, cfg.experts_per_group,
+                         len(groups), out_dtype=torch.float32).to(reply_dtype)
     if stacked is not None and layer in stacked:
         first = min(groups)
         slots = slot_outputs(*stacked[layer], x, ids - groups[first].first_expert, weights)  # [Tb, K, D] f32

@@ -260,5 +260,13 @@ def test_group_partials_sum_to_the_fused_dispatch(kernels_everywhere, family):
     whole = experts.dispatch(0, x, ids, w).wait()
     parts = experts.group_partials(0, x, ids, w)
     assert list(parts) == sorted(parts)
-    total = sum(p.float() for p in parts.values()).to(x.dtype)
-    assert torch.equal(whole, total)
+    total = sum(p.float() for p in parts.values())
+    assert torch.equal(whole, total.to(x.dtype))
+
+    # the step lane's worker (actors/experts/worker_lane.py) holding every group, stacked: the same
+    # float32 sum before the reply's cast
+    from actors.experts.worker_lane import held_partial
+
+    stacked = experts._stacked
+    assert torch.equal(held_partial(cfg, experts.groups, 0, x, ids, w, torch.float32, stacked), total)
+    assert torch.equal(held_partial(cfg, experts.groups, 0, x, ids, w, torch.float32, None), total)

@@ -106,7 +106,7 @@ def _combine_kernel(
     acc = tl.zeros([BLOCK_D], tl.float32)
     for g in tl.static_range(G):
         part = tl.sum(tl.where((ours & (group == g))[:, None], contrib, 0.0), axis=0)
-        acc += part.to(out_ptr.dtype.element_ty).to(tl.float32)
+        acc += part.to(ys_ptr.dtype.element_ty).to(tl.float32)  # a group's partial, in the model dtype
     tl.store(out_ptr + t * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
@@ -168,8 +168,11 @@ def fused_moe(
     experts_per_group: int,
     n_groups: int,
     gemv_max_tokens: int | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """[T, D] in x.dtype: per token Σ over groups of the group's partial (see module doc)."""
+    """[T, D] in out_dtype (default x.dtype): per token Σ over groups of the group's partial (see
+    module doc); float32 keeps the sum unrounded, for a caller that adds other partials to it."""
+    out_dtype = out_dtype or x.dtype
     t, k = local_ids.shape
     n_local, two_i, _ = w13.shape
     local_ids = local_ids.contiguous()
@@ -178,7 +181,7 @@ def fused_moe(
     if not grouped_usable(x) or t <= limit:
         h = expert_gemv(x, w13, flat, k, act=False)  # [A, 2I]
         ys = expert_gemv(h, w2, flat, k, act=True)  # [A, D]
-        return combine(ys, None, local_ids, weights, n_local, experts_per_group, n_groups, x.dtype)
+        return combine(ys, None, local_ids, weights, n_local, experts_per_group, n_groups, out_dtype)
 
     key = torch.where((flat >= 0) & (flat < n_local), flat, n_local)
     key, order = torch.sort(key, stable=True)  # ours first, grouped by expert
@@ -190,4 +193,4 @@ def fused_moe(
     ys = torch._grouped_mm(act, w2.transpose(1, 2), offs=offs)  # [A, D]
     rows = torch.empty_like(order)
     rows[order] = torch.arange(order.numel(), device=x.device)
-    return combine(ys, rows, local_ids, weights, n_local, experts_per_group, n_groups, x.dtype)
+    return combine(ys, rows, local_ids, weights, n_local, experts_per_group, n_groups, out_dtype)
