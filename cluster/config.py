@@ -27,7 +27,8 @@ class ModelSection(_Section):
     )
     name: str | None = Field(None, description="served model id; default: preset name or directory name")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["auto", "cpu", "cuda", "npu"] = "auto"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|npu)(:\d+)?$",
+                        description="auto, cpu, cuda or npu, optionally with an index (cuda:1)")
     max_model_len: int | None = Field(None, ge=16, description="context length; default: the model's")
     seed: int = 0
     n_groups: int | None = Field(None, ge=1, description="top-k checkpoints: expert shards; MoGE: fixed")
