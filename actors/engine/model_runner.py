@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from actors.engine.ping_pong import PingPongRunner
+from actors.engine.ping_pong import PingPongRunner, micro_batch_tokens
 from actors.engine.scheduler import ScheduledBatch
 from actors.engine.sequence import Sequence
 from actors.model.expert_compute import StepRerun
@@ -55,13 +55,19 @@ class ModelRunner:
             from actors.engine.graphs.cuda_graphs import DecodeGraphs
 
             max_blocks = -(-max_model_len // block_size)
-            self.graphs = DecodeGraphs(model, self.kv, max_num_seqs, max_blocks, graph_memory_mb)
+            pp = self.ping_pong
+            self.graphs = DecodeGraphs(model, self.kv, max_num_seqs, max_blocks, graph_memory_mb,
+                                       forward=pp.forward if pp is not None else None,
+                                       micro_batches=micro_batch_tokens if pp is not None else None)
             self.graphs.capture()
 
     def _graphs_possible(self, ping_pong: bool) -> bool:
         if self.device.type != "cuda":
             return False  # CPU and NPU decode eagerly
-        if ping_pong or not getattr(getattr(self.model, "experts", None), "graph_safe", False):
+        experts = getattr(self.model, "experts", None)
+        # ping-pong is captured only with experts that take part in the capture (the step lane)
+        lane = callable(getattr(experts, "graph_begin", None))
+        if (ping_pong and not lane) or not getattr(experts, "graph_safe", False):
             log.info("decode runs eagerly: the routed experts are not capturable in a CUDA graph (remote or partial)")
             return False
         return True
@@ -71,8 +77,14 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run one step: [B, V] logits, one row per scheduled sequence, and [E, V] logits of the
         flattened-token rows `prompt_rows` (prompt log-probabilities; None when none are asked)."""
+        boundary = getattr(getattr(self.model, "experts", None), "on_step_boundary", None)
         if not prompt_rows and self.graphs is not None and self.graphs.covers(scheduled.num_new_tokens):
-            return self.graphs.run(scheduled.seqs), None  # experts are local: no placement boundary
+            if boundary is not None:  # remote experts in the graph (step lane): the epoch switches here
+                boundary()
+            try:
+                return self.graphs.run(scheduled.seqs), None
+            except StepRerun:  # the lane failed during the replay: the step again, eagerly, below
+                log.warning("captured step failed on the expert lane; re-running it eagerly")
         batch = self.prepare(scheduled)
         b = batch.num_seqs
         if prompt_rows:
@@ -80,7 +92,6 @@ class ModelRunner:
             # Rare (scoring requests' prefills), so it takes the plain path, not ping-pong.
             extra = torch.tensor(prompt_rows, dtype=torch.long).to(self.device)
             batch = dataclasses.replace(batch, logits_index=torch.cat([batch.logits_index, extra]))
-        boundary = getattr(getattr(self.model, "experts", None), "on_step_boundary", None)
         if boundary is not None:  # a new placement epoch takes effect here, never inside the step
             boundary()
         plain = bool(prompt_rows)

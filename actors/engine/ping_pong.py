@@ -23,7 +23,9 @@ from actors.model.step_batch import StepBatch
 
 def split_batch(batch: StepBatch, n_first: int) -> tuple[StepBatch, StepBatch]:
     """Sequences [0, n_first) and [n_first, B) as two StepBatches (token rows rebased)."""
-    cut = int(batch.query_start[n_first])
+    # a decode batch (one token per sequence) cuts at row n_first without reading the device
+    # (no host sync: the split runs inside a captured CUDA graph too)
+    cut = n_first if batch.num_tokens == batch.num_seqs else int(batch.query_start[n_first])
     first = StepBatch(
         input_ids=batch.input_ids[:cut],
         positions=batch.positions[:cut],
@@ -47,10 +49,22 @@ def split_batch(batch: StepBatch, n_first: int) -> tuple[StepBatch, StepBatch]:
 
 def balanced_cut(batch: StepBatch) -> int:
     """Sequences in the first micro-batch so both halves carry about the same number of tokens."""
+    if batch.num_tokens == batch.num_seqs:  # decode: the same cut as below, without a host sync
+        return decode_cut(batch.num_seqs)
     starts = batch.query_start[1:-1].tolist()  # tokens before sequence 1..B-1
     half = batch.num_tokens / 2
     cut = next((i + 1 for i, s in enumerate(starts) if s >= half), batch.num_seqs - 1)
     return min(max(cut, 1), batch.num_seqs - 1)
+
+
+def decode_cut(b: int) -> int:
+    """balanced_cut of a decode batch of b >= 2 sequences."""
+    return min(max((b + 1) // 2, 1), b - 1)
+
+
+def micro_batch_tokens(b: int) -> list[int]:
+    """Token counts of the micro-batches PingPongRunner makes of a decode batch of b sequences."""
+    return [b] if b < 2 else [decode_cut(b), b - decode_cut(b)]
 
 
 @dataclass
@@ -73,7 +87,11 @@ class PingPongRunner:
         if batch.num_seqs < 2:
             return self.model(batch, kv)
         m = self.model
-        halves = [_MicroBatch(b, m.embed(b.input_ids)) for b in split_batch(batch, balanced_cut(batch))]
+        parts = split_batch(batch, balanced_cut(batch))
+        begin = getattr(m.experts, "begin_step", None)
+        if begin is not None:  # the step lane: both micro-batches over one lane, in this order
+            begin([p.num_tokens for p in parts])
+        halves = [_MicroBatch(b, m.embed(b.input_ids)) for b in parts]
         for layer in range(m.cfg.num_layers):
             for mb in halves:
                 self._finish(mb)

@@ -1,13 +1,14 @@
 """The expert worker's side of the step lane (wire format: transport/step_wire.py).
 
-One thread per lane, i.e. per (attention replica, micro-batch slot): it waits for a step header,
-then runs the whole step's layer loop itself — recv packet -> compute the held groups for that
+One thread per lane, i.e. per attention replica (both ping-pong micro-batches share it: the header
+announces them and the loop interleaves their layers in the replica's order): it waits for a step
+header, then runs the whole step's layer loop itself — recv packet -> compute the held groups for that
 layer -> send the partial — with no Python request per layer and no host copy. On CUDA with the
 nccl backend the loop of one bucket is captured once as a CUDA graph with the point-to-point
 operations inside it (the first step of a bucket runs eagerly: it warms kernels and the
 communicator), so a step costs one header read and one graph replay on the host.
 
-M:N (several replicas, or both ping-pong slots of one replica, on one worker): every lane has its
+M:N (several replicas on one worker): every lane has its
 own thread, communicator and CUDA stream and shares the (read-only) weights, so steps of different
 replicas interleave on the device without waiting for each other. Merging their batches would
 save a few launches but couple the replicas' step clocks (one waits for the other's tokens) and
@@ -233,9 +234,11 @@ class WorkerLane:
     def _step(self, h: list[int]) -> None:
         start = time.perf_counter()
         self.steps += 1  # counted when the header arrives
-        _, epoch, n_layers, tb, t_real, x_code, reply_code, d, k = h[:9]
+        _, epoch, n_layers, tb, t_real, x_code, reply_code, d, k, tb2, t_real2 = h[:11]
         x_dtype, reply_dtype = DTYPES[x_code], DTYPES[reply_code]
-        key = (tb, n_layers, x_dtype, reply_dtype, d, k)
+        # micro-batch buckets in the replica's dispatch order (ping-pong: A then B at every layer)
+        buckets = (tb, tb2) if tb2 > 0 else (tb,)
+        key = (buckets, n_layers, x_dtype, reply_dtype, d, k)
         groups = self.worker._groups  # a snapshot: loads/drops replace the dict, never mutate it
         cfg = self.worker.cfg
         layers = [layer for layer in range(cfg.num_layers) if cfg.is_moe_layer(layer)][:n_layers]
@@ -257,32 +260,35 @@ class WorkerLane:
         seconds = time.perf_counter() - start
         self.wall_s += seconds
         held = sorted(groups)
-        self.worker._meter.record(held, [t_real] * len(held), seconds)
+        self.worker._meter.record(held, [t_real + t_real2] * len(held), seconds)
 
-    def _buffers(self, key):
-        tb, n_layers, x_dtype, reply_dtype, d, k = key
-        packet = new_packet(tb, d, k, x_dtype, self.wire_device)
-        reply = torch.empty(tb, d, dtype=reply_dtype, device=self.wire_device)
-        return packet, reply
+    def _buffers(self, key) -> list[tuple]:
+        """(packet, reply) per micro-batch: the two must not share, their ops are in flight together."""
+        buckets, n_layers, x_dtype, reply_dtype, d, k = key
+        return [(new_packet(tb, d, k, x_dtype, self.wire_device),
+                 torch.empty(tb, d, dtype=reply_dtype, device=self.wire_device)) for tb in buckets]
 
     def _loop(self, layers, key, groups) -> None:
         """The step's layer loop (eager, or being captured)."""
-        packet, reply = self._buffers(key)
-        self._layer_ops(layers, key, groups, packet, reply)
+        self._layer_ops(layers, key, groups, self._buffers(key))
 
-    def _layer_ops(self, layers, key, groups, packet, reply) -> None:
+    def _layer_ops(self, layers, key, groups, bufs) -> None:
+        """Per MoE layer, per micro-batch in dispatch order: recv packet, compute, send partial —
+        exactly the order the replica posts them (send A_l, recv A_l, send B_l, recv B_l), so one
+        communicator carries both micro-batches without any cross-communicator ordering hazard."""
         reply_dtype = key[3]
         cfg = self.worker.cfg
         dev = self.compute_device
         stacked = stacked_groups(self.worker, groups)
         for layer in layers:
-            self.pg.recv([packet.buf], 0, 1).wait()
-            x = packet.x.to(dev)
-            ids = packet.ids.to(dev, torch.int64)
-            wts = packet.weights.to(dev)
-            y = held_partial(cfg, groups, layer, x, ids, wts, reply_dtype, stacked)
-            reply.copy_(y)
-            self.pg.send([reply], 0, 2).wait()
+            for packet, reply in bufs:
+                self.pg.recv([packet.buf], 0, 1).wait()
+                x = packet.x.to(dev)
+                ids = packet.ids.to(dev, torch.int64)
+                wts = packet.weights.to(dev)
+                y = held_partial(cfg, groups, layer, x, ids, wts, reply_dtype, stacked)
+                reply.copy_(y)
+                self.pg.send([reply], 0, 2).wait()
 
     def _capturable(self, x_dtype) -> bool:
         # the grouped-matmul expert kernel (CUDA, bf16) has no host sync; other paths do
@@ -290,10 +296,10 @@ class WorkerLane:
                 and os.environ.get(GRAPHS_ENV, "1") != "0")
 
     def _capture(self, layers, key, groups):
-        packet, reply = self._buffers(key)  # static buffers, allocated (and zeroed) before the capture
+        bufs = self._buffers(key)  # static buffers, allocated (and zeroed) before the capture
         self.stream.synchronize()  # the eager step just run on this stream is the warm-up
-        graph = capture_on(self.stream, lambda: self._layer_ops(layers, key, groups, packet, reply))
-        return graph, (packet, reply), groups
+        graph = capture_on(self.stream, lambda: self._layer_ops(layers, key, groups, bufs))
+        return graph, bufs, groups
 
     def abort(self) -> None:
         pg, self.pg = self.pg, None

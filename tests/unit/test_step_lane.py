@@ -92,6 +92,42 @@ def test_two_slots_interleave_like_ping_pong():
     sx.close()
 
 
+@pytest.mark.parametrize("cfg", [MOGE, TOPK], ids=["moge", "topk"])
+def test_announced_micro_batches_share_one_lane_in_dispatch_order(cfg):
+    """Ping-pong as PingPongRunner drives it: begin_step announces both micro-batches, so each
+    worker gets ONE header and one lane carries A0 B0 A1 B1 ... (no second communicator)."""
+    sx, workers = lane_experts(cfg, 2, slots=2)
+    local = LocalExperts(cfg, random_expert_groups(cfg, range(cfg.n_groups), 0))
+    for step in range(2):
+        sx.on_step_boundary()
+        counts = [3, 5 + step]
+        sx.begin_step(counts)
+        inputs = {(mb, layer): routing(cfg, counts[mb], seed=7 * mb + layer + 100 * step)
+                  for mb in (0, 1) for layer in moe_layers(cfg)}
+        for layer in moe_layers(cfg):
+            pending = [sx.dispatch(layer, *inputs[(mb, layer)]) for mb in (0, 1)]
+            for mb, p in enumerate(pending):
+                want = local.dispatch(layer, *inputs[(mb, layer)]).wait()
+                torch.testing.assert_close(p.wait(), want, rtol=1e-5, atol=1e-5)
+    assert {slot for _, slot in sx._lanes} == {0}  # one lane per worker
+    assert sum(w.lane_stats()["steps"] for w in workers.values()) == 2 * 2  # one header per worker per step
+    with pytest.raises(RuntimeError, match="announced"):
+        sx.on_step_boundary()
+        sx.begin_step([2, 2])
+        sx.dispatch(moe_layers(cfg)[0], *routing(cfg, 3, seed=0))
+    sx.close()
+
+
+def test_graph_hooks_decline_what_cannot_be_captured():
+    """gloo lanes (CPU) are never captured: graph_prepare says no and nothing is announced."""
+    sx, _ = lane_experts(MOGE, 1)
+    sx.on_step_boundary()
+    assert not sx.graph_safe  # CPU
+    assert sx.graph_prepare(4, [4]) is False and sx._announced == []
+    assert sx.graph_begin(4) is False  # no plan: the caller runs the bucket eagerly
+    sx.close()
+
+
 def test_a_lane_dying_mid_step_reruns_its_groups_on_the_replacement(monkeypatch):
     import actors.experts.worker_lane as worker_lane
 

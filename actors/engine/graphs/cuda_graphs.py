@@ -39,10 +39,20 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model, kv: PagedKVCache, max_batch: int, max_blocks_per_seq: int, memory_budget_mb: int) -> None:
+    def __init__(self, model, kv: PagedKVCache, max_batch: int, max_blocks_per_seq: int, memory_budget_mb: int,
+                 forward=None, micro_batches=None) -> None:
+        """`forward(batch, kv)`: what a graph captures (default the model; the ping-pong runner's
+        forward for remote experts with ping-pong); `micro_batches(bp)`: the token counts it
+        dispatches in, per step (default [bp])."""
         if kv.pad_block is None:
             raise ValueError("CUDA-graph decode needs a KV cache with a pad block")
         self.model, self.kv = model, kv
+        self.forward = forward or model
+        self.micro_batches = micro_batches or (lambda bp: [bp])
+        # an ExpertCompute with NCCL ops inside the captured step (the step lane): told before a
+        # capture and around each replay (header, lane checks, deadline); None for local experts
+        experts = getattr(model, "experts", None)
+        self.hooks = experts if callable(getattr(experts, "graph_begin", None)) else None
         self.device = kv.k[0].device
         self.block_size = kv.block_size
         self.pad_slot = kv.pad_block * kv.block_size
@@ -99,11 +109,26 @@ class DecodeGraphs:
             batch = self.batch(bp)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS picks its kernels
-                self.model(batch, self.kv)
+                # (remote experts: an eager step over the lanes, which opens them and allocates
+                # the bucket's packet and reply buffers the capture then reuses)
+                self.forward(batch, self.kv)
             torch.cuda.current_stream(self.device).wait_stream(side)
+            if self.hooks is not None and not self.hooks.graph_prepare(bp, self.micro_batches(bp)):
+                log.warning("CUDA graphs: the expert lanes cannot be captured now; batch %d and up run eagerly", bp)
+                break
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self.logits[:bp].copy_(self.model(batch, self.kv))
+            try:
+                with torch.cuda.graph(graph, pool=pool):
+                    self.logits[:bp].copy_(self.forward(batch, self.kv))
+            except Exception:
+                if self.hooks is None:
+                    raise
+                # nothing captured ran, so the workers saw nothing of it: stay eager from here
+                self.hooks.graph_captured(bp, ok=False)
+                log.exception("CUDA graphs: capture over the expert lanes failed at batch %d; eager from here", bp)
+                break
+            if self.hooks is not None:
+                self.hooks.graph_captured(bp)
             used = self._reserved() - reserved0
             if used > self.budget_bytes and self.graphs:
                 del graph  # over budget: batches from here on run eagerly
@@ -160,8 +185,10 @@ class DecodeGraphs:
         self.meta[:, :bp].copy_(dev[: 4 * bp].view(4, bp))
         self.tables[:b, :width].copy_(dev[4 * bp :].view(b, width))
         graph = self.graphs.get(bp)
-        if graph is not None:
+        if graph is not None and (self.hooks is None or self.hooks.graph_begin(bp)):
             graph.replay()
+            if self.hooks is not None:
+                self.hooks.graph_end()  # may raise StepRerun (the model runner re-runs eagerly)
         else:
-            self.logits[:bp].copy_(self.model(self.batch(bp), self.kv))
+            self.logits[:bp].copy_(self.forward(self.batch(bp), self.kv))
         return self.logits[:b]

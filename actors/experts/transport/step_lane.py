@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import time
 import uuid
 
@@ -53,6 +54,8 @@ from actors.experts.transport.step_wire import (
 from actors.model.expert_compute import StepRerun
 
 log = logging.getLogger(__name__)
+
+REPLICA_GRAPHS_ENV = "MOGE_REPLICA_GRAPHS"  # "0": the replica never captures steps over lanes
 
 
 def _td(seconds: float) -> datetime.timedelta:
@@ -85,43 +88,58 @@ class ReplicaLane:
             torch.cuda.set_device(device)
         self.pg = _make_group(self.backend, dist.PrefixStore(self.lane_id, store), 0, _td(timeout_s))
         self.wire = device if self.backend != "gloo" else torch.device("cpu")
+        # the header's one buffer: eager steps and every captured bucket send from it (static address)
         self.hdr = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.wire)
         self.broken: Exception | None = None
         self._bufs: dict[tuple, tuple] = {}
-        self._send = self._recv = self._hdr_work = None
+        self._hdr_work = None
         self.send_header(header(OP_HELLO))  # creates the communicator now, not in the first step
 
-    def send_header(self, h: list[int]):
+    def write_header(self, h: list[int]) -> None:
+        """Fill the header buffer (on the current stream) for the next post_header or replay."""
         if self._hdr_work is not None and self.backend != "gloo":
             # nccl sends read `hdr` on the communicator's stream: the overwrite below (on the
-            # current stream) must not run before the previous header left (e.g. HELLO then STEP)
+            # current stream) must not run before the previous eager header left (e.g. HELLO then
+            # STEP). A header sent by a graph replay needs no wait: the replay ended (on the
+            # current stream) only after every op in it, the header's send included.
             self._hdr_work.wait()
+        self._hdr_work = None
         self.hdr.copy_(_to_device(torch.tensor(h, dtype=torch.int64), self.wire))
-        work = self._hdr_work = self.pg.send([self.hdr], 1, 0)
+
+    def post_header(self, capturing: bool = False):
+        work = self.pg.send([self.hdr], 1, 0)
         if self.backend == "gloo":
             work.wait(_td(self.timeout_s))
+        elif not capturing:  # a work made during capture must never be waited on outside it
+            self._hdr_work = work
         return work
 
-    def buffers(self, tb: int, d: int, k: int, dtype: torch.dtype, reply_dtype: torch.dtype):
-        key = (tb, d, k, dtype, reply_dtype)
+    def send_header(self, h: list[int]):
+        self.write_header(h)
+        return self.post_header()
+
+    def buffers(self, tb: int, d: int, k: int, dtype: torch.dtype, reply_dtype: torch.dtype, mb: int = 0):
+        """Static per (bucket, shapes, micro-batch): micro-batches on one lane are in flight together."""
+        key = (tb, d, k, dtype, reply_dtype, mb)
         if key not in self._bufs:
             reply = torch.empty(tb, d, dtype=reply_dtype, device=self.wire)
             self._bufs[key] = (new_packet(tb, d, k, dtype, self.wire), reply)
         return self._bufs[key]
 
-    def send_layer(self, bufs, x, ids, weights) -> None:
+    def send_layer(self, bufs, x, ids, weights) -> tuple:
+        """Post the layer's packet out and partial back; -> the (send, recv) works."""
         packet, reply = bufs
         packet.fill(x, ids, weights)
-        self._send = self.pg.send([packet.buf], 1, 1)
-        self._recv = self.pg.recv([reply], 1, 2)
+        return self.pg.send([packet.buf], 1, 1), self.pg.recv([reply], 1, 2)
 
-    def finish_layer(self, bufs, deadline: float | None) -> torch.Tensor:
+    def finish_layer(self, bufs, works, deadline: float | None) -> torch.Tensor:
         """The layer's partial [Tb, D] (lane buffer: consume before the next layer)."""
+        send, recv = works
         if self.backend == "gloo":
-            self._send.wait(_td(self.timeout_s))
-            self._recv.wait(_td(self.timeout_s))
+            send.wait(_td(self.timeout_s))
+            recv.wait(_td(self.timeout_s))
         else:
-            self._recv.wait()  # the current stream waits on the device; the host does not
+            recv.wait()  # the current stream waits on the device; the host does not
             if deadline is not None:
                 _await_device(deadline, self.worker_id)
         return bufs[1]
@@ -141,14 +159,30 @@ class ReplicaLane:
     def abort(self) -> None:
         pg, self.pg = self.pg, None
         if pg is not None and self.backend != "gloo":
-            for method in ("abort", "shutdown"):
-                fn = getattr(pg, method, None)
-                if fn is not None:
-                    try:
-                        fn()
-                    except Exception:  # noqa: BLE001 - tearing down a broken communicator
-                        pass
-                    break
+            _abort_bounded(pg, min(self.timeout_s, 10.0))
+
+
+def _abort_bounded(pg, seconds: float) -> None:
+    """Abort a communicator from a helper thread, waiting at most `seconds`: an abort racing a
+    kernel stuck on a dead peer was seen hanging (2x H200), and the replica must go on to its
+    fallback path rather than hang with it."""
+    import threading
+
+    def run():
+        for method in ("abort", "shutdown"):
+            fn = getattr(pg, method, None)
+            if fn is not None:
+                try:
+                    fn()
+                except Exception:  # noqa: BLE001 - tearing down a broken communicator
+                    pass
+                return
+
+    t = threading.Thread(target=run, name="moge-lane-abort", daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        log.warning("step lane: communicator abort still running after %.0f s; going on", seconds)
 
 
 def _await_device(deadline: float, worker_id: str) -> None:
@@ -161,17 +195,27 @@ def _await_device(deadline: float, worker_id: str) -> None:
         time.sleep(20e-6)
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 class _SubStep:
     """One micro-batch's pass through the MoE layers of a step."""
 
-    def __init__(self, slot, t, tb, lanes, owner, fallback_groups, reply_dtype) -> None:
-        self.slot, self.t, self.tb = slot, t, tb
-        self.lanes: list[ReplicaLane | None] = lanes  # index j = owner value j; None = dead this step
+    def __init__(self, slot, mb, t, tb, lanes, owner, fallback_groups, reply_dtype) -> None:
+        self.slot, self.mb, self.t, self.tb = slot, mb, t, tb
+        # index j = owner value j; None = dead this step. Shared by the micro-batches of one step
+        # (same lanes): a lane failing in one is gone for the other too.
+        self.lanes: list[ReplicaLane | None] = lanes
         self.owner = owner  # [G] or [G, Tb] int lane index per (group[, row]), -1 = per-call fallback
         self.fallback_groups = fallback_groups
         self.reply_dtype = reply_dtype
         self.next_layer = -1
+        self.started = False
+        self.group: list[_SubStep] = [self]  # the step's micro-batches on these lanes, in dispatch order
+        self.header: list[int] | None = None
         self.bufs: dict[int, tuple] = {}
+        self.works: dict[int, tuple] = {}
 
 
 class _PendingStep:
@@ -181,6 +225,16 @@ class _PendingStep:
 
     def wait(self) -> torch.Tensor:
         return self.o._finish(self)
+
+
+class _Plan:
+    """A captured bucket: what its graph was captured over (lanes, owner map) and what a replay
+    needs from the host (the header to write, the load counters to read)."""
+
+    def __init__(self, signature, header_: list[int], lanes, subs, load) -> None:
+        self.signature, self.header, self.lanes, self.load = signature, header_, lanes, load
+        self.subs = subs  # kept alive: the graph reads their owner maps (allocated outside its pool)
+        self.counts = [s.t for s in subs]
 
 
 class StepLaneExperts:
@@ -195,16 +249,22 @@ class StepLaneExperts:
         self.remote = remote
         self.cfg = remote.cfg
         self.device = torch.device(device)
-        self.slots = slots
+        self.slots = max(1, slots)  # lanes per worker for micro-batches nobody announced (begin_step)
         self.timeout_s = timeout_s
         self.replica_id = replica_id or uuid.uuid4().hex[:12]
         self.moe_layers = [layer for layer in range(self.cfg.num_layers) if self.cfg.is_moe_layer(layer)]
         self._next = {a: b for a, b in zip(self.moe_layers, self.moe_layers[1:] + [-1])}
         self._lanes: dict[tuple[str, int], ReplicaLane] = {}
         self._subs: list[_SubStep] = []
+        self._announced: list[_SubStep] = []
         self._opened = 0
         self.lane_failures = 0
         self._load: list[tuple[int, torch.Tensor, int]] = []  # (layer, [G] device counts, T) until the boundary
+        self._plans: dict = {}  # captured bucket key -> _Plan
+        self._capture: dict | None = None  # the bucket being captured
+        self._inflight: tuple | None = None  # (deadline, plan) of the replay just launched
+        self.graph_replays = 0
+        self.graph_stale = 0
 
     def __getattr__(self, name):
         return getattr(self.remote, name)
@@ -214,6 +274,7 @@ class StepLaneExperts:
     def on_step_boundary(self) -> int:
         epoch = self.remote.on_step_boundary()
         self._subs.clear()
+        self._announced = []
         self._opened = 0
         self._flush_load()
         live = {w for w in self.remote.placement.workers if w not in self.remote._down}
@@ -221,6 +282,22 @@ class StepLaneExperts:
             if key[0] not in live or lane.broken is not None or lane.ref is not self.remote._workers.get(key[0]):
                 self._drop(key)
         return epoch
+
+    def begin_step(self, counts: list[int]) -> None:
+        """Announce the step's micro-batches (token counts in dispatch order; at most two) before
+        its first MoE layer. They then share ONE lane per worker: one header carries both, and
+        their layers go over it in the order they are dispatched (A0 B0 A1 B1 ... for ping-pong),
+        which the worker's loop follows. Two communicators between the same two devices with ops
+        in flight on both can deadlock (NCCL launches them in no agreed order); one cannot.
+        Idempotent for the same counts before the first dispatch (a graph capture announces
+        before the forward, whose runner announces again)."""
+        counts = [int(c) for c in counts]
+        if not counts or len(counts) > 2:
+            raise ValueError(f"step lane: 1 or 2 micro-batches a step, got {counts}")
+        pending = [s for s in self._announced if not s.started]
+        if pending and len(pending) == len(self._announced) and [s.t for s in pending] == counts:
+            return
+        self._announced = self._open(counts, slot=0)
 
     def _lane(self, worker_id: str, slot: int) -> ReplicaLane | None:
         key = (worker_id, slot)
@@ -240,11 +317,9 @@ class StepLaneExperts:
         if lane is not None:
             lane.close()
 
-    def _open(self, t: int) -> _SubStep:
-        slot = self._opened % self.slots
-        self._opened += 1
+    def _route(self, slot: int):
+        """Host-only: live lanes (opening them), per-group owner lane, fallback groups."""
         placement, down = self.remote.placement, self.remote._down
-        tb = bucket(t)
         lanes: list[ReplicaLane | None] = []
         index: dict[str, int] = {}
         for w in placement.workers:
@@ -254,12 +329,9 @@ class StepLaneExperts:
             if lane is not None:
                 index[w] = len(lanes)
                 lanes.append(lane)
-        g_count = self.cfg.n_groups
-        split = False
-        owner_g = [-1] * g_count
-        fallback = []
-        holders_of = {}
-        for g in range(g_count):
+        owner_g = [-1] * self.cfg.n_groups
+        fallback, holders_of, split = [], {}, False
+        for g in range(self.cfg.n_groups):
             live = [h for h in placement.holders_of(g) if h in index]
             holders_of[g] = live
             if not live:
@@ -268,37 +340,74 @@ class StepLaneExperts:
                 owner_g[g] = index[live[0]]
             else:
                 split = True
-        if split:
-            owner = torch.full((g_count, tb), -1, dtype=torch.int64)
-            for g in range(g_count):
-                live = holders_of[g]
-                if len(live) == 1:
-                    owner[g] = index[live[0]]
-                elif live:
-                    from actors.experts.placement import split_rows
+        return lanes, index, owner_g, fallback, holders_of, split
 
-                    for h, (a, b) in zip(live, split_rows(t, len(live))):
-                        owner[g, a:b] = index[h]
-            owner = _to_device(owner, self.device)
-        else:
-            owner = _to_device(torch.tensor(owner_g, dtype=torch.int64), self.device)
+    def _open(self, counts: list[int], slot: int) -> list[_SubStep]:
+        lanes, index, owner_g, fallback, holders_of, split = self._route(slot)
+        g_count = self.cfg.n_groups
         whole = len(lanes) == 1 and not fallback and not split
         reply_dtype = None if whole else torch.float32  # None: the model dtype, filled at the first layer
-        sub = _SubStep(slot, t, tb, lanes, owner, fallback, reply_dtype)
-        self._subs.append(sub)
+        shared = None if split else _to_device(torch.tensor(owner_g, dtype=torch.int64), self.device)
+        subs = []
+        for mb, t in enumerate(counts):
+            tb = bucket(t)
+            owner = shared
+            if split:
+                from actors.experts.placement import split_rows
+
+                owner = torch.full((g_count, tb), -1, dtype=torch.int64)
+                for g in range(g_count):
+                    live = holders_of[g]
+                    if len(live) == 1:
+                        owner[g] = index[live[0]]
+                    elif live:
+                        for h, (a, b) in zip(live, split_rows(t, len(live))):
+                            owner[g, a:b] = index[h]
+                owner = _to_device(owner, self.device)
+            subs.append(_SubStep(slot, mb, t, tb, lanes, owner, fallback, reply_dtype))
+        for sub in subs:
+            sub.group = subs
+        self._subs.extend(subs)
+        self._opened += 1
+        return subs
+
+    def _start(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor) -> _SubStep:
+        """The sub-step a first-MoE-layer dispatch begins; the step's header goes out with the
+        first micro-batch (captured into the graph when capturing: the buffer is filled before
+        each replay, see graph_begin)."""
+        sub = next((s for s in self._announced if not s.started), None)
+        if sub is None:  # not announced: a single micro-batch, on its own slot if another is open
+            open_now = len({s.slot for s in self._subs if s.next_layer != -1})
+            sub = self._open([x.shape[0]], slot=min(open_now, self.slots - 1))[0]
+        elif sub.t != x.shape[0]:
+            raise RuntimeError(f"step lane: micro-batch of {x.shape[0]} tokens, {sub.t} announced")
+        sub.started = True
+        if all(s.started for s in self._announced):
+            self._announced = []
+        if sub.mb > 0:
+            return sub
+        reply_dtype = sub.reply_dtype or x.dtype
+        for s in sub.group:
+            s.reply_dtype = reply_dtype
+        second = sub.group[1] if len(sub.group) > 1 else None
+        h = header(OP_STEP, self.remote.epoch, len(self.moe_layers), sub.tb, sub.t, x.dtype, reply_dtype,
+                   x.shape[1], topk_ids.shape[1], second.tb if second else 0, second.t if second else 0)
+        sub.header = h
+        capturing = _capturing(self.device)
+        for j, lane in enumerate(sub.lanes):
+            if lane is None:
+                continue
+            try:
+                if not capturing:
+                    lane.write_header(h)
+                lane.post_header(capturing)
+            except Exception as exc:  # noqa: BLE001 - the worker died between steps
+                self._lane_failed(sub, j, exc)
         return sub
 
     def dispatch(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor):
         if layer == self.moe_layers[0]:
-            sub = self._open(x.shape[0])
-            sub.reply_dtype = sub.reply_dtype or x.dtype
-            h = header(OP_STEP, self.remote.epoch, len(self.moe_layers), sub.tb, sub.t, x.dtype,
-                       sub.reply_dtype, x.shape[1], topk_ids.shape[1])
-            for j, lane in enumerate(sub.lanes):
-                try:
-                    lane.send_header(h)
-                except Exception as exc:  # noqa: BLE001 - the worker died between steps
-                    self._lane_failed(sub, j, exc)
+            sub = self._start(layer, x, topk_ids)
         else:
             sub = next((s for s in self._subs if s.next_layer == layer), None)
             if sub is None:
@@ -316,11 +425,12 @@ class StepLaneExperts:
                 continue
             bufs = sub.bufs.get(j)
             if bufs is None:
-                bufs = sub.bufs[j] = lane.buffers(sub.tb, x.shape[1], topk_ids.shape[1], x.dtype, sub.reply_dtype)
+                bufs = sub.bufs[j] = lane.buffers(sub.tb, x.shape[1], topk_ids.shape[1], x.dtype, sub.reply_dtype,
+                                                  sub.mb)
                 bufs[0].clear_tail(sub.t)
             ids_j = topk_ids if len(sub.lanes) == 1 and not sub.fallback_groups else torch.where(own == j, topk_ids, -1)
             try:
-                lane.send_layer(bufs, x, ids_j, topk_weights)
+                sub.works[j] = lane.send_layer(bufs, x, ids_j, topk_weights)
             except Exception as exc:  # noqa: BLE001
                 self._lane_failed(sub, j, exc)
         return _PendingStep(self, sub, layer, x, topk_ids, topk_weights, own, last=sub.next_layer == -1)
@@ -328,13 +438,15 @@ class StepLaneExperts:
     def _finish(self, p: _PendingStep) -> torch.Tensor:
         sub = p.sub
         t = p.x.shape[0]
-        deadline = time.monotonic() + self.timeout_s if p.last else None
+        # nccl: the last layer of a step polls the device against the deadline (failures never
+        # raise on the host); not while capturing (no host sync in a graph: graph_end polls)
+        deadline = time.monotonic() + self.timeout_s if p.last and not _capturing(self.device) else None
         parts: list[torch.Tensor] = []
         for j, lane in enumerate(sub.lanes):
             if lane is None:
                 continue
             try:
-                parts.append(lane.finish_layer(sub.bufs[j], deadline)[:t])
+                parts.append(lane.finish_layer(sub.bufs[j], sub.works.pop(j), deadline)[:t])
             except LaneFailed as exc:
                 self._lane_failed(sub, j, exc)
                 raise StepRerun(str(exc)) from exc
@@ -351,14 +463,109 @@ class StepLaneExperts:
             out += part.float()
         return out.to(p.x.dtype)
 
+    # ---- CUDA graphs (replica side) ---------------------------------------------------------------
+    #
+    # The model runner captures whole decode steps per batch bucket (actors/engine/graphs/) with
+    # each MoE layer's packet send and partial recv inside, and the step's header send first. The
+    # host then does per step: graph_begin (check the lanes and owner map are the ones captured,
+    # write the header buffer), replay, graph_end (poll an event against the deadline). Both sides
+    # post the same ops in the same order as an eager step: header, then per layer (per
+    # micro-batch) packet out, partial back; the worker (eager or its own graph) cannot tell.
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whole steps may be captured: CUDA with nccl lanes (MOGE_REPLICA_GRAPHS=0: never)."""
+        return self.device.type == "cuda" and os.environ.get(REPLICA_GRAPHS_ENV, "1") != "0"
+
+    def _signature(self):
+        """What a captured step depends on, host-side: the slot-0 lanes (by identity) and the
+        group -> lane map. None when the placement cannot be captured (a group split between
+        holders, groups with no live lane, gloo)."""
+        lanes, _, owner_g, fallback, _, split = self._route(0)
+        if split or fallback or not lanes or any(lane.backend != "nccl" for lane in lanes):
+            return None
+        return tuple(lane.lane_id for lane in lanes), tuple(owner_g)
+
+    def graph_prepare(self, key, counts: list[int]) -> bool:
+        """Before capturing bucket `key` (its micro-batches' token counts `counts`), eagerly and
+        after an eager warm-up of the same shapes (lanes open, buffers allocated): open the step
+        so that nothing in the capture allocates host-fed tensors. False: do not capture."""
+        self._subs.clear()
+        self._announced = []
+        sig = self._signature()
+        if sig is None:
+            return False
+        self.begin_step(counts)
+        self._capture = {"key": key, "sig": sig, "subs": list(self._announced), "load": []}
+        return True
+
+    def graph_captured(self, key, ok: bool = True) -> None:
+        cap, self._capture = self._capture, None
+        self._announced = []
+        self._subs.clear()
+        if ok and cap is not None and cap["key"] == key and cap["subs"][0].header is not None:
+            lead = cap["subs"][0]
+            self._plans[key] = _Plan(cap["sig"], lead.header, [lane for lane in lead.lanes if lane is not None],
+                                     cap["subs"], cap["load"])
+
+    def graph_begin(self, key) -> bool:
+        """Before replaying bucket `key`: True when its graph still matches the lanes (then the
+        header is written and the caller must replay and call graph_end); False: run eagerly."""
+        plan = self._plans.get(key)
+        if plan is None:
+            return False
+        if self._signature() != plan.signature:
+            self.graph_stale += 1
+            if self.graph_stale == 1 or self.graph_stale % 1000 == 0:
+                log.warning("step lane: lanes or placement changed since capture; bucket %s runs eagerly", key)
+            return False
+        h = list(plan.header)
+        h[1] = self.remote.epoch
+        for lane in plan.lanes:
+            lane.write_header(h)
+        if self.cfg.family == "moge":
+            for layer in self.moe_layers:
+                for t in plan.counts:
+                    self.remote.load.record(layer, [t] * self.cfg.n_groups, t)
+        self._inflight = (time.monotonic() + self.timeout_s, plan)
+        self.graph_replays += 1
+        return True
+
+    def graph_end(self) -> None:
+        """After the replay: top-k counts copied out, then the device polled up to the deadline.
+        A timeout aborts the step's lanes and raises StepRerun: the runner re-runs the step
+        eagerly (new lanes; a dead worker then fails to open one and is routed around)."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return
+        deadline, plan = inflight
+        for layer, counts, t in plan.load:
+            self._load.append((layer, counts.clone(), t))
+        try:
+            _await_device(deadline, ",".join(lane.worker_id for lane in plan.lanes))
+        except LaneFailed as exc:
+            log.warning("step lane: captured step timed out: %s", exc)
+            self.lane_failures += 1
+            for lane in plan.lanes:
+                lane.broken = exc
+                self._lanes.pop((lane.worker_id, lane.slot), None)
+                lane.abort()
+            raise StepRerun(str(exc)) from exc
+
     def _record_load(self, layer: int, topk_ids: torch.Tensor) -> None:
         t = topk_ids.shape[0]
+        if self._capture is not None and self.cfg.family == "moge":
+            return  # graph_begin records a replayed step's load
         if self.cfg.family == "moge":  # every token visits every group: nothing to count
             self.remote.load.record(layer, [t] * self.cfg.n_groups, t)
             return
         from actors.model.routing import tokens_per_group
 
-        self._load.append((layer, tokens_per_group(topk_ids, self.cfg), t))  # read at the boundary
+        counts = tokens_per_group(topk_ids, self.cfg)
+        if self._capture is not None:  # a captured step's counters: copied after each replay
+            self._capture["load"].append((layer, counts, t))
+        else:
+            self._load.append((layer, counts, t))  # read at the boundary
 
     def _flush_load(self) -> None:
         """Top-k group counts stay on the device during the step; one copy per step reads them."""
@@ -401,6 +608,7 @@ class StepLaneExperts:
         lane.abort()
 
     def close(self) -> None:
+        self._plans.clear()
         for key in list(self._lanes):
             self._drop(key)
         self.remote.close()

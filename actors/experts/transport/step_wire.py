@@ -1,11 +1,15 @@
 """The step lane's wire format, shared by the replica side (transport/step_lane.py) and the worker
 side (experts/worker_lane.py).
 
-A lane is one 2-rank process group per (attention replica, micro-batch slot, expert worker): nccl
+A lane is one 2-rank process group per (attention replica, expert worker) (an extra slot lane only for
+micro-batches nobody announced, on gloo tests): nccl
 when both ends are CUDA devices (hccl on NPU), gloo otherwise. Per step it carries:
 
   header   int64 [HEADER_LEN] once per step (a device tensor on nccl):
-           [op, epoch, n_layers, t_bucket, t_real, x dtype code, reply dtype code, d, k, 0...]
+           [op, epoch, n_layers, t_bucket, t_real, x dtype code, reply dtype code, d, k,
+            t_bucket2, t_real2, 0...]
+           t_bucket2 > 0: the step has a second micro-batch (ping-pong) on the same lane; its
+           layers interleave with the first's, A0 B0 A1 B1 ..., in both directions.
   packet   uint8 [t_bucket, row_bytes] once per MoE layer, replica -> worker: each row is the
            token's activations (D values of the model dtype), then its K routing ids (int32, -1 =
            not for this worker) and K weights (float32), bit-cast into bytes so one send moves all.
@@ -47,8 +51,9 @@ def row_bytes(d: int, k: int, dtype: torch.dtype) -> int:
 
 def header(op: int, epoch: int = 0, n_layers: int = 0, t_bucket: int = 0, t_real: int = 0,
            x_dtype: torch.dtype = torch.float32, reply_dtype: torch.dtype = torch.float32,
-           d: int = 0, k: int = 0) -> list[int]:
-    out = [op, epoch, n_layers, t_bucket, t_real, dtype_code(x_dtype), dtype_code(reply_dtype), d, k]
+           d: int = 0, k: int = 0, t_bucket2: int = 0, t_real2: int = 0) -> list[int]:
+    out = [op, epoch, n_layers, t_bucket, t_real, dtype_code(x_dtype), dtype_code(reply_dtype), d, k,
+           t_bucket2, t_real2]
     return out + [0] * (HEADER_LEN - len(out))
 
 
