@@ -16,7 +16,8 @@ for the step's layers, captured alone), inproc_ms (the same groups through Local
 path, captured: what the monolithic engine spends on routed experts), transport_share =
 max(0, lane - compute) / step (lane wall includes waiting for the replica's attention), and
 transport_share_est = max(0, step - (monolithic step - inproc) - compute) / step (serial estimate).
-MOGE_LANE_GRAPHS=0 keeps the worker's layer loops eager (no CUDA graphs).
+MOGE_LANE_GRAPHS=0 keeps the worker's layer loops eager (no CUDA graphs); MOGE_REPLICA_GRAPHS=0 keeps
+the replica's decode steps eager (by default each bucket is one captured step, lane ops inside).
 """
 
 from __future__ import annotations
@@ -235,7 +236,11 @@ def engine(args) -> list[dict]:
                              # minus the worker's compute: the wire and both hosts' waiting
                              "transport_share_est": max(0.0, step - (mono_ms[b] - timing["local_s"])
                                                         - timing["lane_s"]) / step,
-                             "graph_replays": after["graph_replays"], "capture_errors": after.get("capture_errors")})
+                             "graph_replays": after["graph_replays"], "capture_errors": after.get("capture_errors"),
+                             # replica side: whole decode steps replayed with the lane ops inside
+                             "replica_graphs": os.environ.get("MOGE_REPLICA_GRAPHS", "1") != "0",
+                             "replica_graph_replays": experts.graph_replays,
+                             "replica_graph_stale": experts.graph_stale, "lane_failures": experts.lane_failures})
                 print(json.dumps(rows[-1]), flush=True)
             experts.close()
     return rows

@@ -196,7 +196,7 @@ class WorkerLane:
         self.replays = 0
         self.wall_s = 0.0
         self.capture_error: str | None = None
-        self._graphs: dict[tuple, tuple] = {}  # (Tb, n_layers, dtypes) -> (graph, packets)
+        self._graphs: dict[tuple, tuple] = {}  # ((Tb per micro-batch), n_layers, dtypes, D, K) -> (graph, buffers, groups)
         self._seen: set[tuple] = set()
         self.thread = threading.Thread(target=self._run, name=f"moge-lane-{lane_id}", daemon=True)
 

@@ -1,5 +1,6 @@
 """The NCCL step lane on two GPUs, no Ray: attention on cuda:0, every expert group in a worker
-process on cuda:1 (CUDA graphs per bucket there). Greedy tokens equal the single-process model's,
+process on cuda:1 (CUDA graphs per bucket on both sides: the replica's decode steps with the
+lane's NCCL ops inside, the worker's layer loops). Greedy tokens equal the single-process model's,
 with and without ping-pong, for tiny-moge and a tiny Qwen3-MoE checkpoint. Skips below 2 GPUs.
 
     python -m pytest tests/gpu/test_step_lane_gpu.py -q
@@ -75,6 +76,8 @@ def test_nccl_step_lane_tokens_match_single_process(model, request):
             engine, _ = build_engine(load, settings(ping_pong), experts)
             assert greedy(engine) == reference, f"ping_pong={ping_pong}"
             assert {l.backend for l in experts._lanes.values()} == {"nccl"}
+            assert {slot for _, slot in experts._lanes} == {0}  # ping-pong too: one lane (communicator)
+            assert experts.graph_replays > 0 and experts.lane_failures == 0  # replica decode steps replayed
             experts.close()
         stats = ref.local.lane_stats()
         assert stats["steps"] > 0 and stats["graph_replays"] > 0  # decode steps replayed captured loops

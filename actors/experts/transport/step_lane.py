@@ -18,10 +18,18 @@ Dispatch per family (all without a host sync):
          scatters their outputs back to rows, so no count ever crosses to the host.
   replicas  a group with R live holders has its rows split into R contiguous ranges.
 
-Micro-batches (ping-pong): each (worker, slot) pair has its own lane, so the two micro-batches'
-layers interleave freely; a dispatch at the first MoE layer opens a sub-step on the next slot,
-later layers continue the oldest open sub-step waiting for that layer (the order PingPongRunner
-and MoGEModel.forward both follow).
+Micro-batches (ping-pong): PingPongRunner announces both with begin_step; they share ONE lane
+(communicator) per worker, one header carries both sizes, and their layers go over it in the
+order dispatched, A0 B0 A1 B1 ..., which the worker's loop follows. NCCL matches point-to-point
+operations by order only (tags are ignored), and two communicators between the same devices with
+operations in flight on both can deadlock (seen on 2x H200 with one lane per slot), so order on
+one communicator is the whole protocol. A first-layer dispatch nobody announced opens a single
+micro-batch step (on another slot's lane if one is open: gloo tests only); later layers continue
+the oldest open sub-step waiting for that layer.
+
+CUDA graphs: on nccl the model runner captures whole decode steps per bucket with every lane op
+inside (header send first, then per layer per micro-batch packet out, partial back): see the
+graph_* methods. The replica host then spends one header write and one replay a step.
 
 Epochs and failures (DESIGN invariants 2 and 4) stay RemoteExperts' job, which this wraps:
 `on_step_boundary` switches the placement and then re-opens lanes; a lane that fails mid-step is
@@ -185,14 +193,19 @@ def _abort_bounded(pg, seconds: float) -> None:
         log.warning("step lane: communicator abort still running after %.0f s; going on", seconds)
 
 
-def _await_device(deadline: float, worker_id: str) -> None:
-    """Poll the current stream up to `deadline` (nccl failures never raise on the host)."""
+def _await_device(deadline: float, worker_id: str, spin_s: float = 0.005) -> None:
+    """Poll the current stream up to `deadline` (nccl failures never raise on the host). Spins
+    for the first `spin_s` (a step usually ends within it; a sleep would add its own wake-up
+    latency to every step), then sleeps between polls."""
     ev = torch.cuda.Event()
     ev.record()
+    spin_until = time.monotonic() + spin_s
     while not ev.query():
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > deadline:
             raise LaneFailed(f"worker {worker_id}: step lane timed out")
-        time.sleep(20e-6)
+        if now > spin_until:
+            time.sleep(50e-6)
 
 
 def _capturing(device: torch.device) -> bool:
