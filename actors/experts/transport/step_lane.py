@@ -427,12 +427,8 @@ class StepLaneExperts:
                 raise RuntimeError(f"step lane: layer {layer} dispatched outside a step")
         sub.next_layer = self._next[layer]
         self._record_load(layer, topk_ids)
-        group_of = topk_ids // self.cfg.experts_per_group  # [T, K]
-        if sub.owner.dim() == 1:
-            own = sub.owner[group_of]
-        else:
-            rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1).expand_as(group_of)
-            own = sub.owner[group_of, rows]
+        single = len(sub.lanes) == 1 and not sub.fallback_groups
+        own = None if single else self._owners_of(sub, topk_ids)  # one lane: every slot is its
         for j, lane in enumerate(sub.lanes):
             if lane is None:
                 continue
@@ -441,12 +437,20 @@ class StepLaneExperts:
                 bufs = sub.bufs[j] = lane.buffers(sub.tb, x.shape[1], topk_ids.shape[1], x.dtype, sub.reply_dtype,
                                                   sub.mb)
                 bufs[0].clear_tail(sub.t)
-            ids_j = topk_ids if len(sub.lanes) == 1 and not sub.fallback_groups else torch.where(own == j, topk_ids, -1)
+            ids_j = topk_ids if single else torch.where(own == j, topk_ids, -1)
             try:
                 sub.works[j] = lane.send_layer(bufs, x, ids_j, topk_weights)
             except Exception as exc:  # noqa: BLE001
                 self._lane_failed(sub, j, exc)
         return _PendingStep(self, sub, layer, x, topk_ids, topk_weights, own, last=sub.next_layer == -1)
+
+    def _owners_of(self, sub: _SubStep, topk_ids: torch.Tensor) -> torch.Tensor:
+        """[T, K] lane index serving each slot (-1: per-call fallback), on the device."""
+        group_of = topk_ids // self.cfg.experts_per_group  # [T, K]
+        if sub.owner.dim() == 1:
+            return sub.owner[group_of]
+        rows = torch.arange(topk_ids.shape[0], device=topk_ids.device).unsqueeze(1).expand_as(group_of)
+        return sub.owner[group_of, rows]
 
     def _finish(self, p: _PendingStep) -> torch.Tensor:
         sub = p.sub
@@ -599,9 +603,10 @@ class StepLaneExperts:
         sub = p.sub
         if not dead and not sub.fallback_groups:
             return []
-        mask = p.own == -1
+        own = p.own if p.own is not None else self._owners_of(sub, p.ids)
+        mask = own == -1
         for j in dead:
-            mask |= p.own == j
+            mask |= own == j
         ids = torch.where(mask, p.ids, -1)
         groups = sorted(set((ids[ids >= 0] // self.cfg.experts_per_group).tolist()))  # slow path: a sync is fine
         call = _Call("", groups, None, p.x, ids, p.weights, None)  # "": _alternative starts from the placement
