@@ -386,7 +386,10 @@ class ExpertWorker:
         shape, kernels/moe.py), allocator primed, so none of it lands on the first steps served.
         An empty (standby) worker warms on zero weights of one group's shape, so a scale-up onto it
         only loads and does not compile."""
-        from actors.model.kernels.moe import GEMV_MAX_TOKENS
+        try:  # kernels.moe imports triton (absent on CPU-only installs)
+            from actors.model.kernels.moe import GEMV_MAX_TOKENS
+        except ImportError:
+            GEMV_MAX_TOKENS = 16
 
         start = time.perf_counter()
         d = self.cfg.hidden_size
