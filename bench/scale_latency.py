@@ -84,6 +84,10 @@ class Streams:
         self.failures: list[str] = []
         self.mismatches: list[str] = []
         self.finished = 0
+        # (finished at, mismatch?) of every request: requests that ended before the first scaling
+        # decision ran on the static placement, so a mismatch there is not the migration's (batch
+        # composition: the GPU kernels choose paths and splits by batch size)
+        self.done_at: list[tuple[float, bool]] = []
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
@@ -116,7 +120,9 @@ class Streams:
                 continue
             with self.lock:
                 self.finished += 1
-                if ids != self.reference[prompt]:
+                bad = ids != self.reference[prompt]
+                self.done_at.append((time.monotonic(), bad))
+                if bad:
                     self.mismatches.append(rid)
 
     async def _main(self) -> None:
@@ -258,6 +264,7 @@ def _run(args, sources: list[str], stage: dict, out: dict) -> None:
         time.sleep(1.0)  # streams reach steady state
         fleet = WorkerFleet(stack.config, stack.namespace)
         runs = []
+        first_decision = None
         for source in sources:
             stage["now"] = f"{source}: steady window"
             s0 = time.monotonic()
@@ -271,6 +278,7 @@ def _run(args, sources: list[str], stage: dict, out: dict) -> None:
                 _get(fleet.handle(w).memory.remote(True), 30, "worker memory")
             stage["now"] = f"{source}: scale {n_before} -> {n_before + 1}"
             t0 = time.monotonic()
+            first_decision = first_decision or t0
             up = _get(controller.scale.remote(n_before + 1, "bench", source), args.stage_timeout_s, stage["now"])
             t1 = time.monotonic()
             run["scale_up"] = _op_summary(up, t0, t1, streams, steady)
@@ -307,6 +315,9 @@ def _run(args, sources: list[str], stage: dict, out: dict) -> None:
         out["failed_requests"] = len(streams.failures)
         out["failures_sample"] = streams.failures[:5]
         out["token_mismatches"] = len(streams.mismatches)
+        before = [bad for t, bad in streams.done_at if first_decision is None or t < first_decision]
+        out["requests_before_any_scaling"] = len(before)
+        out["token_mismatches_before_any_scaling"] = sum(before)
         out["tokens_identical_to_static_run"] = not streams.mismatches and streams.finished > 0
     finally:
         if streams is not None:

@@ -381,17 +381,36 @@ class ExpertWorker:
             raise CallRejected(f"the reply would be {reply} bytes; the limit is {self.max_reply_bytes}")
 
     def warmup(self) -> dict:
-        """One tiny call per held group and MoE layer: kernels compiled, allocator primed."""
+        """Tiny calls per held group and MoE layer (a few tokens: the GEMV path), and one call above
+        the GEMV limit per group (the grouped path): kernels compiled, GEMV tiles tuned (once per
+        shape, kernels/moe.py), allocator primed, so none of it lands on the first steps served.
+        An empty (standby) worker warms on zero weights of one group's shape, so a scale-up onto it
+        only loads and does not compile."""
+        try:  # kernels.moe imports triton (absent on CPU-only installs)
+            from actors.model.kernels.moe import GEMV_MAX_TOKENS
+        except ImportError:
+            GEMV_MAX_TOKENS = 16
+
         start = time.perf_counter()
         d = self.cfg.hidden_size
-        for g, w in sorted(self._groups.items()):
-            x = torch.zeros(2, d, dtype=self.dtype, device=self.device)
-            ids = torch.full((2, 1), w.first_expert, dtype=torch.long, device=self.device)
-            wts = torch.ones(2, 1, dtype=torch.float32, device=self.device)
-            for layer in w.w13:
-                group_forward(w.w13[layer], w.w2[layer], x, ids - w.first_expert, wts)
+        groups = dict(sorted(self._groups.items())) or self._dummy_group()
+        for g, w in groups.items():
+            for t in (2, GEMV_MAX_TOKENS + 1):
+                x = torch.zeros(t, d, dtype=self.dtype, device=self.device)
+                ids = torch.full((t, 1), w.first_expert, dtype=torch.long, device=self.device)
+                wts = torch.ones(t, 1, dtype=torch.float32, device=self.device)
+                for layer in (w.w13 if t == 2 else list(w.w13)[:1]):
+                    group_forward(w.w13[layer], w.w2[layer], x, ids - w.first_expert, wts)
         sync_stream(self.device)
         return {"seconds": time.perf_counter() - start, "groups": sorted(self._groups)}
+
+    def _dummy_group(self) -> dict[int, ExpertGroupWeights]:
+        layer = next((i for i in range(self.cfg.num_layers) if self.cfg.is_moe_layer(i)), None)
+        if layer is None:
+            return {}
+        eg, inner, d = self.cfg.experts_per_group, self.cfg.moe_intermediate_size, self.cfg.hidden_size
+        z = lambda *shape: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
+        return {0: ExpertGroupWeights(0, 0, {layer: z(eg, 2 * inner, d)}, {layer: z(eg, d, inner)})}
 
     # ---- health and metrics ----------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from typing import Any
 import ray
 import torch
 
-from actors.device import resolve_device, resolve_dtype
+from actors.device import resolve_device, resolve_dtype, sync_stream
 from actors.experts.group_sources import chain_of, fetch_groups
 from actors.experts.local_holder import LOCAL, LocalHolder
 from actors.experts.placement import Placement
@@ -84,6 +84,7 @@ class ReplicaGroups:
                 peer_copy=copy, peer_handle=handle, timeout_s=deadline)
             self.fetches.append({"groups": gs, "source": src, "attempts": attempts})
             out.update(loaded)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        # the device lane settled its own stream; the other sources copied on this thread's stream.
+        # Never torch.cuda.synchronize here: it would also wait for the engine's queued steps.
+        sync_stream(self.device)
         return out

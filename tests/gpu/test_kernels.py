@@ -270,3 +270,66 @@ def test_group_partials_sum_to_the_fused_dispatch(kernels_everywhere, family):
     stacked = experts._stacked
     assert torch.equal(held_partial(cfg, experts.groups, 0, x, ids, w, torch.float32, stacked), total)
     assert torch.equal(held_partial(cfg, experts.groups, 0, x, ids, w, torch.float32, None), total)
+
+
+def test_expert_gemv_bits_do_not_depend_on_the_tuned_tile_or_the_assignment_count():
+    """Every tile the autotuner may pick (per process, by timing) and every number of assignments
+    in a call give the same bits per row: a replica and an expert worker that tuned differently,
+    or a stacked call (every group's slots) and a per-group call, agree exactly."""
+    from actors.model.kernels.moe import GEMV_BLOCK_K, _expert_gemv_tuned, expert_gemv
+
+    dtype = DTYPES[-1]
+    g = gen(9)
+    w = randn(6, 96, 600, dtype=dtype, g=g) / 8
+    x = randn(8, 600, dtype=dtype, g=g)
+    ids = torch.randint(0, 6, (8 * 2,), device=DEVICE, generator=g)
+    outs = []
+    for cfg in _expert_gemv_tuned.configs:
+        assert cfg.kwargs["BLOCK_K"] == GEMV_BLOCK_K and cfg.kwargs["BLOCK_N"] >= cfg.num_warps
+        outs.append(expert_gemv(x, w, ids, 2, act=False, block_n=cfg.kwargs["BLOCK_N"], num_warps=cfg.num_warps))
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0])
+    # only the first token's slots, as a call with fewer assignments
+    first = expert_gemv(x[:1], w, ids[:2], 2, act=False, block_n=16)
+    assert torch.equal(first, outs[0][:2])
+
+
+@pytest.mark.parametrize("tokens", [3, 40])
+@pytest.mark.parametrize("k_per_group", [1, 2])
+def test_split_local_and_remote_partials_equal_the_stacked_dispatch(kernels_everywhere, tokens, k_per_group):
+    """The 1 -> 2 device case in the served dtype: half the groups in process (LocalExperts'
+    group_partials), half as an expert worker computes them (group_forward per group), summed in
+    group order in float32 and cast once, equal the all-local stacked fused dispatch bit for bit.
+    Both expert paths: GEMV (3 tokens) and grouped (40, CUDA bf16)."""
+    from dataclasses import replace
+
+    from actors.model.experts import LocalExperts, group_forward
+    from actors.model.presets import get_preset
+    from actors.weights.loader import random_expert_groups
+
+    dtype = DTYPES[-1]
+    cfg = get_preset("tiny-moge")
+    cfg = replace(cfg, top_k=cfg.n_groups * k_per_group)
+    groups = random_expert_groups(cfg, range(cfg.n_groups), 0, dtype, DEVICE)
+    whole = LocalExperts(cfg, {gi: w.to() for gi, w in groups.items()})
+    half = cfg.n_groups // 2
+    local = LocalExperts(cfg, {gi: groups[gi].to() for gi in range(half)})
+    g = gen(10)
+    x = randn(tokens, cfg.hidden_size, dtype=dtype, g=g)
+    probs = randn(tokens, cfg.n_experts, g=g).softmax(-1).view(tokens, cfg.n_groups, -1)
+    w, local_ids = probs.topk(k_per_group, dim=-1)  # [T, G, kg]
+    ids = (local_ids + (torch.arange(cfg.n_groups, device=DEVICE) * cfg.experts_per_group)[:, None]).reshape(tokens, -1)
+    w = w.reshape(tokens, -1).contiguous()
+    want = whole.dispatch(0, x, ids, w).wait()
+    parts = dict(local.group_partials(0, x, ids, w))
+    for gi in range(half, cfg.n_groups):  # as ExpertWorker.compute: the group's own slots, masked others
+        kg = k_per_group
+        gw = groups[gi]
+        parts[gi] = group_forward(gw.w13[0], gw.w2[0], x, ids - gw.first_expert, w)
+        other = group_forward(gw.w13[0], gw.w2[0], x, ids[:, gi * kg:(gi + 1) * kg] - gw.first_expert,
+                              w[:, gi * kg:(gi + 1) * kg])
+        assert torch.equal(parts[gi], other)  # compacted or not, the same partial
+    total = torch.zeros(x.shape, dtype=torch.float32, device=DEVICE)
+    for gi in sorted(parts):
+        total += parts[gi].float()
+    assert torch.equal(total.to(dtype), want)

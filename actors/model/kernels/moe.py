@@ -69,14 +69,22 @@ def _expert_gemv_kernel(
     tl.store(out_ptr + a * stride_out + rows, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-# Tile shapes tried once per (output rows, input width, assignments rounded up to a power of two),
-# at the first call: the engine's warm-up before CUDA-graph capture, never inside a capture.
+# Tile shapes tried once per (output rows, input width), at the first call: the engine's warm-up
+# before CUDA-graph capture (a worker's warm-up), never inside a capture. Every candidate reduces a
+# row the same way, so the choice (timing-dependent, per process) never changes a bit of the result:
+# BLOCK_K is fixed (one row is summed in the same 256-wide chunks, in the same order: 8 consecutive
+# elements per thread, then across the 32 lanes of a warp) and BLOCK_N >= num_warps (warps split rows,
+# never a row). A replica and an expert worker, or a stacked and a per-group call, that tune
+# differently still compute identical per-slot outputs (tests/gpu/test_kernels.py checks it). Not
+# keyed on the number of assignments either: one tuning per shape, done by the warm-up, none while
+# serving.
+GEMV_BLOCK_K = 256
 _expert_gemv_tuned = triton.autotune(
     configs=[
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-        for bn, bk, w in ((16, 256, 4), (8, 256, 4), (32, 128, 4), (16, 512, 8), (4, 512, 4), (32, 256, 8))
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": GEMV_BLOCK_K}, num_warps=w)
+        for bn, w in ((16, 4), (8, 4), (32, 4), (32, 8), (4, 4), (16, 8))
     ],
-    key=["n_out", "n_in", "a_bucket"],
+    key=["n_out", "n_in"],
     do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles),
 )(_expert_gemv_kernel)
 
@@ -91,28 +99,30 @@ def _combine_kernel(
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < n_cols
-    k = tl.arange(0, K_PAD)
-    slot_ok = k < K
-    ids = tl.load(ids_ptr + t * K + k, mask=slot_ok, other=-1)
-    ours = slot_ok & (ids >= 0) & (ids < n_local)
-    if HAS_ROWS:
-        rows = tl.load(rows_ptr + t * K + k, mask=slot_ok, other=0).to(tl.int64)
-    else:
-        rows = t * K + k
-    w = tl.load(w_ptr + t * K + k, mask=slot_ok, other=0.0)
-    y = tl.load(ys_ptr + rows[:, None] * stride_y + cols[None, :], mask=ours[:, None] & col_ok[None, :], other=0.0)
-    contrib = y.to(tl.float32) * w[:, None]  # [K_PAD, BLOCK_D]
-    group = ids // EG
+    # A group's partial is summed slot by slot in slot order (other groups' slots add an exact 0.0),
+    # not by a tree over the padded slot axis: a tree pairs the group's slots differently when they
+    # sit at other positions or among another number of slots, so the stacked call (every group's
+    # slots) and a per-group call (only its own, compacted) would round differently.
     acc = tl.zeros([BLOCK_D], tl.float32)
     for g in tl.static_range(G):
-        part = tl.sum(tl.where((ours & (group == g))[:, None], contrib, 0.0), axis=0)
+        part = tl.zeros([BLOCK_D], tl.float32)
+        for k in tl.static_range(K):
+            e = tl.load(ids_ptr + t * K + k)
+            mine = (e >= 0) & (e < n_local) & (e // EG == g)
+            if HAS_ROWS:
+                row = tl.load(rows_ptr + t * K + k).to(tl.int64)
+            else:
+                row = t * K + k
+            w = tl.load(w_ptr + t * K + k)
+            y = tl.load(ys_ptr + row * stride_y + cols, mask=col_ok & mine, other=0.0)
+            part += tl.where(mine, y.to(tl.float32) * w, 0.0)
         acc += part.to(ys_ptr.dtype.element_ty).to(tl.float32)  # a group's partial, in the model dtype
     tl.store(out_ptr + t * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 def expert_gemv(
     inp: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, k: int, act: bool,
-    block_n: int | None = None, block_k: int = 256,
+    block_n: int | None = None, block_k: int = GEMV_BLOCK_K, num_warps: int = 4,
 ) -> torch.Tensor:
     """inp [T, n_in] (act false) or [A, 2 n_in] (act true); w [E, n_out, n_in]; ids [A] -> [A, n_out]."""
     n_experts, n_out, n_in = w.shape
@@ -124,7 +134,7 @@ def expert_gemv(
             n_out, n_in, n_experts, triton.next_power_of_2(a))
     if _INTERPRET or block_n is not None:  # fixed tiles: the interpreter, tests
         bn = block_n or 16
-        _expert_gemv_kernel[(a, triton.cdiv(n_out, bn))](*args, K=k, ACT=act, BLOCK_N=bn, BLOCK_K=block_k, num_warps=4)
+        _expert_gemv_kernel[(a, triton.cdiv(n_out, bn))](*args, K=k, ACT=act, BLOCK_N=bn, BLOCK_K=block_k, num_warps=num_warps)
     else:
         _expert_gemv_tuned[lambda meta: (a, triton.cdiv(n_out, meta["BLOCK_N"]))](*args, K=k, ACT=act)
     return out

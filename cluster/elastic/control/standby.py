@@ -25,6 +25,10 @@ def replenish_standby(inventory: Inventory, want: int, lock: threading.Lock) -> 
             inventory.start_worker(wid)
             inventory.set_state(wid, WorkerState.STANDBY)
             started.append(wid)
+            try:  # compile and tune the expert kernels now, not in the scale-up that takes it
+                inventory.fleet.handle(wid).warmup.remote()
+            except Exception:  # noqa: BLE001 - a warm-up is an optimisation; the scale-up warms anyway
+                pass
         return started
     finally:
         lock.release()
