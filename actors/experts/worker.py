@@ -428,10 +428,11 @@ class ExpertWorker:
         return info
 
     def stats(self) -> dict:
-        """{"worker_id", "held_groups", "bytes_held", "calls", "tokens", "busy_s", "tokens_per_s",
+        """{"worker_id", "pid", "held_groups", "bytes_held", "calls", "tokens", "busy_s", "tokens_per_s",
         "busy_fraction", "step_latency_s", "group_tokens": {group: tokens}}."""
         return {
             "worker_id": self.worker_id,
+            "pid": os.getpid(),  # the controller notices a process replaced under the same id
             "held_groups": self.held_groups(),
             "bytes_held": self.bytes_held(),
             **self._meter.snapshot(),
