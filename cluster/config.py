@@ -56,7 +56,7 @@ class ServerSection(_Section):
     body_read_timeout_s: float = Field(10, gt=0, description="a request body must arrive within this (408)")
     request_timeout_s: float = Field(600, gt=0, description="total deadline of one request (504)")
     max_waiting_requests: int = Field(
-        64, ge=0, description="generation requests a replica admits beyond engine.max_num_seqs; more get 429")
+        64, ge=0, description="sequences (max(n, best_of) per request) a replica admits beyond engine.max_num_seqs; more get 429")
     retry_after_s: int = Field(1, ge=1, description="Retry-After of a 429")
     extra_ongoing_requests: int = Field(
         128, ge=8, description="Serve slots beyond the admitted generation requests, for /health, /metrics "

@@ -14,7 +14,9 @@ runs a `GroupCopyServer` instead, which needs no Ray call to be reached:
               it expects: [(group, layer, "w13"|"w2", shape, dtype)] in send order.
   answer      the holder checks the manifest against what it holds and writes resp/<copy_id>
               ("ok" or the reason), then both join a fresh 2-rank group under prefix <copy_id>
-              (holder rank 0, target rank 1); the holder sends every tensor in manifest order,
+              (holder rank 0, target rank 1), both prove they hold the cluster secret inside
+              it (rendezvous_auth: anyone reaching the port can write a request, so the holder
+              sends nothing to a peer that cannot), then the holder sends every tensor in manifest order,
               the target receives each into its preallocated buffer; both tear the group down.
 Every wait has a deadline (`timeout_s`): a holder that does not answer, or stops sending, makes
 the target raise `CopyFailed`, and the caller falls back (object store, then checkpoint).
@@ -41,6 +43,7 @@ from actors.device import collective_backend
 from actors.model.config import ModelConfig
 from actors.model.experts import ExpertGroupWeights
 from actors.experts.transport.collective import _make_group
+from actors.experts.transport.rendezvous_auth import prove
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +147,10 @@ class GroupCopyServer:
     a group dropped meanwhile is still sent from the snapshot, never half-freed)."""
 
     def __init__(self, held: Callable[[], dict[int, ExpertGroupWeights]], device: torch.device,
-                 host: str = "127.0.0.1", backend: str | None = None, timeout_s: float = 60.0) -> None:
+                 host: str = "127.0.0.1", backend: str | None = None, timeout_s: float = 60.0,
+                 secret: str | None = None) -> None:
         self.held = held
+        self.secret = secret  # the cluster secret; None: the process's (rendezvous_auth)
         self.device = device
         self.host = host
         self.backend = backend or collective_backend(device.type)
@@ -203,6 +208,7 @@ class GroupCopyServer:
         try:
             deadline = time.monotonic() + self.timeout_s
             pg = _make_group(self.backend, dist.PrefixStore(copy_id, store), 0, _td(self.timeout_s))
+            prove(pg, 0, self.device if self.backend != "gloo" else "cpu", _td(self.timeout_s), self.secret)
             with _on(stream):  # the sends wait for nothing the engine queued after the snapshot
                 works = [pg.send([t], 1, 0) for t in tensors]
                 for w in works:
@@ -243,7 +249,7 @@ class GroupCopyServer:
 
 
 def copy_groups(endpoint: dict, cfg: ModelConfig, groups: list[int], dtype: torch.dtype, device: torch.device,
-                timeout_s: float = 30.0) -> tuple[dict[int, ExpertGroupWeights], dict]:
+                timeout_s: float = 30.0, secret: str | None = None) -> tuple[dict[int, ExpertGroupWeights], dict]:
     """Target side: receive `groups` from the holder at `endpoint` into freshly allocated final
     buffers. -> (groups, {"bytes", "seconds", "connect_s"}). Raises CopyFailed (nothing kept).
 
@@ -260,7 +266,7 @@ def copy_groups(endpoint: dict, cfg: ModelConfig, groups: list[int], dtype: torc
 
     def run() -> None:
         try:
-            box.set_result(_receive(endpoint, backend, cfg, groups, dtype, device, timeout_s, pgs))
+            box.set_result(_receive(endpoint, backend, cfg, groups, dtype, device, timeout_s, pgs, secret))
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             box.set_exception(exc)
 
@@ -277,7 +283,7 @@ def copy_groups(endpoint: dict, cfg: ModelConfig, groups: list[int], dtype: torc
         raise CopyFailed(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _receive(endpoint, backend, cfg, groups, dtype, device, timeout_s, pgs):
+def _receive(endpoint, backend, cfg, groups, dtype, device, timeout_s, pgs, secret=None):
     start = time.perf_counter()
     deadline = time.monotonic() + timeout_s
     left = lambda: _td(deadline - time.monotonic())  # noqa: E731
@@ -297,6 +303,7 @@ def _receive(endpoint, backend, cfg, groups, dtype, device, timeout_s, pgs):
             torch.cuda.set_device(device)
         pg = _make_group(backend, dist.PrefixStore(copy_id, store), 1, left())
         pgs.append(pg)
+        prove(pg, 1, device if backend != "gloo" else "cpu", left(), secret)
         connect_s = time.perf_counter() - start
         order = [getattr(buffers[g], name)[layer] for g, layer, name, _, _ in manifest]
         stream = _copy_stream(device)

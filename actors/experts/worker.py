@@ -164,6 +164,10 @@ class ExpertWorker:
         self._meter = _Meter(clock)
         self.transport = transport
         options = dict(transport_options or {})
+        if options.get("auth_token"):
+            from actors.experts.transport.rendezvous_auth import set_process_secret
+
+            set_process_secret(options["auth_token"])  # collective pairs, step lanes, group copies
         self.host = options.get("host") or _node_ip()
         self.max_call_tokens = int(options.get("max_call_tokens") or DEFAULT_MAX_CALL_TOKENS)
         self.max_reply_bytes = int(options.get("max_message_bytes") or (256 << 20))
@@ -443,10 +447,11 @@ class ExpertWorker:
         return info
 
     def stats(self) -> dict:
-        """{"worker_id", "held_groups", "bytes_held", "calls", "tokens", "busy_s", "tokens_per_s",
+        """{"worker_id", "pid", "held_groups", "bytes_held", "calls", "tokens", "busy_s", "tokens_per_s",
         "busy_fraction", "step_latency_s", "group_tokens": {group: tokens}}."""
         return {
             "worker_id": self.worker_id,
+            "pid": os.getpid(),  # the controller notices a process replaced under the same id
             "held_groups": self.held_groups(),
             "bytes_held": self.bytes_held(),
             **self._meter.snapshot(),

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from actors.device import collective_backend
 from actors.experts.transport.collective import _make_group
+from actors.experts.transport.rendezvous_auth import prove
 from actors.experts.transport.step_wire import DTYPES, HEADER_LEN, OP_CLOSE, OP_HELLO, OP_STEP, new_packet
 from actors.model import kernels
 from actors.model.experts import group_forward, slot_outputs
@@ -42,6 +43,7 @@ from actors.model.experts import group_forward, slot_outputs
 log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT = datetime.timedelta(days=7)
+PROOF_TIMEOUT = datetime.timedelta(seconds=60)  # a joiner must prove the secret this soon
 GRAPHS_ENV = "MOGE_LANE_GRAPHS"  # "0": lanes stay eager (a fallback switch for a device run)
 
 
@@ -208,7 +210,9 @@ class WorkerLane:
             torch.cuda.set_device(self.compute_device)
         try:
             self.pg = _make_group(self.backend, dist.PrefixStore(self.lane_id, self.store), 1, IDLE_TIMEOUT)
-        except Exception:  # noqa: BLE001 - the replica gave up joining
+            prove(self.pg, 1, self.wire_device, PROOF_TIMEOUT)  # a joiner without the cluster secret gets nothing
+        except Exception:  # noqa: BLE001 - the replica gave up joining, or could not prove the secret
+            self.abort()
             return
         self.stream = torch.cuda.Stream(self.compute_device) if cuda else None
         hdr = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.wire_device)

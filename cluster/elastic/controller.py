@@ -64,6 +64,7 @@ class ElasticController:
         self.inventory = Inventory(self.store, self.fleet, clock)
         self.sampler = WorkerSampler(self.store, self.fleet, clock)
         self.inventory.on_start = self.sampler.fresh
+        self.sampler.on_new_pid = self.inventory.note_pids
         self.ports = RayPorts(self.fleet, self.store, clock, source=el.migration_source,
                               deadline_s=el.migration_deadline_s)
         self.ports.before_stop = self.sampler.sample_last
@@ -130,8 +131,8 @@ class ElasticController:
         return self.ops.migrate(group, worker, replicate)
 
     def repair(self) -> dict | None:
-        """Take dead workers out of the placement, reloading their groups on the living."""
-        return self.ops.repair()
+        """Take dead or hung workers out of the placement, reloading their groups on the living."""
+        return self.ops.repair(self.sampler.unanswered)
 
     def sweep_strays(self) -> list[str]:
         return self.recovery.sweep_strays()
@@ -157,9 +158,10 @@ class ElasticController:
         self.recovery.restore_if_empty()
         if self.store.operation() is not None and not self._op_lock.locked():
             self._recover()
+        suspects = None  # not sampled: the repair pings every device
         if self.inventory.known is not None:
-            self.sampler.collect(self.devices())
-        self.repair()
+            suspects = self.sampler.collect(self.devices())
+        self.ops.repair(self.sampler.unanswered, suspects)
         self.sweep_strays()
         self.replenish_standby()
         if self.section.name == "none":

@@ -72,15 +72,37 @@ class Inventory:
         except Exception:
             self.forget(wid)
             raise
-        try:
-            node = ray.get(self.fleet.handle(wid).device_info.remote(), timeout=30)
-        except Exception:  # noqa: BLE001 - informational only
-            node = {}
+        info = self._device_info(wid, timeout_s=30)
         self.on_start(wid)
         rec = self.store.workers()[wid]
-        rec.info = {"device": node.get("device"), "pid": node.get("pid"), "node_id": node.get("node_id"),
-                    "resources": node.get("assigned_resources")}
+        rec.info = info
         self.store.put_worker(rec)
+
+    def _device_info(self, wid: str, timeout_s: float) -> dict:
+        """Where the worker's process runs, for the record (status shows it)."""
+        try:
+            node = ray.get(self.fleet.handle(wid).device_info.remote(), timeout=timeout_s)
+        except Exception:  # noqa: BLE001 - informational only
+            node = {}
+        return {"device": node.get("device"), "pid": node.get("pid"), "node_id": node.get("node_id"),
+                "resources": node.get("assigned_resources")}
+
+    def note_pids(self, pids: dict[str, int]) -> None:
+        """Workers answered from these processes: a record that names another pid belongs to a
+        process that was replaced under the same id (a replica's replacement, cluster/serve/
+        data_plane.py), so its device info is read again and the status shows the live process."""
+        for wid, pid in pids.items():
+            rec = self.store.workers().get(wid)
+            if rec is None or rec.info.get("pid") == pid:
+                continue
+            info = self._device_info(wid, timeout_s=5)
+            rec = self.store.workers().get(wid)  # re-read: an operation may have changed the state meanwhile
+            if rec is None:
+                continue
+            rec.info = {**info, "pid": pid} if info.get("pid") in (None, pid) else info
+            log.info("worker %s now runs as pid %s", wid, rec.info["pid"])
+            self.store.put_worker(rec)
+            self.known_workers[wid] = rec
 
     def in_state(self, state: WorkerState) -> list[str]:
         return sorted((w for w, r in self.store.workers().items() if r.state == state.value), key=worker_order)

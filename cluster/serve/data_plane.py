@@ -48,10 +48,14 @@ def local_fallback(config: MogeConfig, device) -> "ExpertWorker":
 
 def client_transport(config: MogeConfig, device, replica_id: str | None = None) -> ExpertTransport:
     """The replica's side of data_plane.transport."""
-    dp = config.data_plane
-    if dp.transport == "grpc":
-        from cluster.security import cluster_secret
+    from actors.experts.transport.rendezvous_auth import set_process_secret
+    from cluster.security import cluster_secret
 
+    dp = config.data_plane
+    # the same secret guards this process's torch.distributed rendezvous (collective pairs, step
+    # lanes, the local holder's group copies): installed before any of them opens
+    set_process_secret(cluster_secret.ensure())
+    if dp.transport == "grpc":
         mutual = dp.grpc_tls_ca is not None
         return make_transport(
             "grpc",
@@ -63,7 +67,8 @@ def client_transport(config: MogeConfig, device, replica_id: str | None = None) 
             tls_key=dp.grpc_tls_key if mutual else None,
         )
     if dp.transport == "collective":
-        return make_transport("collective", device=device, timeout_s=dp.call_timeout_s, replica_id=replica_id)
+        return make_transport("collective", device=device, timeout_s=dp.call_timeout_s, replica_id=replica_id,
+                              auth_token=cluster_secret.ensure())
     raise ValueError(f"data_plane.transport={dp.transport!r} has no remote expert workers")
 
 

@@ -267,6 +267,40 @@ def test_controller_restores_an_emptied_redis(stack, replica, expected):
     check(load, expected)
 
 
+def test_status_shows_the_live_pid_of_a_worker_replaced_under_its_id(stack, replica, expected):
+    """A replica replaces a dead worker under the same id (DataPlane.replace); /admin/status (the
+    controller's status) must then name the new process, not the dead one's pid."""
+    import os
+    import signal
+
+    import ray
+
+    from cluster.serve.data_plane import DataPlane
+
+    engine, loaded, er = replica
+    p = ctl(stack, "placement")
+    victim = sorted(w for hs in p["holders"] for w in hs)[-1]
+    groups = tuple(g for g, hs in enumerate(p["holders"]) if victim in hs)
+    plane = DataPlane(stack.config, namespace=stack.namespace)
+    old_pid = ray.get(plane.fleet.handle(victim).device_info.remote(), timeout=30)["pid"]
+    wait_until(lambda: ctl(stack, "status")["workers"][victim]["info"]["pid"] == old_pid, 30, "recorded pid")
+    # Hold the controller still while the worker dies and comes back, as when a replica's replacement
+    # wins the race against the repair; this test is about what the status says afterwards.
+    controller_pid = ray.get(stack.controller.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+    os.kill(controller_pid, signal.SIGSTOP)
+    try:
+        plane.fleet.stop(victim)
+        new_pid = ray.get(plane.replace(victim, groups).handle.device_info.remote(), timeout=60)["pid"]
+    finally:
+        os.kill(controller_pid, signal.SIGCONT)
+    assert new_pid != old_pid
+    wait_until(lambda: ctl(stack, "status")["workers"][victim]["info"]["pid"] == new_pid, 30, "the live pid in status")
+    with Load(engine, loaded.tokenizer, CONCURRENCY) as load:
+        load.wait_for(CONCURRENCY)
+    check(load, expected)
+    assert ctl(stack, "consistency") == []
+
+
 def _answers(handle) -> bool:
     import ray
 

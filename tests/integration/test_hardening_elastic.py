@@ -7,8 +7,9 @@
 - SIGSTOP one expert worker for MOGE_SIGSTOP_S (default 30, as in docs/reliability.md):
   no stream stalls more than 5 s (the replica waits one latency-derived deadline, then computes the
   worker's groups itself from the checkpoint), /ready reports degraded meanwhile, the controller
-  replaces the hung worker (it notices a hang after one stats timeout and two 5 s pings, ~15 s, so
-  with a stop shorter than ~20 s the worker may resume before it is replaced; that check then skips).
+  replaces the hung worker (it notices a hang after one stats deadline and one ping deadline, each
+  within [2.5 s, 5 s], cluster/elastic/control/liveness.py; with a stop shorter than ~20 s the
+  worker may resume before the repair finishes; that check then skips).
 
     PYTHONPATH=. timeout 900 python -m pytest -q -s tests/integration/test_hardening_elastic.py
 """

@@ -96,3 +96,13 @@ def test_settle_after_an_operation(inv, phase):
         assert inv.store.recs["w3"].state == "serving" and "w2" not in inv.store.recs
     else:
         assert "w3" not in inv.store.recs and inv.store.recs["w2"].state == "serving"
+
+
+def test_a_worker_answering_from_a_new_process_gets_its_live_pid_on_record(inv):
+    inv.start_worker("w0")
+    inv.store.recs["w0"].info = {"device": "cpu", "pid": 111, "node_id": "n", "resources": None}
+    inv.note_pids({"w0": 111})
+    assert inv.store.recs["w0"].info["pid"] == 111 and inv.store.recs["w0"].info["device"] == "cpu"
+    inv.note_pids({"w0": 222, "gone": 5})  # replaced under its id; an unknown id is ignored
+    assert inv.store.recs["w0"].info["pid"] == 222 and inv.known_workers["w0"].info["pid"] == 222
+    assert inv.store.recs["w0"].state == "starting" and "gone" not in inv.store.recs

@@ -207,3 +207,37 @@ def test_ready_reports_degraded_while_a_group_has_no_live_holder():
     state.update(ready=False, groups_without_live_holder=[3])
     r = asyncio.run(get())
     assert r.status_code == 503 and r.json()["status"] == "degraded" and r.json()["groups_without_live_holder"] == [3]
+
+
+def test_the_bound_counts_sequences_n_and_best_of_not_requests():
+    engine = GatedEngine()
+    app, _, _ = build(engine, max_in_flight=4, retry_after_s=2)
+
+    def body(**kw) -> bytes:
+        return json.dumps({"model": "m", "prompt": "hi", "max_tokens": 2, **kw}).encode()
+
+    async def main():
+        async with client(app) as c:
+            post = lambda b: c.post("/v1/completions", content=b, headers={"Content-Type": "application/json"})  # noqa: E731
+            held = asyncio.create_task(post(body(n=3)))  # 3 of the 4 sequences
+            while not engine.requests:
+                await asyncio.sleep(0.01)  # bounded by wait_for below
+            two = await asyncio.wait_for(post(body(n=1, best_of=2)), 2)  # 3 + 2 > 4
+            one = asyncio.create_task(post(body()))  # 3 + 1 fits
+            while len(engine.requests) < 2:
+                await asyncio.sleep(0.01)
+            full = await asyncio.wait_for(post(body()), 2)  # 4 + 1 > 4
+            engine.gate.set()
+            return two, full, await asyncio.wait_for(asyncio.gather(held, one), WAIT_S)
+
+    two, full, done = asyncio.run(asyncio.wait_for(main(), WAIT_S))
+    assert two.status_code == 429 and full.status_code == 429 and two.headers["retry-after"] == "2"
+    assert [r.status_code for r in done] == [200, 200]
+
+
+def test_sequences_of_reads_n_and_best_of_and_falls_back_to_one():
+    from cluster.serve.middleware.request_guard import sequences_of
+
+    assert sequences_of(b'{"n": 3}') == 3 and sequences_of(b'{"n": 2, "best_of": 5}') == 5
+    assert sequences_of(b'{}') == 1 and sequences_of(b'[1]') == 1 and sequences_of(b'not json') == 1
+    assert sequences_of(b'{"n": true}') == 1 and sequences_of(b'{"n": -4}') == 1 and sequences_of(b'{"n": "9"}') == 1

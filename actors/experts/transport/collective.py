@@ -5,7 +5,9 @@ Why pairs: a worker joining or leaving only creates or drops its own groups; eve
 replica<->worker pair keeps its communicator. Rendezvous: each worker hosts a TCPStore on a port
 the OS picks on its node and advertises (node IP from Ray, port) through ExpertWorker.endpoint();
 a replica asks the worker (Ray call `accept_peer`) to join a group under a fresh prefix, then joins
-it itself as rank 0 (the worker is rank 1).
+it itself as rank 0 (the worker is rank 1). Before any call, both sides prove they hold the
+cluster secret inside the new control group (actors/experts/transport/rendezvous_auth.py): the
+store's port is open to whoever reaches it.
 
 Two lanes per pair:
   control  gloo, CPU: fixed-size int64 headers, group ids, routing ids and weights. A worker waits
@@ -32,6 +34,7 @@ import torch.distributed as dist
 
 from actors.device import collective_backend
 from actors.experts.transport.base import ExpertTransport, TransportError, WorkerRef
+from actors.experts.transport.rendezvous_auth import prove
 
 OP_CALL, OP_CLOSE = 1, 2
 STATUS_OK, STATUS_ERROR = 0, 1
@@ -71,10 +74,12 @@ def _make_group(backend: str, store, rank: int, timeout: datetime.timedelta):
 class _Pair:
     """Both lanes of one replica<->worker pair, from one side. `peer` is the other side's rank."""
 
-    def __init__(self, store, pair_id: str, rank: int, backend: str, device: torch.device, timeout) -> None:
+    def __init__(self, store, pair_id: str, rank: int, backend: str, device: torch.device, timeout,
+                 secret: str | None = None, proof_timeout=None) -> None:
         self.peer = 1 - rank
         self.device = device if backend != "gloo" else torch.device("cpu")
         self.control = _make_group("gloo", dist.PrefixStore(f"{pair_id}/control", store), rank, timeout)
+        prove(self.control, rank, "cpu", proof_timeout or timeout, secret)  # before the data lane or any call
         if backend == "gloo":
             self.data = self.control
         else:
@@ -120,6 +125,7 @@ class CollectiveServer:
         self.host = host
         self.backend = options.get("backend") or collective_backend(worker.device.type)
         self.connect_timeout = _td(float(options.get("connect_timeout_s", 60)))
+        self.secret = options.get("auth_token")  # None: the process's (rendezvous_auth)
         self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=self.connect_timeout)
         self._threads: dict[str, threading.Thread] = {}
 
@@ -138,8 +144,9 @@ class CollectiveServer:
         if self.worker.device.type == "cuda":
             torch.cuda.set_device(self.worker.device)
         try:
-            pair = _Pair(self.store, pair_id, 1, self.backend, self.worker.device, IDLE_TIMEOUT)
-        except Exception:  # noqa: BLE001 - the replica gave up joining; nothing to serve
+            pair = _Pair(self.store, pair_id, 1, self.backend, self.worker.device, IDLE_TIMEOUT,
+                         self.secret, self.connect_timeout)
+        except Exception:  # noqa: BLE001 - the replica gave up joining or lacks the secret: nothing to serve
             return
         try:
             while True:
@@ -242,9 +249,11 @@ class CollectiveTransport(ExpertTransport):
         backend: str | None = None,
         timeout_s: float = 30.0,
         replica_id: str | None = None,
+        auth_token: str | None = None,
         **_: object,
     ) -> None:
         self.device = torch.device(device)
+        self.auth_token = auth_token  # the cluster secret; None: the process's (rendezvous_auth)
         self.backend = backend or collective_backend(self.device.type)
         self.timeout_s = timeout_s
         self.replica_id = replica_id or uuid.uuid4().hex[:12]
@@ -265,7 +274,7 @@ class CollectiveTransport(ExpertTransport):
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         backend = endpoint.get("backend") or self.backend  # the worker's device decides the data lane
-        pair = _Pair(store, pair_id, 0, backend, self.device, _td(self.timeout_s))
+        pair = _Pair(store, pair_id, 0, backend, self.device, _td(self.timeout_s), self.auth_token)
         with self._lock:
             self._links[worker.worker_id] = _Link(worker.worker_id, endpoint, pair, self.timeout_s)
 

@@ -56,6 +56,7 @@ import torch.distributed as dist
 
 from actors.experts.remote_experts import RemoteExperts, _Call
 from actors.experts.transport.collective import _make_group
+from actors.experts.transport.rendezvous_auth import prove
 from actors.experts.transport.step_wire import (
     HEADER_LEN, OP_CLOSE, OP_HELLO, OP_STEP, bucket, header, new_packet,
 )
@@ -96,6 +97,7 @@ class ReplicaLane:
             torch.cuda.set_device(device)
         self.pg = _make_group(self.backend, dist.PrefixStore(self.lane_id, store), 0, _td(timeout_s))
         self.wire = device if self.backend != "gloo" else torch.device("cpu")
+        prove(self.pg, 0, self.wire, _td(timeout_s))  # the cluster secret, before the first header
         # the header's one buffer: eager steps and every captured bucket send from it (static address)
         self.hdr = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.wire)
         self.broken: Exception | None = None

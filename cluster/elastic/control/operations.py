@@ -158,12 +158,21 @@ class Operations:
         finally:
             self.lock.release()
 
-    def repair(self) -> dict | None:
-        """Take dead workers out of the placement, reloading their groups on the living."""
-        # Look before locking: pinging every worker takes up to seconds under load, and an admin
-        # scale arriving meanwhile must not be told "busy" by a check that finds nothing dead.
+    def repair(self, probe: Callable[[list[str]], list[str]] | None = None,
+               suspects: set[str] | None = None) -> dict | None:
+        """Take dead (or hung) workers out of the placement, reloading their groups on the living.
+        `probe(workers)` -> those that do not answer (one parallel ping, latency-derived deadline:
+        WorkerSampler.unanswered); `suspects`: only these are probed (the ones the controller's
+        stats read just missed), None probes every device."""
+        probe = probe or (lambda ws: [w for w in ws if not self.fleet.alive(w)])
+        # Look before locking: pinging workers takes up to seconds under load, and an admin scale
+        # arriving meanwhile must not be told "busy" by a check that finds nothing dead.
         p = self.store.placement()
-        if p is None or all(self.fleet.alive(w) for w in self.inventory.devices(p)):
+        if p is None:
+            return None
+        candidates = [w for w in self.inventory.devices(p) if suspects is None or w in suspects]
+        dead = probe(candidates) if candidates else []
+        if not dead:
             return None
         if not self.lock.acquire(blocking=False):
             return None
@@ -172,7 +181,7 @@ class Operations:
             if p is None:
                 return None
             devices = self.inventory.devices(p)
-            dead = [w for w in devices if not self.fleet.alive(w)]
+            dead = [w for w in dead if w in devices]  # still a device: not retired meanwhile
             if not dead:
                 return None
             alive = self.local + [w for w in devices if w not in dead]

@@ -3,9 +3,10 @@
 For every POST it (1) requires a JSON content type (415), (2) reads the whole body under a deadline
 (408: a client that sends headers and then trickles or stalls its body holds a connection for at most
 `body_read_timeout_s`) and a size limit (413, smaller for /admin), then replays the buffered body to
-the app; (3) for the generation routes, admits the request only while fewer than `max_in_flight`
-generation requests run on this replica (429 with Retry-After: a bounded waiting queue instead of
-unbounded TTFT); and (4) bounds every request by `request_timeout_s` in total (504 if nothing was
+the app; (3) for the generation routes, admits the request only while its sequences fit under
+`max_in_flight` sequences running on this replica (429 with Retry-After: a bounded waiting queue
+instead of unbounded TTFT); a request counts as max(n, best_of) sequences, as it costs the engine;
+and (4) bounds every request by `request_timeout_s` in total (504 if nothing was
 answered yet; a started stream is ended).
 
 Admission counts requests whose body has arrived, so clients still sending their body never take a
@@ -17,6 +18,7 @@ cheap routes and slow bodies always find a Serve slot; otherwise Serve would que
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -40,7 +42,7 @@ class GuardLimits:
     admin_max_body_bytes: int = 16 << 10
     body_read_timeout_s: float = 10.0
     request_timeout_s: float = 600.0
-    max_in_flight: int = 96  # generation requests admitted at once (batch + waiting queue)
+    max_in_flight: int = 96  # sequences admitted at once (batch + waiting queue)
     retry_after_s: int = 1
 
     @classmethod
@@ -60,7 +62,7 @@ class RequestGuard:
     def __init__(self, app: ASGIApp, limits: GuardLimits) -> None:
         self.app = app
         self.limits = limits
-        self.in_flight = 0  # generation requests admitted and not finished (this event loop only)
+        self.in_flight = 0  # sequences of admitted, unfinished requests (this event loop only)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -98,15 +100,17 @@ class RequestGuard:
         if disconnected:
             return  # the client left while sending: nobody to answer
         if path in GENERATION_ROUTES:
-            if self.in_flight >= self.limits.max_in_flight:
+            # a request larger than the whole bound waits for an empty replica instead of never fitting
+            seqs = min(sequences_of(body), self.limits.max_in_flight)
+            if self.in_flight + seqs > self.limits.max_in_flight:
                 raise Overloaded(
-                    f"This replica is at its limit of {self.limits.max_in_flight} requests in flight; "
+                    f"This replica is at its limit of {self.limits.max_in_flight} sequences in flight; "
                     f"retry after {self.limits.retry_after_s}s", self.limits.retry_after_s)
-            self.in_flight += 1
+            self.in_flight += seqs
             try:
                 await self.app(scope, _replay(body, receive), send)
             finally:
-                self.in_flight -= 1
+                self.in_flight -= seqs
             return
         await self.app(scope, _replay(body, receive), send)
 
@@ -129,6 +133,19 @@ class RequestGuard:
         except TimeoutError:
             raise RequestTimeout(
                 f"The request body was not received within {self.limits.body_read_timeout_s:g}s") from None
+
+
+def sequences_of(body: bytes) -> int:
+    """The sequences a generation request will run: max(n, best_of). 1 for anything the app will
+    refuse anyway (not JSON, not an object, not positive integers): it answers those with a 400."""
+    try:
+        req = json.loads(body)
+    except ValueError:
+        return 1
+    if not isinstance(req, dict):
+        return 1
+    counts = [v for v in (req.get("n"), req.get("best_of")) if type(v) is int and v >= 1]
+    return max(counts, default=1)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
