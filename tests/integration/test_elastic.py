@@ -203,6 +203,30 @@ def test_failed_migration_rolls_back_without_failures(stack, replica, expected):
     wait_until(lambda: ctl(stack, "consistency") == [], 30, "consistent placement")
 
 
+def scale_until_loading(stack, store, devices: int, timeout_s: float):
+    """Start scale(devices) and return its pending call once its journal says 'loading'. A
+    ControllerBusy answer (the controller's own period — a repair or a standby refill on a loaded
+    machine — holds the operation lock) is retried until the deadline."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pending = stack.controller.scale.remote(devices)
+        while time.monotonic() < deadline:
+            if (store.operation() or {}).get("phase") == "loading":
+                return pending
+            ready, _ = ray.wait([pending], timeout=0.1)
+            if ready:
+                try:
+                    ray.get(pending)
+                except ray.exceptions.RayTaskError as exc:
+                    if "ControllerBusy" in str(exc):
+                        break
+                    raise
+                raise AssertionError("the scale finished before its loading phase was seen")
+    raise AssertionError("timed out waiting for the loading phase")
+
+
 def test_controller_killed_mid_scale_resumes_from_redis(stack, replica, expected):
     import ray
 
@@ -212,12 +236,11 @@ def test_controller_killed_mid_scale_resumes_from_redis(stack, replica, expected
     with Load(engine, loaded.tokenizer, CONCURRENCY) as load:
         load.wait_for(CONCURRENCY)
         ctl(stack, "set_test_load_delay", 2.0)
-        pending = stack.controller.scale.remote(4)
         from cluster.elastic.store import ElasticStore
         from cluster.elastic.redis_server import connect
 
         store = ElasticStore(connect(stack.config.elastic.redis_url), stack.config.elastic.key_prefix)
-        wait_until(lambda: (store.operation() or {}).get("phase") == "loading", 60, "loading phase")
+        pending = scale_until_loading(stack, store, 4, 60)
         ray.kill(stack.controller, no_restart=False)  # Ray restarts it (max_restarts=-1)
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(pending, timeout=60)
