@@ -5,12 +5,7 @@
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ -d .bundle ] && [ ! -d /tmp/site/ray ]; then
-  mkdir -p /tmp/site && tar -xJf .bundle/ray.tar.xz -C /tmp/site &&
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .bundle/wheels/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import torch, transformers, ray; print("torch", torch.__version__, "transformers", transformers.__version__, "ray", ray.__version__)' | tee -a "$OUT/gpu.txt"
 python3 -m protos.generate || exit 1

@@ -4,12 +4,7 @@
 # store, with the migration fixes (copy stream, warm standby, shape-keyed GEMV tuning). Logs in $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if [ ! -d /tmp/site/ray ]; then
-  mkdir -p /tmp/site && tar -xJf .bundle/ray.tar.xz -C /tmp/site &&
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .bundle/wheels/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD
+source "$(dirname "$0")/device_env.sh"
 python3 -m protos.generate >/dev/null 2>&1
 step() { local name=$1 limit=$2; shift 2; local t0=$(date +%s)
   timeout -s ABRT "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?

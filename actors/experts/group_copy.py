@@ -42,7 +42,7 @@ import torch.distributed as dist
 from actors.device import collective_backend
 from actors.model.config import ModelConfig
 from actors.model.experts import ExpertGroupWeights
-from actors.experts.transport.collective import _make_group
+from actors.experts.transport.collective import _make_group, abort_group
 from actors.experts.transport.rendezvous_auth import prove
 
 log = logging.getLogger(__name__)
@@ -130,18 +130,6 @@ def _settle(device: torch.device, deadline: float, stream=None) -> None:
         time.sleep(POLL_S)
 
 
-def _teardown(pg) -> None:
-    # gloo groups go with their sockets; device communicators must be aborted or they leak
-    for method in ("abort", "shutdown"):
-        fn = getattr(pg, method, None)
-        if fn is not None:
-            try:
-                fn()
-            except Exception:  # noqa: BLE001 - tearing down a finished or broken communicator
-                pass
-            return
-
-
 class GroupCopyServer:
     """Holder side. `held()` returns the holder's current {group: ExpertGroupWeights} (a snapshot:
     a group dropped meanwhile is still sent from the snapshot, never half-freed)."""
@@ -219,7 +207,7 @@ class GroupCopyServer:
             log.warning("group copy %s failed on the holder: %s", copy_id, exc)
         finally:
             if pg is not None:
-                _teardown(pg)
+                abort_group(pg)
 
     def _tensors(self, manifest: list[list]) -> list[torch.Tensor]:
         held = self.held()
@@ -275,7 +263,7 @@ def copy_groups(endpoint: dict, cfg: ModelConfig, groups: list[int], dtype: torc
         return box.result(timeout=timeout_s + 1.0)
     except FutureTimeout:
         for pg in pgs:
-            _teardown(pg)
+            abort_group(pg)
         raise CopyFailed(f"the holder did not deliver groups {groups} within {timeout_s}s") from None
     except CopyFailed:
         raise
@@ -315,6 +303,6 @@ def _receive(endpoint, backend, cfg, groups, dtype, device, timeout_s, pgs, secr
         _settle(device, deadline, stream)
     finally:
         if pg is not None:
-            _teardown(pg)
+            abort_group(pg)
     nbytes = sum(w.nbytes for w in buffers.values())
     return buffers, {"bytes": nbytes, "seconds": time.perf_counter() - start, "connect_s": connect_s}

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from actors.device import collective_backend
-from actors.experts.transport.collective import _make_group
+from actors.experts.transport.collective import _make_group, abort_group
 from actors.experts.transport.rendezvous_auth import prove
 from actors.experts.transport.step_wire import DTYPES, HEADER_LEN, OP_CLOSE, OP_HELLO, OP_STEP, new_packet
 from actors.model import kernels
@@ -308,14 +308,7 @@ class WorkerLane:
     def abort(self) -> None:
         pg, self.pg = self.pg, None
         if pg is not None and self.backend != "gloo":
-            for method in ("abort", "shutdown"):
-                fn = getattr(pg, method, None)
-                if fn is not None:
-                    try:
-                        fn()
-                    except Exception:  # noqa: BLE001 - tearing down a broken communicator
-                        pass
-                    break
+            abort_group(pg)
 
 
 class _null:

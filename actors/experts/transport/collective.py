@@ -51,6 +51,19 @@ def _td(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
+def abort_group(pg) -> None:
+    """Tear down a device communicator (gloo groups go with their sockets; NCCL/HCCL ones must be
+    aborted or they leak). Errors from a finished or broken communicator are expected here."""
+    for method in ("abort", "shutdown"):
+        fn = getattr(pg, method, None)
+        if fn is not None:
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - tearing down a broken communicator
+                pass
+            return
+
+
 def _make_group(backend: str, store, rank: int, timeout: datetime.timedelta):
     """A standalone 2-rank ProcessGroup object (not registered as the default group)."""
     if backend == "gloo":
@@ -104,14 +117,7 @@ class _Pair:
 
     def close(self) -> None:
         if self.data is not self.control:  # gloo groups go with their sockets; device groups need an abort
-            for method in ("abort", "shutdown"):
-                fn = getattr(self.data, method, None)
-                if fn is not None:
-                    try:
-                        fn()
-                    except Exception:  # noqa: BLE001 - tearing down a broken communicator
-                        pass
-                    break
+            abort_group(self.data)
 
 
 # ---- worker side ------------------------------------------------------------------------------

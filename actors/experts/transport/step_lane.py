@@ -55,7 +55,7 @@ import torch
 import torch.distributed as dist
 
 from actors.experts.remote_experts import RemoteExperts, _Call
-from actors.experts.transport.collective import _make_group
+from actors.experts.transport.collective import _make_group, abort_group
 from actors.experts.transport.rendezvous_auth import prove
 from actors.experts.transport.step_wire import (
     HEADER_LEN, OP_CLOSE, OP_HELLO, OP_STEP, bucket, header, new_packet,
@@ -178,17 +178,7 @@ def _abort_bounded(pg, seconds: float) -> None:
     fallback path rather than hang with it."""
     import threading
 
-    def run():
-        for method in ("abort", "shutdown"):
-            fn = getattr(pg, method, None)
-            if fn is not None:
-                try:
-                    fn()
-                except Exception:  # noqa: BLE001 - tearing down a broken communicator
-                    pass
-                return
-
-    t = threading.Thread(target=run, name="moge-lane-abort", daemon=True)
+    t = threading.Thread(target=abort_group, args=(pg,), name="moge-lane-abort", daemon=True)
     t.start()
     t.join(seconds)
     if t.is_alive():
