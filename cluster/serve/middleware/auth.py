@@ -1,4 +1,4 @@
-"""Optional Bearer API keys on every route but /health (and routes that check their own keys).
+"""Optional Bearer API keys on every route but the probes /health and /ready (and routes that check their own keys).
 
 An ASGI middleware rather than a FastAPI dependency so that it also guards routes nobody declared
 (an unauthenticated client learns nothing, not even which paths exist) and answers before a request
