@@ -42,7 +42,7 @@ class EngineSection(_Section):
     kv_cache_fraction: float = Field(0.3, gt=0, le=0.95, description="of free device memory, if no bytes")
     num_kv_blocks: int | None = Field(None, ge=1, description="overrides the byte budget (tests)")
     enable_prefix_caching: bool = Field(True, description="reuse the KV of prompt prefixes seen before")
-    cuda_graphs: bool = Field(True, description="decode through CUDA graphs (CUDA, in-process experts); false = eager")
+    cuda_graphs: bool = Field(True, description="decode through CUDA graphs (CUDA; in-process experts or the step lane); false = eager")
     cuda_graph_memory_mb: int = Field(4096, ge=0, description="device memory the decode graphs may take")
 
 
