@@ -157,14 +157,36 @@ class NodesScenario:
         self.load.wait_for(self.concurrency)
         self.mark("load_running")
 
+    def start_scale(self, devices: int, before: set, timeout_s: float) -> tuple[Any, str]:
+        """scale(devices) in flight and the id of the worker record it made. A ControllerBusy
+        answer (the controller's own period holds the operation lock: a standby refill or a
+        liveness repair on a loaded machine) is retried until the deadline."""
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            pending = self.stack.controller.scale.remote(devices)
+            while time.monotonic() < deadline:
+                new = sorted(set(self.ctl("status")["workers"]) - before)
+                if new:
+                    return pending, new[0]
+                if ray.wait([pending], timeout=0.1)[0]:
+                    try:
+                        ray.get(pending)
+                    except ray.exceptions.RayTaskError as exc:
+                        if "ControllerBusy" in str(exc):
+                            break
+                        raise
+                    raise RuntimeError("the scale finished without a new worker record")
+        raise TimeoutError(f"timed out after {timeout_s}s waiting for a new worker record")
+
     def grow(self, key: str) -> tuple[Any, str]:
         """Scale up by one device before a node has room for it, then add the node it waits for.
         -> (the node, the new worker's id)."""
         import ray
 
         before = set(self.ctl("status")["workers"])
-        pending = self.stack.controller.scale.remote(len(before) + 1)
-        new = wait_until(lambda: sorted(set(self.ctl("status")["workers"]) - before), 60, "a new worker record")[0]
+        pending, new = self.start_scale(len(before) + 1, before, 60)
         demand = wait_until(lambda: slot_demand(self.cluster.address), 60, "the autoscaler to see a slot demand")
         served = self.load.wait_for(2)  # serving goes on while the device is awaited
         r: dict[str, Any] = {"worker": new, "slot_demand": demand, "served_while_pending": served,

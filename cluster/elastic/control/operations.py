@@ -21,6 +21,11 @@ from cluster.elastic.migration import MigrationRunner, Operation, validate_map
 from cluster.elastic.policy.guarded import GuardedPolicy
 from cluster.elastic.store import ElasticStore
 
+# An admin operation waits this long for the lock before answering busy: the controller's own
+# period takes it briefly (sweeping strays, refilling standbys), and a `moge scale` that lands in
+# that window should run, not bounce. Another operation in flight still answers busy.
+OPERATION_LOCK_WAIT_S = 5.0
+
 log = logging.getLogger(__name__)
 
 
@@ -80,7 +85,7 @@ class Operations:
                 chain_of(source)
             except ValueError as e:
                 raise BadRequest(str(e)) from e
-        if not self.lock.acquire(blocking=False):
+        if not self.lock.acquire(timeout=OPERATION_LOCK_WAIT_S):
             raise ControllerBusy("another operation is in flight")
         default_source = self.ports.source
         self.ports.source = source or default_source
@@ -140,7 +145,7 @@ class Operations:
 
     def migrate(self, group: int, worker: str, replicate: bool = False) -> dict:
         """Move (or replicate) one group onto a serving worker, live."""
-        if not self.lock.acquire(blocking=False):
+        if not self.lock.acquire(timeout=OPERATION_LOCK_WAIT_S):
             raise ControllerBusy("another operation is in flight")
         try:
             p = self.store.placement()
