@@ -14,6 +14,7 @@ from typing import Iterable
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cluster.serve.errors import AuthenticationFailed
+from cluster.serve.middleware.scope import header, route_path
 
 OPEN_PATHS = frozenset({"/health", "/ready"})  # probes carry no keys
 
@@ -58,29 +59,13 @@ class ApiKeyMiddleware:
         return any(path == p or path.startswith(p + "/") for p in self.own_keys_prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys.enabled or self._exempt(_path(scope)):
+        if scope["type"] != "http" or not self.keys.enabled or self._exempt(route_path(scope)):
             await self.app(scope, receive, send)
             return
-        header = _header(scope, b"authorization")
         try:
-            self.keys.check(header)
+            self.keys.check(header(scope, b"authorization"))
         except AuthenticationFailed as err:
             await err.response()(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
-
-def _path(scope: Scope) -> str:
-    # Serve mounts the app under its route prefix; the path relative to it is what routes see.
-    path: str = scope.get("path", "")
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root):] or "/"
-    return path
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None

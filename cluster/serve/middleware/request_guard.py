@@ -31,6 +31,7 @@ from cluster.serve.errors import (
     RequestTimeout,
     UnsupportedMediaType,
 )
+from cluster.serve.middleware.scope import header, route_path
 
 GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
 ADMIN_PREFIX = "/admin"
@@ -88,11 +89,11 @@ class RequestGuard:
                 await err.response()(scope, receive, send)
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = _path(scope)
+        path = route_path(scope)
         if scope.get("method") != "POST":
             await self.app(scope, receive, send)
             return
-        if not _is_json(_header(scope, b"content-type")):
+        if not _is_json(header(scope, b"content-type")):
             raise UnsupportedMediaType("The request body must be JSON: send 'Content-Type: application/json'")
         is_admin = path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
         limit = self.limits.admin_max_body_bytes if is_admin else self.limits.max_body_bytes
@@ -115,7 +116,7 @@ class RequestGuard:
         await self.app(scope, _replay(body, receive), send)
 
     async def _read_body(self, scope: Scope, receive: Receive, limit: int) -> tuple[bytes, bool]:
-        declared = _header(scope, b"content-length")
+        declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise BodyTooLarge(limit)
         body = bytearray()
@@ -168,17 +169,3 @@ def _is_json(content_type: str | None) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
-
-def _path(scope: Scope) -> str:
-    path: str = scope.get("path", "")
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root):] or "/"
-    return path
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None

@@ -1,0 +1,22 @@
+"""What the middlewares read off an ASGI scope: the route path and one header."""
+
+from __future__ import annotations
+
+from starlette.types import Scope
+
+
+def route_path(scope: Scope) -> str:
+    """The path as the routes see it: Serve mounts the app under its route prefix (root_path)."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """The first value of header `name` (lower-case bytes), decoded as HTTP does (latin-1)."""
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
