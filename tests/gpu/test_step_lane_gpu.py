@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.checkpoints import write_qwen3_moe
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs"),
@@ -21,22 +23,7 @@ PROMPTS = [[(5 * i + j) % 120 for j in range(n)] for i, n in enumerate([1, 7, 19
 
 @pytest.fixture(scope="module")
 def qwen3_checkpoint(tmp_path_factory):
-    import transformers as tf
-
-    cfg = tf.Qwen3MoeConfig(
-        vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        intermediate_size=48, moe_intermediate_size=32, num_hidden_layers=2, num_experts=8,
-        num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=256,
-    )
-    torch.manual_seed(11)
-    model = tf.Qwen3MoeForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, (3.0 if name.endswith("gate.weight") else 1.0) / p.shape[-1] ** 0.5)
-    path = tmp_path_factory.mktemp("qwen3_moe")
-    model.save_pretrained(path)
-    return str(path)
+    return write_qwen3_moe(tmp_path_factory.mktemp("qwen3_moe"))
 
 
 def greedy(engine) -> dict:

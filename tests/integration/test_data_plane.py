@@ -26,6 +26,7 @@ from actors.engine.sampling_params import SamplingParams
 from cluster.config import MogeConfig
 from cluster.serve.data_plane import DataPlane, client_transport, worker_ids
 from cluster.elastic.worker_fleet import model_spec
+from tests.checkpoints import write_qwen3_moe
 
 pytestmark = pytest.mark.integration
 
@@ -40,22 +41,7 @@ def prompts(vocab: int) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def qwen3_checkpoint(tmp_path_factory):
-    import transformers as tf
-
-    cfg = tf.Qwen3MoeConfig(
-        vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        intermediate_size=48, moe_intermediate_size=32, num_hidden_layers=2, num_experts=8,
-        num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=256,
-    )
-    torch.manual_seed(11)
-    model = tf.Qwen3MoeForCausalLM(cfg).float().eval()
-    with torch.no_grad():  # O(1) activations, decisive router scores
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, (3.0 if name.endswith("gate.weight") else 1.0) / p.shape[-1] ** 0.5)
-    path = tmp_path_factory.mktemp("qwen3_moe")
-    model.save_pretrained(path)
-    return str(path)
+    return write_qwen3_moe(tmp_path_factory.mktemp("qwen3_moe"))
 
 
 def make_config(source: str, transport: str, n_groups: int | None) -> MogeConfig:
@@ -97,6 +83,21 @@ def group_bytes(cfg) -> int:
     return per_layer * sum(cfg.is_moe_layer(layer) for layer in range(cfg.num_layers))
 
 
+
+def kill_worker(handle) -> int:
+    """Kill an expert worker actor and return once Ray reports it dead; -> its pid. The kill
+    travels through the GCS while a ping goes straight to the actor: an early ping may still be
+    answered, so ask until Ray says the actor is gone (bounded)."""
+    pid = ray.get(handle.device_info.remote())["pid"]
+    ray.kill(handle, no_restart=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            ray.get(handle.ping.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            return pid
+        assert time.monotonic() < deadline, "the killed worker still answers after 60 s"
+
 class KillOnCall:
     """Transport wrapper: kills `victim` (and waits until Ray reports it dead) right before the
     n-th call to it, so the failure lands in the middle of a step."""
@@ -112,17 +113,7 @@ class KillOnCall:
         if worker_id == self.victim and self.killed_pid is None:
             self.calls += 1
             if self.calls == self.n:
-                self.killed_pid = ray.get(self.handle.device_info.remote())["pid"]
-                ray.kill(self.handle, no_restart=True)
-                # the kill travels through the GCS while a ping goes straight to the actor: an
-                # early ping may still be answered, so ask until Ray reports the actor dead
-                deadline = time.monotonic() + 60
-                while True:
-                    try:
-                        ray.get(self.handle.ping.remote(), timeout=10)
-                    except ray.exceptions.RayActorError:
-                        break
-                    assert time.monotonic() < deadline, "the killed worker still answers after 60 s"
+                self.killed_pid = kill_worker(self.handle)
         return self.inner.call(worker_id, *args)
 
 

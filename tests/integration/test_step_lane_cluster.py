@@ -11,7 +11,6 @@ the middle of a step has its groups re-run on the replacement and every request 
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 
 import pytest
@@ -25,7 +24,7 @@ from actors.experts.worker import model_config_of
 from cluster.elastic.worker_fleet import model_spec
 from cluster.serve.data_plane import DataPlane, client_transport, worker_ids
 from cluster.serve.replica_engine import build_engine
-from tests.integration.test_data_plane import generate, make_config, prompts, qwen3_checkpoint  # noqa: F401
+from tests.integration.test_data_plane import generate, kill_worker, make_config, prompts, qwen3_checkpoint  # noqa: F401
 
 pytestmark = pytest.mark.integration
 
@@ -53,15 +52,7 @@ class KillAtDispatch:
     def dispatch(self, *args):
         self.calls += 1
         if self.calls == self.n:
-            self.killed_pid = ray.get(self.handle.device_info.remote())["pid"]
-            ray.kill(self.handle, no_restart=True)
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    ray.get(self.handle.ping.remote(), timeout=10)
-                except ray.exceptions.RayActorError:
-                    break
-                assert time.monotonic() < deadline, "the killed worker still answers after 60 s"
+            self.killed_pid = kill_worker(self.handle)
         return self.inner.dispatch(*args)
 
 
