@@ -135,24 +135,39 @@ class LLMEngine:
             )
         return max_tokens
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    generated: list[int] | None = None) -> None:
+        """`generated`: a continuation — tokens this request already produced elsewhere (a replica
+        that died mid-stream). They are prefilled with the prompt, the detokenizer and the grammar
+        matcher are replayed over them (stop strings and held-back text as they were), and the
+        sampling slot's step counter starts at their count, so a seeded or greedy request goes on
+        with exactly the tokens it would have had (counter-based noise: sampling/noise.py)."""
         params = params or SamplingParams()
         if request_id in self._seqs:
             raise RequestRejected(f"request id {request_id!r} is already running")
         max_tokens = self.check_request(prompt_token_ids, params)
         prompt = [int(t) for t in prompt_token_ids]
+        done = [int(t) for t in generated or ()]
+        if len(done) >= max(max_tokens, 1) or any(not 0 <= t < self.cfg.vocab_size for t in done):
+            raise RequestRejected(f"a continuation of {len(done)} tokens does not fit max_tokens {max_tokens}")
+        detokenizer = IncrementalDetokenizer(
+            self.tokenizer, prompt, params.stop, params.skip_special_tokens, params.include_stop_str_in_output
+        )
+        matcher = None if params.grammar is None else self.grammars.matcher(params.grammar)
+        for t in done:  # the state the first replica had after sending these tokens
+            detokenizer.step(t)
+            if matcher is not None:
+                matcher.consume_token(t)
         seq = Sequence(
             request_id=request_id,
-            token_ids=list(prompt),
+            token_ids=prompt + done,
             num_prompt_tokens=len(prompt),
             params=params,
             max_total_tokens=len(prompt) + max_tokens,
             arrival=next(self._arrivals),
-            detokenizer=IncrementalDetokenizer(
-                self.tokenizer, prompt, params.stop, params.skip_special_tokens, params.include_stop_str_in_output
-            ),
-            matcher=None if params.grammar is None else self.grammars.matcher(params.grammar),
-            prompt_logprobs=None if params.prompt_logprobs is None else [None],
+            detokenizer=detokenizer,
+            matcher=matcher,
+            prompt_logprobs=None if params.prompt_logprobs is None or done else [None],
         )
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
