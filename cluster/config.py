@@ -62,6 +62,16 @@ class ServerSection(_Section):
         128, ge=8, description="Serve slots beyond the admitted generation requests, for /health, /metrics "
         "and clients still sending their body")
     max_n: int = Field(8, ge=1, description="cap on n (choices per request)")
+    resume_window_s: float = Field(
+        3, gt=0, description="how long the ingress tries to resume a request on another replica after its "
+        "replica died; past it the request ends (503 / an in-band error)")
+    max_partial_bodies: int = Field(
+        512, ge=1, description="bodies still arriving at once, all clients together (more: 429); a body "
+        "that arrives whole never waits")
+    max_partial_bodies_per_client: int = Field(
+        128, ge=1, description="bodies still arriving at once from one client address (more: 429)")
+    ingress_num_replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress deployment")
+    ingress_num_cpus: float = Field(0, ge=0, description="logical CPUs of each ingress replica (it mostly waits on sockets)")
     max_tokens_default: int = Field(256, ge=1)
     num_replicas: int | Literal["auto"] = 1
     min_replicas: int = Field(1, ge=1)

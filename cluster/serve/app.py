@@ -1,14 +1,18 @@
-"""The attention replica as a Ray Serve deployment with the OpenAI routes as its HTTP ingress.
+"""The serving application: a thin HTTP ingress (cluster/serve/ingress/) in front of the attention
+replicas, the server half, as two Ray Serve deployments.
 
 `app_builder({"config": <MogeConfig dict>})` is the Serve application builder, usable from Python
 (`serve.run(app_builder(...))`) and from a Serve config file (`import_path:
-cluster.serve.app:app_builder`). Each replica builds its engine once, in `start_engine`, the single
-place that decides how the model is put together (cluster/serve/replica_engine.py), then serves HTTP through
-cluster/serve/openai_server.py, plus the admin routes (cluster/serve/admin_api.py) when it is elastic.
+cluster.serve.app:app_builder`). Each attention replica builds its engine once, in `start_engine`,
+the single place that decides how the model is put together (cluster/serve/replica_engine.py), and
+answers through async-generator methods: `generate` for the ingress (pieces: bytes plus the engine
+outputs behind them, cluster/serve/ingress/pieces.py) and, as a Ray Serve LLM server class
+(`LLMConfig(server_cls=AttentionReplica)`), Ray's `chat` / `completions` / `tokenize` /
+`detokenize` protocol (cluster/serve/llm/). One server half, two ingresses.
 
-The config is read with `MogeConfig.load` both in the builder (to size the deployment) and again in
-each replica, so MOGE_* variables of the replica's own environment (Kubernetes Secrets: API keys,
-the Redis password) apply there and never travel inside the Serve deployment arguments.
+Secrets never travel in deployment or constructor arguments: the builder seals them into Ray's KV
+(cluster/security/serving_secrets.py) and each actor unseals them; MOGE_* variables of the actor's
+own environment (Kubernetes Secrets) apply on top.
 """
 
 from __future__ import annotations
@@ -16,19 +20,22 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, AsyncIterator
 
 from ray import serve
 from ray.serve import Application
 
 from cluster.config import MogeConfig, ServerSection
+from cluster.security.serving_secrets import seal, unseal
+from cluster.serve.ingress.pieces import Piece, RequestContext
 from cluster.serve.metrics import ReplicaMetrics
-from cluster.serve.openai_server import OpenAIServer, ServedModel, build_http_app
+from cluster.serve.openai_server import OpenAIServer, ServedModel
 from cluster.serve.replica_engine import ReplicaParts, assemble
 
 log = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "AttentionReplica"
+INGRESS_NAME = "Ingress"
 
 
 @dataclass
@@ -62,52 +69,94 @@ def start_engine(config: MogeConfig) -> ReplicaEngine:
     return ReplicaEngine(AsyncEngine(parts.engine), served, parts)
 
 
-@serve.deployment(name=DEPLOYMENT_NAME)
-@serve.ingress()
 class AttentionReplica:
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.config = MogeConfig.load(**config)
+    """The server half. A plain class: `app_builder` and Ray Serve LLM's builder each make it a
+    deployment. `config`: a (sealed) MogeConfig dict; or `llm_config`: Ray Serve LLM's LLMConfig,
+    whose engine_kwargs are a MogeConfig dict and whose model_loading_config names the checkpoint."""
+
+    def __init__(self, config: dict[str, Any] | None = None, *, llm_config: Any = None) -> None:
+        self._llm_config = llm_config
+        if llm_config is not None:
+            from cluster.serve.llm.ray_llm import config_of
+
+            config = config_of(llm_config)
+        self.config = MogeConfig.load(**unseal(config or {}))
         self.replica = start_engine(self.config)
         self.engine, self.served = self.replica.engine, self.replica.served
-        self.metrics = ReplicaMetrics(self.served.name, self.engine.stats)
+        self.metrics = ReplicaMetrics(self.served.name, self.engine.stats, part="engine")
         if self.replica.elastic is not None:
             self.replica.elastic.attach(self.engine, self.metrics)
-        self.front = OpenAIServer(self.engine, self.served, self.config.server, self.metrics)
+        admitted = self.config.engine.max_num_seqs + self.config.server.max_waiting_requests
+        self.server = OpenAIServer(self.engine, self.served, self.config.server, self.metrics, max_in_flight=admitted)
         log.info("attention replica serving %s (context %d, experts %s)", self.served.name,
                  self.served.max_model_len, self.replica.mode)
 
-    def __serve_build_asgi_app__(self):  # Serve calls this once, after __init__
-        from cluster.serve.middleware.request_guard import GuardLimits
+    # ---- for the ingress (cluster/serve/ingress/backend.py ServeBackend) ------------------------
 
-        limits = GuardLimits.from_settings(self.config.server, self.config.engine.max_num_seqs)
-        return build_http_app(self.front, health=self._healthy, admin=self._admin_routes(), ready=self._ready,
-                              limits=limits)
+    async def generate(self, route: str, body: Any, ctx: RequestContext) -> AsyncIterator[Piece]:
+        async for piece in self.server.run(route, body, ctx):
+            yield piece
 
-    async def _ready(self) -> dict:
+    async def model_info(self) -> dict:
+        return self.server.model_info()
+
+    async def metrics_text(self) -> bytes:
+        return self.metrics.render()
+
+    async def check_ready(self) -> bool:
+        """The ingress's probe: answers as soon as this replica serves."""
+        return self.engine.is_alive()
+
+    async def ready(self) -> dict:
         """Degraded while an expert group has no live holder (its calls wait for a failover)."""
         elastic = self.replica.elastic
         if elastic is None:
-            return {"ready": True}
+            return {"ready": self.engine.is_alive()}
         unserved = elastic.experts.groups_without_live_holder()
         return {"ready": not unserved, "groups_without_live_holder": unserved, "epoch": elastic.epoch}
 
-    def _admin_routes(self):
-        """/admin/status|scale|migrate, forwarded to the controller; only elastic replicas have one."""
-        if self.replica.mode != "elastic":
-            return None
-        from cluster.serve.admin_api import admin_keys, admin_router
-        from cluster.elastic.controller import get_controller
-        from cluster.serve.data_plane import WORKER_NAMESPACE
-
-        return admin_router(lambda: get_controller(WORKER_NAMESPACE), admin_keys(self.config.server))
-
-    async def _healthy(self) -> bool:
-        return self.engine.is_alive()
-
     async def check_health(self) -> None:
         """Serve's periodic probe: a dead step thread makes Serve replace this replica."""
-        if not await self._healthy():
+        if not self.engine.is_alive():
             raise RuntimeError("the engine step thread is not running")
+
+    # ---- Ray Serve LLM's server protocol (ray.llm._internal.serve.core.protocol) -----------------
+
+    async def start(self) -> None:
+        """The engine started in __init__ (Serve waits for the constructor)."""
+
+    async def chat(self, request: Any, raw_request_info: Any = None) -> AsyncIterator[Any]:
+        from cluster.serve.llm.ray_llm import answer_for_ray
+
+        async for item in answer_for_ray(self.server, "/v1/chat/completions", request):
+            yield item
+
+    async def completions(self, request: Any, raw_request_info: Any = None) -> AsyncIterator[Any]:
+        from cluster.serve.llm.ray_llm import answer_for_ray
+
+        async for item in answer_for_ray(self.server, "/v1/completions", request):
+            yield item
+
+    async def tokenize(self, request: Any, raw_request_info: Any = None) -> AsyncIterator[Any]:
+        from cluster.serve.llm.ray_llm import answer_for_ray
+
+        async for item in answer_for_ray(self.server, "/tokenize", request):
+            yield item
+
+    async def detokenize(self, request: Any, raw_request_info: Any = None) -> AsyncIterator[Any]:
+        from cluster.serve.llm.ray_llm import answer_for_ray
+
+        async for item in answer_for_ray(self.server, "/detokenize", request):
+            yield item
+
+    async def llm_config(self) -> Any:
+        return self._llm_config
+
+    @classmethod
+    def get_deployment_options(cls, llm_config: Any) -> dict[str, Any]:
+        from cluster.serve.llm.ray_llm import deployment_options_for
+
+        return deployment_options_for(llm_config)
 
     def __del__(self) -> None:
         replica = getattr(self, "replica", None)
@@ -115,13 +164,27 @@ class AttentionReplica:
             replica.shutdown()
 
 
+class Ingress:
+    """The HTTP half (cluster/serve/ingress/http_app.py) over a handle to the attention replicas."""
+
+    def __init__(self, replicas: Any, config: dict[str, Any]) -> None:
+        from cluster.serve.ingress.backend import ServeBackend
+        from cluster.serve.ingress.deployment import ingress_app
+
+        self.config = MogeConfig.load(**unseal(config))
+        self.app = ingress_app(self.config, ServeBackend(replicas))
+
+    def __serve_build_asgi_app__(self):  # Serve calls this once, after __init__
+        return self.app
+
+
 def deployment_options(config: MogeConfig) -> dict[str, Any]:
     """Serve options of the replica deployment from the server section (replicas, resources)."""
     server: ServerSection = config.server
     # Serve's default (5 in flight per replica) would starve a batch of max_num_seqs. The replica
     # admits max_num_seqs + max_waiting_requests generation requests itself (429 beyond:
-    # cluster/serve/middleware/request_guard.py); Serve gets extra_ongoing_requests more slots on top, so
-    # /health, /metrics and clients still sending their body never queue in the proxy behind them.
+    # OpenAIServer._admitted); Serve gets extra_ongoing_requests more slots on top for the ingress's
+    # probes and calls. Bodies are read by the ingress, so a slow client never holds one of these.
     admitted = config.engine.max_num_seqs + server.max_waiting_requests
     max_ongoing = max(admitted + server.extra_ongoing_requests, math.ceil(2 * server.target_ongoing_requests))
     opts: dict[str, Any] = {
@@ -141,7 +204,22 @@ def deployment_options(config: MogeConfig) -> dict[str, Any]:
     return opts
 
 
+def ingress_options(config: MogeConfig) -> dict[str, Any]:
+    """The ingress holds every connection, slow ones included, each for at most the body deadline;
+    its slots are cheap (no engine), so they are many: the caps on partial bodies bound the work."""
+    server = config.server
+    return {
+        "num_replicas": server.ingress_num_replicas,
+        "ray_actor_options": {"num_cpus": server.ingress_num_cpus},
+        "max_ongoing_requests": 4 * (server.max_partial_bodies + server.max_waiting_requests
+                                     + config.engine.max_num_seqs) + server.extra_ongoing_requests,
+    }
+
+
 def app_builder(args: dict[str, Any]) -> Application:
     raw = dict(args.get("config") or {})
-    config = MogeConfig.load(**raw)  # validates early and sizes the deployment with env applied
-    return AttentionReplica.options(**deployment_options(config)).bind(raw)
+    config = MogeConfig.load(**raw)  # validates early and sizes the deployments with env applied
+    public = seal(raw)  # the secrets wait in Ray's KV, not in the deployment arguments
+    replicas = serve.deployment(AttentionReplica, name=DEPLOYMENT_NAME, **deployment_options(config)).bind(public)
+    ingress = serve.ingress()(Ingress)  # its ASGI app comes from __serve_build_asgi_app__
+    return serve.deployment(ingress, name=INGRESS_NAME, **ingress_options(config)).bind(replicas, public)

@@ -22,16 +22,29 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class ReplicaMetrics:
-    def __init__(self, model: str, engine_stats: Callable[[], Any] | None = None) -> None:
+    """`part`: which families this registry holds. The ingress holds "http" (what HTTP answered), each
+    attention replica "engine" (tokens, latencies, engine gauges), and /metrics of the ingress renders
+    both, disjoint; "all" is one process doing both (unit tests)."""
+
+    def __init__(self, model: str, engine_stats: Callable[[], Any] | None = None, part: str = "all") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._engine_stats = engine_stats
         r = self.registry
+        http = r if part in ("all", "http") else CollectorRegistry()
+        r = r if part in ("all", "engine") else CollectorRegistry()  # families of the other part: unrendered
         self.requests = Counter(
-            "moge_requests", "HTTP requests answered, by route and status code", ["route", "status"], registry=r
+            "moge_requests", "HTTP requests answered, by route and status code", ["route", "status"], registry=http
         )
         self.stream_errors = Counter(
             "moge_stream_errors", "errors reported inside an already started (200) stream, by the status "
-            "they would have had", ["status"], registry=r)
+            "they would have had", ["status"], registry=http)
+        self.disconnects = Counter(
+            "moge_client_disconnects", "clients that left before their answer was complete, by phase (body: "
+            "while sending it; response: while it was being sent) - never counted as a status", ["phase"],
+            registry=http)
+        self.resumes = Counter(
+            "moge_stream_resumes", "requests resumed on another attention replica after theirs was lost",
+            registry=http)
         self.prompt_tokens = Counter("moge_prompt_tokens", "prompt tokens of finished requests", registry=r)
         self.completion_tokens = Counter(
             "moge_completion_tokens", "tokens generated for finished requests", registry=r
@@ -59,6 +72,12 @@ class ReplicaMetrics:
 
     def count_stream_error(self, status: int) -> None:
         self.stream_errors.labels(status=str(status)).inc()
+
+    def count_disconnect(self, phase: str) -> None:
+        self.disconnects.labels(phase=phase).inc()
+
+    def count_resume(self) -> None:
+        self.resumes.inc()
 
     def count_tokens(self, prompt: int, completion: int) -> None:
         self.prompt_tokens.inc(prompt)

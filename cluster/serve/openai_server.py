@@ -1,24 +1,24 @@
-"""The OpenAI routes of an attention replica, as a plain FastAPI app over an async engine.
-
-Kept apart from Ray Serve (cluster/serve/app.py) so the whole HTTP surface can also run in one
-process over a fake engine in unit tests. What this file decides:
-- a request body is read with a byte limit *before* it is parsed (413), then validated strictly;
-- every client mistake is a 4xx in OpenAI's error shape (cluster/serve/errors.py), checked before any
-  engine work starts;
+"""The server half of the OpenAI API: what an attention replica does with one request, over an
+async engine, as a stream of pieces (cluster/serve/ingress/pieces.py) that the ingress
+(cluster/serve/ingress/) or Ray Serve LLM's own ingress (cluster/serve/app.py, server_cls) turns
+into HTTP. Kept apart from Ray Serve so the whole surface also runs in one process over a fake
+engine in unit tests. What this file decides:
+- every client mistake is a 4xx in OpenAI's error shape (cluster/serve/errors.py), checked before
+  any engine work starts; only then is the request admitted (429 past this replica's bound);
 - n choices (× prompts) are n independent engine requests, merged into one stream;
-- a streamed response closes its generators when the client goes away, which makes the engine
-  abort those requests and free their KV blocks.
+- each piece carries the engine outputs behind its bytes, so a request resumed on another replica
+  (`RequestContext.resume`) replays them into its formatter and continues each choice where it
+  stopped; a stream the consumer closes aborts its engine requests and frees their KV blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
-
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from typing import Any, AsyncIterator, Callable, Iterator, Protocol
 
 from actors.engine.request_rejected import RequestRejected
 from actors.engine.sampling_params import SamplingParams
@@ -27,17 +27,13 @@ from cluster.serve.openai_params import (
     TokenText, chat_logprobs, check_vocab, completion_logprobs, first_prompt_entry, output_grammar, sampling_params,
 )
 from cluster.serve.tools import StreamingToolParser, forced_call_grammar, parse_tool_calls, tools_system_prompt
-from cluster.serve.middleware.auth import ApiKeyMiddleware, ApiKeys
 from cluster.config import ServerSection
-from cluster.serve.errors import (BodyTooLarge, ErrorBoundary, InvalidRequest, ModelNotFound, as_api_error,
-                                  install_handlers)
-from cluster.serve.metrics import CONTENT_TYPE, ReplicaMetrics
-from cluster.serve.openapi_doc import body_schema, install_request_schemas, parse_request, report_ignored
-from cluster.serve.middleware.request_guard import GuardLimits, RequestGuard
+from cluster.serve.errors import APIError, InvalidRequest, ModelNotFound, NotFound, Overloaded, as_api_error
+from cluster.serve.ingress.pieces import Piece, RequestContext
+from cluster.serve.metrics import ReplicaMetrics
+from cluster.serve.openapi_doc import IGNORED_HEADER, ignored_header, parse_request
 
-KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics",
-                "/admin/status", "/admin/scale", "/admin/migrate", "/tokenize", "/detokenize",
-                "/openapi.json", "/docs")
+log = logging.getLogger(__name__)
 
 
 class Tokenizer(Protocol):
@@ -75,7 +71,8 @@ class _Choice:
 
 class OpenAIServer:
     def __init__(
-        self, engine: GenerationEngine, model: ServedModel, settings: ServerSection, metrics: ReplicaMetrics
+        self, engine: GenerationEngine, model: ServedModel, settings: ServerSection, metrics: ReplicaMetrics,
+        max_in_flight: int = 96,
     ) -> None:
         self.engine = engine
         self.model = model
@@ -83,6 +80,51 @@ class OpenAIServer:
         self.metrics = metrics
         decode = getattr(model.tokenizer, "decode", None)
         self.token_text = TokenText(decode) if decode is not None else None
+        # admission: sequences (max(n, best_of) x prompts) of unfinished requests on this replica
+        self.max_in_flight = max_in_flight
+        self.retry_after_s = settings.retry_after_s
+        self.in_flight = 0
+
+    # ------------------------------------------------------------------------- the server half
+
+    async def run(self, route: str, body: Any, ctx: RequestContext | None = None) -> AsyncIterator[Piece]:
+        """One request to `route` with its parsed JSON `body`, answered as pieces: the only method
+        the ingress calls. Errors become an error piece (before anything was sent) or an in-band
+        SSE error event (inside a started stream); nothing raises out of here."""
+        ctx = ctx or RequestContext()
+        sent = False
+        try:
+            for path, model, method in ROUTES:
+                if path == route:
+                    break
+            else:
+                raise NotFound("Unknown route", code="unknown_url")
+            req, ignored = parse_request(model, body)
+            async for piece in getattr(self, method)(req, ctx):
+                if not sent and ignored:
+                    piece.headers = {**(piece.headers or {}), IGNORED_HEADER: ignored_header(ignored)}
+                sent = True
+                yield piece
+        except Exception as exc:  # noqa: BLE001 - every failure is an answer
+            yield error_piece(as_api_error(exc))
+
+    def model_info(self) -> dict:
+        return {"name": self.model.name, "max_model_len": self.model.max_model_len}
+
+    @contextmanager
+    def _admitted(self, choices: list["_Choice"], ctx: RequestContext) -> Iterator[None]:
+        """Admit only while this replica's sequences fit its bound (429 with Retry-After beyond:
+        a bounded waiting queue instead of unbounded TTFT). A resumed request was admitted once and
+        is not refused again. A request larger than the whole bound waits for an empty replica."""
+        seqs = min(len(choices), self.max_in_flight)
+        if ctx.resume is None and self.in_flight + seqs > self.max_in_flight:
+            raise Overloaded(f"This replica is at its limit of {self.max_in_flight} sequences in flight; "
+                             f"retry after {self.retry_after_s}s", self.retry_after_s)
+        self.in_flight += seqs
+        try:
+            yield
+        finally:
+            self.in_flight -= seqs
 
     # ------------------------------------------------------------------------------------ routes
 
@@ -94,8 +136,8 @@ class OpenAIServer:
             raise ModelNotFound(model_id, self.model.name)
         return p.ModelCard(id=self.model.name, max_model_len=self.model.max_model_len)
 
-    async def completions(self, req: p.CompletionRequest) -> Response:
-        self._check_common(req)
+    async def completions(self, req: p.CompletionRequest, ctx: RequestContext) -> AsyncIterator[Piece]:
+        self._check_common(req, ctx)
         prompts = [self._prompt_ids(x, "prompt") for x in req.prompts()]
         texts = [x if isinstance(x, str) else None for x in req.prompts()]
         k = req.logprobs
@@ -106,15 +148,21 @@ class OpenAIServer:
             req, j, budget, logprobs=scored,
             prompt_logprobs=k if req.echo and k is not None else None, grammar=grammar,
         ))
-        rid = p.new_id("cmpl")
+        rid = "cmpl-" + ctx.id_suffix
         echo = _Echo(self, req, prompts, texts)
         if req.stream:
-            return await self._stream(rid, req, choices, _CompletionChunks(rid, self.model.name, echo, [c.prompt_index for c in choices]))
-        outs = await self._collect(rid, choices)
+            chunks = _CompletionChunks(rid, self.model.name, echo, [c.prompt_index for c in choices], ctx.created)
+            async for piece in self._stream(rid, req, choices, chunks, ctx):
+                yield piece
+            return
+        outs: list[_Result] = []
+        async for piece in self._collect(rid, choices, ctx, outs):
+            yield piece
         picked = _best(choices, outs, req.n, candidates)
-        return JSONResponse(
+        yield _json_piece(
             p.CompletionResponse(
                 id=rid,
+                created=ctx.created,
                 model=self.model.name,
                 choices=[
                     p.CompletionChoice(
@@ -128,11 +176,11 @@ class OpenAIServer:
                     for i, (c, o) in enumerate(picked)
                 ],
                 usage=_usage(choices, outs),
-            ).model_dump(mode="json")
+            )
         )
 
-    async def chat(self, req: p.ChatCompletionRequest) -> Response:
-        self._check_common(req)
+    async def chat(self, req: p.ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[Piece]:
+        self._check_common(req, ctx)
         text = self._chat_prompt(req)
         prompts = [self._prompt_ids(text, "messages", chat=True)]
         if req.forced_tools:
@@ -143,18 +191,24 @@ class OpenAIServer:
         k = (req.top_logprobs or 0) if req.logprobs else None
         choices = self._plan(req, prompts, req.completion_limit, req.n, lambda j, budget: sampling_params(
             req, j, budget, logprobs=k, grammar=grammar))
-        rid = p.new_id("chatcmpl")
+        rid = "chatcmpl-" + ctx.id_suffix
         tools = {t.function.name for t in req.tools or []} if req.tools_active else None
         if req.stream:
-            return await self._stream(rid, req, choices, _ChatChunks(rid, self.model.name, self, k, tools))
-        outs = await self._collect(rid, choices)
-        return JSONResponse(
+            chunks = _ChatChunks(rid, self.model.name, self, k, tools, ctx.created)
+            async for piece in self._stream(rid, req, choices, chunks, ctx):
+                yield piece
+            return
+        outs: list[_Result] = []
+        async for piece in self._collect(rid, choices, ctx, outs):
+            yield piece
+        yield _json_piece(
             p.ChatCompletionResponse(
                 id=rid,
+                created=ctx.created,
                 model=self.model.name,
                 choices=[self._chat_choice(c, o, k, tools, req.return_token_ids) for c, o in zip(choices, outs)],
                 usage=_usage(choices, outs),
-            ).model_dump(mode="json")
+            )
         )
 
     def _chat_choice(self, c: _Choice, o: "_Result", k: int | None, tools: set[str] | None, with_ids: bool) -> p.ChatChoice:
@@ -187,6 +241,12 @@ class OpenAIServer:
             messages = messages[1:]
         return tok.apply_chat_template([system, *messages])
 
+    async def tokenize_route(self, req: p.TokenizeRequest, ctx: RequestContext) -> AsyncIterator[Piece]:
+        yield _json_piece(self.tokenize(req))
+
+    async def detokenize_route(self, req: p.DetokenizeRequest, ctx: RequestContext) -> AsyncIterator[Piece]:
+        yield _json_piece(self.detokenize(req))
+
     def tokenize(self, req: p.TokenizeRequest) -> p.TokenizeResponse:
         self._check_model_field(req.model)
         tok = self.model.tokenizer
@@ -216,12 +276,14 @@ class OpenAIServer:
 
     # ---------------------------------------------------------------------------- validation
 
-    def _check_common(self, req: p._SamplingFields) -> None:
+    def _check_common(self, req: p._SamplingFields, ctx: RequestContext) -> None:
         if req.model != self.model.name:
             raise ModelNotFound(req.model, self.model.name)
         if req.n > self.settings.max_n:
             raise InvalidRequest(f"n must be at most {self.settings.max_n}, got {req.n}", param="n")
         check_vocab(req, self.model.tokenizer.vocab_size)
+        if req.seed is None:  # the ingress's seed: a resumed sampled choice draws what it would have
+            req.seed = ctx.seed
 
     def _prompt_ids(self, prompt: str | list[int], param: str, chat: bool = False) -> list[int]:
         if isinstance(prompt, str):
@@ -285,57 +347,88 @@ class OpenAIServer:
 
     # ---------------------------------------------------------------------------- generation
 
-    def _generators(self, rid: str, choices: list[_Choice]) -> list[AsyncIterator[Any]]:
-        return [self.engine.generate(f"{rid}-{c.index}", c.prompt_ids, c.params) for c in choices]
+    def _generators(self, rid: str, choices: list[_Choice], ctx: RequestContext) -> dict[int, AsyncIterator[Any]]:
+        """One engine stream per unfinished choice; a resumed choice continues after its tokens."""
+        resume = ctx.resume
+        gens: dict[int, AsyncIterator[Any]] = {}
+        for c in choices:
+            if resume is None or not resume.outputs.get(c.index):
+                gens[c.index] = self.engine.generate(f"{rid}-{c.index}", c.prompt_ids, c.params)
+            elif not resume.finished(c.index):
+                params = c.params
+                if params.prompt_logprobs is not None:  # already sent with the first output
+                    params = _without_prompt_logprobs(params)
+                gens[c.index] = self.engine.generate(f"{rid}-{c.index}", c.prompt_ids, params,
+                                                     generated=resume.tokens(c.index))
+        return gens
 
-    async def _collect(self, rid: str, choices: list[_Choice]) -> list["_Result"]:
-        results = [_Result(c.prompt_index) for c in choices]
-        timers = [self.metrics.token_timer() for _ in choices]
-        async for i, out in _merge(self._generators(rid, choices)):
+    def _replayed(self, choices: list[_Choice], ctx: RequestContext) -> list[tuple[int, Any]]:
+        """What the client already has (a resume), in the order it was sent."""
+        if ctx.resume is None:
+            return []
+        return [(c.index, out) for c in choices for out in ctx.resume.outputs.get(c.index, ())]
+
+    async def _collect(self, rid: str, choices: list[_Choice], ctx: RequestContext,
+                       results: list["_Result"]) -> AsyncIterator[Piece]:
+        """Fill `results`, yielding progress-only pieces (nothing for the client until the end)."""
+        results[:] = [_Result(c.prompt_index) for c in choices]
+        for i, out in self._replayed(choices, ctx):
             results[i].add(out)
-            timers[i].tokens(len(out.new_token_ids))
-        self._count_tokens(choices, results)
-        return results
-
-    async def _stream(self, rid: str, req: p._SamplingFields, choices: list[_Choice], chunks: "_Chunks") -> Response:
-        events = _merge(self._generators(rid, choices))
-        # Wait for the first output before answering 200, so a request the engine refuses at
-        # admission still gets a proper 4xx instead of an error inside a started stream.
-        try:
-            first = await anext(events, None)
-        except BaseException:
-            await events.aclose()
-            raise
-        results = [_Result(c.prompt_index) for c in choices]
         timers = [self.metrics.token_timer() for _ in choices]
-
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                for c in choices:
-                    head = chunks.opening(c.index)
-                    if head is not None:
-                        yield p.sse_event(head)
-                item = first
-                while item is not None:
-                    i, out = item
+        with self._admitted(choices, ctx):
+            async for batch in _merge_batches(self._generators(rid, choices, ctx)):
+                for i, out in batch:
                     results[i].add(out)
                     timers[i].tokens(len(out.new_token_ids))
-                    usage = _usage(choices, results) if req.continuous_usage else None
-                    for chunk in chunks.delta(i, out, req.return_token_ids, usage):
-                        yield p.sse_event(chunk)
-                    item = await anext(events, None)
-                self._count_tokens(choices, results)
-                if req.include_usage_in_stream:
-                    yield p.sse_event(chunks.usage(_usage(choices, results)))
+                yield Piece(progress=batch)
+        self._count_tokens(choices, results)
+
+    async def _stream(self, rid: str, req: p._SamplingFields, choices: list[_Choice], chunks: "_Chunks",
+                      ctx: RequestContext) -> AsyncIterator[Piece]:
+        results = [_Result(c.prompt_index) for c in choices]
+        resume = ctx.resume
+        for i, out in self._replayed(choices, ctx):  # the formatter's state as the client saw it
+            results[i].add(out)
+            chunks.delta(i, out, req.return_token_ids, None)
+        with self._admitted(choices, ctx):
+            batches = _merge_batches(self._generators(rid, choices, ctx))
+            # Wait for the first output before answering 200, so a request the engine refuses at
+            # admission still gets a proper 4xx instead of an error inside a started stream.
+            try:
+                first = await anext(batches, None)
+            except BaseException:
+                await batches.aclose()
+                raise
+            timers = [self.metrics.token_timer() for _ in choices]
+            head = b""
+            if resume is None or not resume.opened:
+                for c in choices:
+                    opening = chunks.opening(c.index)
+                    if opening is not None:
+                        head += p.sse_event(opening)
+            batch = first if first is not None else []  # a resume whose choices had all finished
+            try:
+                while batch is not None:
+                    data = bytearray(head)
+                    head = b""
+                    for i, out in batch:
+                        results[i].add(out)
+                        timers[i].tokens(len(out.new_token_ids))
+                        usage = _usage(choices, results) if req.continuous_usage else None
+                        for chunk in chunks.delta(i, out, req.return_token_ids, usage):
+                            data += p.sse_event(chunk)
+                    sent, batch = batch, await anext(batches, None)
+                    if batch is None:
+                        self._count_tokens(choices, results)
+                        if req.include_usage_in_stream:
+                            data += p.sse_event(chunks.usage(_usage(choices, results)))
+                        data += p.SSE_DONE
+                    yield Piece(bytes(data), progress=sent, stream=True, final=batch is None)
             except Exception as exc:  # the stream has started: report in-band, then end it
                 err = as_api_error(exc)
-                self.metrics.count_stream_error(err.status)
-                yield p.sse_event(err.body())
+                yield Piece(p.sse_event(err.body()) + p.SSE_DONE, stream=True, final=True, error_status=err.status)
             finally:
-                await events.aclose()
-            yield p.SSE_DONE
-
-        return ClosingStreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                await batches.aclose()
 
     def _count_tokens(self, choices: list[_Choice], results: list["_Result"]) -> None:
         self.metrics.count_tokens(*_token_totals(choices, results)[:2])
@@ -439,10 +532,10 @@ class _Chunks(Protocol):
 
 
 class _CompletionChunks:
-    def __init__(self, rid: str, model: str, echo: _Echo, prompt_of: list[int]) -> None:
+    def __init__(self, rid: str, model: str, echo: _Echo, prompt_of: list[int], created: int) -> None:
         self.rid, self.model, self.echo = rid, model, echo
         self.prompt_of = prompt_of  # choice index -> prompt index
-        self.created = p.now()
+        self.created = created
         self._offsets: dict[int, int] = {}  # choice -> text offset of its next token
 
     def opening(self, index: int) -> None:
@@ -483,9 +576,10 @@ class _CompletionChunks:
 
 
 class _ChatChunks:
-    def __init__(self, rid: str, model: str, server: OpenAIServer, k: int | None, tools: set[str] | None) -> None:
+    def __init__(self, rid: str, model: str, server: OpenAIServer, k: int | None, tools: set[str] | None,
+                 created: int) -> None:
         self.rid, self.model, self.server, self.k = rid, model, server, k
-        self.created = p.now()
+        self.created = created
         self.tools = tools
         self._parsers: dict[int, StreamingToolParser] = {}
 
@@ -532,12 +626,17 @@ class _ChatChunks:
         return self._chunk([], usage)
 
 
-async def _merge(gens: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
-    """Interleave several engine streams as (index, output), in arrival order.
+async def _merge_batches(gens: dict[int, AsyncIterator[Any]] | list[AsyncIterator[Any]]
+                         ) -> AsyncIterator[list[tuple[int, Any]]]:
+    """Interleave several engine streams as batches of (index, output), in arrival order: each
+    batch is what had arrived when the consumer came back for more (no waiting, so no added
+    latency; under load one batch carries a step's outputs of every choice, and the ingress hop
+    costs one message per batch rather than one per token).
 
     Closing the merged stream (client gone, error) cancels every pump task; cancellation raises
     inside each engine generator, whose cleanup aborts its request.
     """
+    items = gens.items() if isinstance(gens, dict) else enumerate(gens)
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
     done = object()
 
@@ -555,151 +654,69 @@ async def _merge(gens: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any
             if aclose is not None:
                 await aclose()
 
-    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in items]
     try:
         remaining = len(tasks)
         while remaining:
+            batch: list[tuple[int, Any]] = []
             i, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
+            while True:
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    if batch:
+                        yield batch
+                    raise item
+                else:
+                    batch.append((i, item))
+                if queue.empty():
+                    break
+                i, item = queue.get_nowait()
+            if batch:
+                yield batch
     finally:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-class ClosingStreamingResponse(StreamingResponse):
-    """Starlette stops iterating a body when the client disconnects but never closes it; closing
-    here runs the generator's cleanup (engine abort) now instead of at garbage collection."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
+async def _merge(gens: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
+    """`_merge_batches`, one (index, output) at a time."""
+    batches = _merge_batches(gens)
+    try:
+        async for batch in batches:
+            for item in batch:
+                yield item
+    finally:
+        await batches.aclose()
 
 
-# ---------------------------------------------------------------------------------------- app
+# ------------------------------------------------------------------------------ pieces and routes
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing with 413 as soon as it is known to exceed `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise InvalidRequest("Invalid Content-Length header")
-        if int(declared) > limit:
-            raise BodyTooLarge(limit)
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise BodyTooLarge(limit)
-    return bytes(body)
+def _json_piece(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Piece:
+    data = body.model_dump(mode="json") if hasattr(body, "model_dump") else body
+    return Piece(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(), status=status,
+                 headers=headers, final=True)
 
 
-class RouteMetricsMiddleware:
-    """Count every answered request by route and status (unknown paths share one label)."""
-
-    def __init__(self, app: ASGIApp, metrics: ReplicaMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope.get("path", "")
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):] or "/"
-        route = path if path in KNOWN_ROUTES else "other"
-
-        async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                self.metrics.count_request(route, int(message["status"]))
-            await send(message)
-
-        await self.app(scope, receive, counting_send)
+def error_piece(err: APIError) -> Piece:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else {}
+    headers.update(err.headers or {})
+    return _json_piece(err.body(), err.status, headers or None)
 
 
-def build_http_app(
-    server: OpenAIServer, health: Callable[[], Awaitable[bool]] | None = None, admin: APIRouter | None = None,
-    ready: Callable[[], Awaitable[dict]] | None = None, limits: GuardLimits | None = None,
-) -> FastAPI:
-    """The ASGI app of one replica: routes, OpenAI error bodies, auth, per-route counters.
-    `admin`: the elastic admin routes (cluster/serve/admin_api.py), which check the admin keys themselves.
-    `ready`: -> {"ready": bool, ...details} for /ready (degraded while a group has no live holder).
-    `limits`: body deadline, admission and total deadline (cluster/serve/middleware/request_guard.py)."""
-    app = FastAPI(title="moge-serve", summary="OpenAI-compatible API of one attention replica",
-                  version="1", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
-    install_handlers(app)
-    own_keys: tuple[str, ...] = ()
-    if admin is not None:
-        app.include_router(admin)
-        own_keys = (admin.prefix,)
-    limit = server.settings.max_body_bytes
+def _without_prompt_logprobs(params: SamplingParams) -> SamplingParams:
+    import dataclasses
 
-    @app.post("/v1/completions", openapi_extra=body_schema(p.CompletionRequest),
-              responses={200: {"model": p.CompletionResponse, "description": "the completion, or an SSE stream of CompletionChunk"}})
-    async def completions(request: Request) -> Response:
-        req, ignored = parse_request(p.CompletionRequest, await read_body(request, limit))
-        return report_ignored(await server.completions(req), ignored)
+    return dataclasses.replace(params, prompt_logprobs=None)
 
-    @app.post("/v1/chat/completions", openapi_extra=body_schema(p.ChatCompletionRequest),
-              responses={200: {"model": p.ChatCompletionResponse, "description": "the completion, or an SSE stream of ChatCompletionChunk"}})
-    async def chat_completions(request: Request) -> Response:
-        req, ignored = parse_request(p.ChatCompletionRequest, await read_body(request, limit))
-        return report_ignored(await server.chat(req), ignored)
 
-    @app.get("/v1/models", response_model=p.ModelList)
-    async def models() -> Response:
-        return JSONResponse(server.models().model_dump(mode="json"))
-
-    @app.get("/v1/models/{model_id:path}", response_model=p.ModelCard)
-    async def model(model_id: str) -> Response:
-        return JSONResponse(server.model_card(model_id).model_dump(mode="json"))
-
-    @app.post("/tokenize", openapi_extra=body_schema(p.TokenizeRequest), response_model=p.TokenizeResponse)
-    async def tokenize(request: Request) -> Response:
-        req, ignored = parse_request(p.TokenizeRequest, await read_body(request, limit))
-        return report_ignored(JSONResponse(server.tokenize(req).model_dump(mode="json")), ignored)
-
-    @app.post("/detokenize", openapi_extra=body_schema(p.DetokenizeRequest), response_model=p.DetokenizeResponse)
-    async def detokenize(request: Request) -> Response:
-        req, ignored = parse_request(p.DetokenizeRequest, await read_body(request, limit))
-        return report_ignored(JSONResponse(server.detokenize(req).model_dump(mode="json")), ignored)
-
-    @app.get("/health")
-    async def healthy() -> Response:
-        ok = True if health is None else await health()
-        return JSONResponse({"status": "ok" if ok else "unhealthy"}, status_code=200 if ok else 503)
-
-    @app.get("/ready")
-    async def readiness() -> Response:
-        """Readiness, unlike /health (liveness): 503 'degraded' while some expert group has no live
-        holder (its steps wait for a failover), so a balancer can prefer another replica."""
-        alive = True if health is None else await health()
-        state = {"ready": alive} if ready is None else await ready()
-        ok = alive and bool(state.get("ready"))
-        body = {**state, "status": "ready" if ok else ("degraded" if alive else "unhealthy"), "ready": ok}
-        return JSONResponse(body, status_code=200 if ok else 503)
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
-
-    install_request_schemas(app)
-    # Outermost last: counting sees the 401s that auth answers itself and every 500 (ErrorBoundary);
-    # the guard runs after auth, so an unauthenticated client's body is never read.
-    app.add_middleware(RequestGuard, limits=limits or GuardLimits(max_body_bytes=limit))
-    app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(server.settings.api_keys), own_keys_prefixes=own_keys)
-    app.add_middleware(ErrorBoundary)
-    app.add_middleware(RouteMetricsMiddleware, metrics=server.metrics)
-    return app
+# (path, request model, OpenAIServer method): what `run` serves; a new route is one more line here
+# and one in the ingress's route table (cluster/serve/ingress/http_app.py)
+ROUTES: tuple[tuple[str, type, str], ...] = (
+    ("/v1/completions", p.CompletionRequest, "completions"),
+    ("/v1/chat/completions", p.ChatCompletionRequest, "chat"),
+    ("/tokenize", p.TokenizeRequest, "tokenize_route"),
+    ("/detokenize", p.DetokenizeRequest, "detokenize_route"),
+)

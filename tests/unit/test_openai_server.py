@@ -16,7 +16,8 @@ from cluster.serve.middleware.auth import ApiKeys
 from cluster.config import MogeConfig
 from cluster.serve.errors import AuthenticationFailed
 from cluster.serve.metrics import ReplicaMetrics
-from cluster.serve.openai_server import ClosingStreamingResponse, OpenAIServer, ServedModel, _merge, build_http_app
+from cluster.serve.ingress.http_app import ClosingStreamingResponse, build_http_app
+from cluster.serve.openai_server import OpenAIServer, ServedModel, _merge
 
 KEY = "sk-unit"
 

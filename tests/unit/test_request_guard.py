@@ -12,7 +12,8 @@ import pytest
 
 from cluster.config import MogeConfig
 from cluster.serve.metrics import ReplicaMetrics
-from cluster.serve.openai_server import OpenAIServer, ServedModel, build_http_app
+from cluster.serve.ingress.http_app import build_http_app
+from cluster.serve.openai_server import OpenAIServer, ServedModel
 from cluster.serve.middleware.request_guard import GuardLimits
 from tests.unit.test_openai_server import KEY, LetterTokenizer, Out, ScriptedEngine
 

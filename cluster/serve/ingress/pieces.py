@@ -1,0 +1,54 @@
+"""What travels between the ingress and the server half (the attention replica's async-generator
+methods): the request's context one way, pieces of the response the other.
+
+A piece carries the bytes the client gets (SSE events, or the whole JSON body at the end) and the
+engine outputs behind them (`progress`), which the ingress journals per choice. After a replica
+dies, the ingress sends the same request again with `RequestContext.resume` holding that journal:
+the new replica replays it into its response formatter (nothing re-sent) and resumes each unfinished
+choice as an engine continuation (actors/engine/engine.py `add_request(generated=...)`), so the
+client's stream goes on byte-compatibly: same id, same created, the next token.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Resume:
+    """What the client already has: per choice, the engine outputs it was sent, in order."""
+
+    outputs: dict[int, list[Any]] = field(default_factory=dict)  # choice index -> RequestOutputs
+    opened: bool = False  # the stream's opening events (chat role deltas) went out already
+
+    def tokens(self, index: int) -> list[int]:
+        return [t for out in self.outputs.get(index, ()) for t in out.new_token_ids]
+
+    def finished(self, index: int) -> bool:
+        outs = self.outputs.get(index)
+        return bool(outs) and bool(outs[-1].finished)
+
+
+@dataclass
+class RequestContext:
+    """Fixed by the ingress when a request arrives and kept across replicas."""
+
+    id_suffix: str = field(default_factory=lambda: f"{random.getrandbits(96):024x}")
+    created: int = field(default_factory=lambda: int(time.time()))
+    # the seed of a request that names none: a resumed sampled choice draws what it would have
+    seed: int = field(default_factory=lambda: random.getrandbits(48))
+    resume: Resume | None = None
+
+
+@dataclass
+class Piece:
+    data: bytes = b""  # for the client: SSE events of a stream, or the whole JSON body (final)
+    progress: list[tuple[int, Any]] = field(default_factory=list)  # (choice index, RequestOutput)
+    status: int = 200  # an error answered before anything was sent: the only piece
+    headers: dict[str, str] | None = None  # response headers, on the first piece
+    stream: bool = False  # the response is an SSE stream (first piece)
+    final: bool = False  # nothing follows
+    error_status: int | None = None  # an in-band error event of a started stream (for the counters)
