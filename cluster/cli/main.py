@@ -107,6 +107,7 @@ def example_curl(base_url: str, model: str, api_key: str | None) -> str:
 def serve_command(args: argparse.Namespace) -> int:
     from cluster.config import MogeConfig
     from cluster.cli.local_cluster import LocalCluster
+    from cluster.cli.ports import PortTaken, check_free
 
     try:
         config = MogeConfig.load(args.config, **overrides_from_args(args))
@@ -116,6 +117,11 @@ def serve_command(args: argparse.Namespace) -> int:
     problem = check_model_dir(config.model.source) or check_topology(args, config)
     if problem:
         print(f"moge: {problem}", file=sys.stderr)
+        return 2
+    try:  # before Ray starts; LocalCluster checks again right before Serve binds it
+        check_free(config.server.host, config.server.port)
+    except PortTaken as e:
+        print(f"moge: {e}", file=sys.stderr)
         return 2
 
     # SIGTERM (Kubernetes, systemd) behaves like Ctrl-C: unwind to the cleanup below, even mid start-up.
@@ -143,6 +149,9 @@ def serve_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("moge: shutting down", flush=True)
         return 0
+    except PortTaken as e:
+        print(f"moge: {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # start-up failed: say why, leave nothing running
         print(f"moge: failed to start: {e}", file=sys.stderr)
         print("  replica logs: /tmp/ray/session_latest/logs/serve/", file=sys.stderr)

@@ -172,10 +172,10 @@ class Ingress:
         from cluster.serve.ingress.deployment import ingress_app
 
         self.config = MogeConfig.load(**unseal(config))
-        self.app = ingress_app(self.config, ServeBackend(replicas))
+        self.http = ingress_app(self.config, ServeBackend(replicas))
 
     def __serve_build_asgi_app__(self):  # Serve calls this once, after __init__
-        return self.app
+        return self.http
 
 
 def deployment_options(config: MogeConfig) -> dict[str, Any]:
