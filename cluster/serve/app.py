@@ -172,7 +172,7 @@ class Ingress:
         from cluster.serve.ingress.deployment import ingress_app
 
         self.config = MogeConfig.load(**unseal(config))
-        self.http = ingress_app(self.config, ServeBackend(replicas))
+        self.http = ingress_app(self.config, ServeBackend(replicas, self.config.server.resume_window_s))
 
     def __serve_build_asgi_app__(self):  # Serve calls this once, after __init__
         return self.http

@@ -8,9 +8,11 @@ question to any replica (model info, readiness, metrics text, a liveness probe).
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, AsyncIterator
 
 from cluster.serve.ingress.pieces import Piece, RequestContext
+from cluster.serve.ingress.resume import NoReplica
 
 
 class LocalBackend:
@@ -34,16 +36,27 @@ class LocalBackend:
 class ServeBackend:
     """`handle`: the attention replica deployment (cluster/serve/app.py AttentionReplica)."""
 
-    def __init__(self, handle: Any) -> None:
+    def __init__(self, handle: Any, assign_timeout_s: float = 3.0) -> None:
         self.handle = handle
         self.streaming = handle.options(stream=True)
         self.shares_metrics = False
+        self.assign_timeout_s = assign_timeout_s
 
     async def pieces(self, route: str, body: Any, ctx: RequestContext) -> AsyncIterator[Piece]:
         # One Serve streaming call per attempt: each item is a Piece (a batch of the request's
         # outputs), never one Ray message per token.
         response = self.streaming.generate.remote(route, body, ctx)
         try:
+            # Serve's router holds a call until some replica takes it: with the only replica dead
+            # that is until its replacement serves (10+ s). Bounded here; the admission bound
+            # (429) is below max_ongoing_requests, so a busy replica refuses rather than queues.
+            assigned = getattr(response, "_fetch_future_result_async", None)
+            if assigned is not None:
+                try:
+                    async with asyncio.timeout(self.assign_timeout_s):
+                        await assigned()
+                except TimeoutError:
+                    raise NoReplica(f"no attention replica took the request within {self.assign_timeout_s:g}s") from None
             async for piece in response:
                 yield piece
         finally:

@@ -31,6 +31,10 @@ class ReplicaLost(RuntimeError):
     """The replica serving a request went away before its last piece."""
 
 
+class NoReplica(ReplicaLost):
+    """No replica took the request in time (none is alive, or all are being replaced)."""
+
+
 class ReplicaUnavailable(APIError):
     status = 503
     type = "service_unavailable"
@@ -92,6 +96,8 @@ async def answer(
         except Exception as exc:  # noqa: BLE001 - only a lost replica is retried
             if not is_replica_lost(exc):
                 raise
+            if isinstance(exc, NoReplica) and lost_at is None and not resume.outputs and not resume.opened:
+                raise ReplicaUnavailable(f"{exc}; retry after {retry_after_s}s", retry_after_s) from None
             if lost_at is None:
                 lost_at = clock()
                 log.warning("request %s: its replica was lost (%s); resuming on another", ctx.id_suffix,

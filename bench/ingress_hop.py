@@ -1,0 +1,101 @@
+"""What the ingress hop costs per token: the split app (proxy -> ingress -> attention replica, pieces
+over a Serve streaming handle) against the same replica answering HTTP itself (proxy -> replica, the
+pre-split topology), on the same local Ray, alternating, at 1 and 32 concurrent greedy streams.
+
+    PYTHONPATH=. python bench/ingress_hop.py --streams 1,32 --tokens 64 --rounds 3 --out ingress_hop.json
+
+ITL here is what a client sees: the mean gap between consecutive tokens of a stream (first token
+excluded), averaged over streams; `hop_share` = (split - direct) / direct. Run it on an idle machine:
+on a shared one the noise between rounds is larger than the hop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from typing import Any
+
+import httpx
+
+from cluster.cli.local_cluster import LocalCluster, free_port
+from cluster.config import MogeConfig
+
+
+def direct_app(config: MogeConfig):
+    """The pre-split topology: one deployment, its HTTP app in process over the same server half."""
+    from ray import serve
+
+    from cluster.serve.app import AttentionReplica, deployment_options
+    from cluster.serve.ingress.http_app import build_http_app
+    from cluster.serve.middleware.request_guard import GuardLimits
+
+    class DirectReplica(AttentionReplica):
+        def __serve_build_asgi_app__(self):
+            return build_http_app(self.server, limits=GuardLimits.from_settings(self.config.server,
+                                                                                self.config.engine.max_num_seqs))
+
+    cls = serve.ingress()(DirectReplica)
+    return serve.deployment(cls, name="DirectReplica", **deployment_options(config)).bind(config.model_dump(mode="json"))
+
+
+async def itl(base_url: str, streams: int, tokens: int) -> float:
+    body = {"model": "tiny-moge", "prompt": "the ingress hop", "max_tokens": tokens, "temperature": 0,
+            "stream": True, "ignore_eos": True, "return_token_ids": True}
+
+    async def one(c: httpx.AsyncClient) -> float:
+        stamps: list[float] = []
+        async with c.stream("POST", "/v1/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    for choice in json.loads(line[6:])["choices"]:
+                        stamps += [time.perf_counter()] * len(choice.get("token_ids") or [])
+        gaps = [b - a for a, b in zip(stamps[1:], stamps[2:])]
+        return statistics.mean(gaps)
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=httpx.Limits(max_connections=256)) as c:
+        return statistics.mean(await asyncio.gather(*(one(c) for _ in range(streams))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--streams", default="1,32")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    from ray import serve
+
+    config = MogeConfig.load(env={}, model={"source": "preset:tiny-moge", "device": "cpu", "dtype": "float32"},
+                             engine={"max_num_seqs": 32}, server={"host": "127.0.0.1", "port": free_port()})
+    cluster = LocalCluster(config, num_cpus=4)
+    split_url = cluster.start(timeout_s=300)
+    serve.run(direct_app(config), name="direct", route_prefix="/direct")
+    direct_url = split_url + "/direct"
+    rows: list[dict[str, Any]] = []
+    try:
+        for n in [int(x) for x in args.streams.split(",")]:
+            asyncio.run(itl(split_url, n, 8))  # warm both paths
+            asyncio.run(itl(direct_url, n, 8))
+            split, direct = [], []
+            for _ in range(args.rounds):
+                split.append(asyncio.run(itl(split_url, n, args.tokens)))
+                direct.append(asyncio.run(itl(direct_url, n, args.tokens)))
+            s, d = statistics.median(split), statistics.median(direct)
+            rows.append({"streams": n, "itl_split_ms": round(s * 1e3, 3), "itl_direct_ms": round(d * 1e3, 3),
+                         "hop_ms": round((s - d) * 1e3, 3), "hop_share": round((s - d) / d, 4),
+                         "rounds_split_ms": [round(x * 1e3, 2) for x in split],
+                         "rounds_direct_ms": [round(x * 1e3, 2) for x in direct]})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        serve.delete("direct")
+        cluster.stop()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
