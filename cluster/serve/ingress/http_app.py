@@ -94,20 +94,27 @@ class Front:
         return Response(piece.data, status_code=piece.status, headers=headers or None, media_type="application/json")
 
     async def _events(self, first: Piece, pieces: AsyncIterator[Piece]) -> AsyncIterator[bytes]:
-        piece = first
+        piece, ended = first, False
         try:
             while True:
                 if piece.error_status is not None:
                     self.metrics.count_stream_error(piece.error_status)
                 yield piece.data
                 if piece.final:
+                    ended = True
                     return
                 piece = await anext(pieces)
         except ReplicaUnavailable as err:  # no live replica to resume on: say so in band, then end
+            ended = True
             self.watch.lost()
             self.metrics.count_stream_error(err.status)
             yield p.sse_event(err.body()) + p.SSE_DONE
+        except Exception:
+            ended = True  # a bug, logged by ErrorBoundary: not the client's leaving
+            raise
         finally:
+            if not ended:  # closed before its end: the client left mid-stream
+                self.metrics.count_disconnect("response")
             await pieces.aclose()
 
 
@@ -139,12 +146,21 @@ class RouteMetricsMiddleware:
         path = route_path(scope)
         route = path if path in KNOWN_ROUTES else "other"
 
+        started = False
+
         async def counting_send(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.metrics.count_request(route, int(message["status"]))
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        except asyncio.CancelledError:  # Serve cancels a request whose client left
+            if not started:
+                self.metrics.count_disconnect("body")
+            raise
 
 
 def build_http_app(

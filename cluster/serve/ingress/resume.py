@@ -118,9 +118,12 @@ class ReplicaWatch:
     """Whether any attention replica serves, as the ingress last saw it (probes + failures)."""
 
     def __init__(self, probe: Callable[[], Any], period_s: float = 1.0, timeout_s: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 failures_to_lose: int = 3, clock: Callable[[], float] = time.monotonic) -> None:
         self._probe = probe
         self.period_s, self.timeout_s = period_s, timeout_s
+        # a slow probe on a loaded machine is not a dead replica: only this many in a row are
+        self.failures_to_lose = failures_to_lose
+        self._failures = 0
         self.serving = True
         self._clock = clock
         self._task: asyncio.Task | None = None
@@ -135,8 +138,11 @@ class ReplicaWatch:
             async with asyncio.timeout(self.timeout_s):
                 await self._probe()
         except Exception:  # noqa: BLE001 - dead, unreachable or queued behind a replacement
-            self.lost()
+            self._failures += 1
+            if self._failures >= self.failures_to_lose:
+                self.lost()
             return False
+        self._failures = 0
         if not self.serving:
             log.info("an attention replica serves again")
         self.serving = True
