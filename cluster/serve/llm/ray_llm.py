@@ -87,7 +87,7 @@ async def answer_for_ray(server: Any, route: str, request: Any) -> AsyncIterator
 
 def deployment_options_for(llm_config: Any) -> dict[str, Any]:
     from cluster.config import MogeConfig
-    from cluster.serve.app import deployment_options
+    from cluster.serve.serve_options import deployment_options
 
     config = MogeConfig.load(**config_of(llm_config))
     opts = deployment_options(config)

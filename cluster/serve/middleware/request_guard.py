@@ -140,7 +140,8 @@ class RequestGuard:
                         raise BodyTooLarge(limit)
                     if not message.get("more_body", False):
                         return bytes(body)
-                    if not counted:
+                    whole = declared is not None and declared.isdigit() and len(body) >= int(declared)
+                    if not counted and not whole:  # some of it is still on its way
                         self._hold(client)
                         counted = True
         except TimeoutError:
