@@ -5,8 +5,11 @@ pre-split topology), on the same local Ray, alternating, at 1 and 32 concurrent 
     PYTHONPATH=. python bench/ingress_hop.py --streams 1,32 --tokens 64 --rounds 3 --out ingress_hop.json
 
 ITL here is what a client sees: the mean gap between consecutive tokens of a stream (first token
-excluded), averaged over streams; `hop_share` = (split - direct) / direct. Run it on an idle machine:
-on a shared one the noise between rounds is larger than the hop.
+excluded), averaged over streams. Wall-clock ITL on a shared machine is noisier than the hop, so the
+hop's cost is also measured as CPU: the CPU seconds the serving processes (Serve proxy, ingress,
+attention replica; /proc/<pid>/stat) spend per generated token in each topology. `hop_cpu_ms` =
+split - direct per token; `hop_share` = hop_cpu_ms / the direct ITL (what the hop takes from a
+token's budget on a CPU-bound machine, where every CPU millisecond delays the engine).
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 from typing import Any
 
 import httpx
 
-from cluster.cli.local_cluster import LocalCluster, free_port
+from cluster.cli.local_cluster import APP_NAME as APP, LocalCluster, free_port
 from cluster.config import MogeConfig
 
 
@@ -39,6 +43,24 @@ def direct_app(config: MogeConfig):
 
     cls = serve.ingress()(DirectReplica)
     return serve.deployment(cls, name="DirectReplica", **deployment_options(config)).bind(config.model_dump(mode="json"))
+
+
+def serving_pids(app: str) -> list[int]:
+    import ray
+
+    names = {f"ServeReplica:{app}:Ingress", f"ServeReplica:{app}:AttentionReplica", f"ServeReplica:{app}:DirectReplica",
+             "ProxyActor"}
+    return [a["Pid"] for a in ray._private.state.actors().values()
+            if a["State"] == "ALIVE" and a["ActorClassName"] in names and a["Pid"]]
+
+
+def cpu_s(pids: list[int]) -> float:
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / ticks
 
 
 async def itl(base_url: str, streams: int, tokens: int) -> float:
@@ -79,13 +101,18 @@ def main() -> None:
         for n in [int(x) for x in args.streams.split(",")]:
             asyncio.run(itl(split_url, n, 8))  # warm both paths
             asyncio.run(itl(direct_url, n, 8))
-            split, direct = [], []
+            split, direct, cpu = [], [], {"split": [], "direct": []}
             for _ in range(args.rounds):
-                split.append(asyncio.run(itl(split_url, n, args.tokens)))
-                direct.append(asyncio.run(itl(direct_url, n, args.tokens)))
+                for name, url, out in (("split", split_url, split), ("direct", direct_url, direct)):
+                    pids = serving_pids(APP if name == "split" else "direct")
+                    before = cpu_s(pids)
+                    out.append(asyncio.run(itl(url, n, args.tokens)))
+                    cpu[name].append((cpu_s(pids) - before) / (n * args.tokens))
             s, d = statistics.median(split), statistics.median(direct)
+            cs, cd = statistics.median(cpu["split"]), statistics.median(cpu["direct"])
             rows.append({"streams": n, "itl_split_ms": round(s * 1e3, 3), "itl_direct_ms": round(d * 1e3, 3),
-                         "hop_ms": round((s - d) * 1e3, 3), "hop_share": round((s - d) / d, 4),
+                         "cpu_per_token_split_ms": round(cs * 1e3, 3), "cpu_per_token_direct_ms": round(cd * 1e3, 3),
+                         "hop_cpu_ms": round((cs - cd) * 1e3, 3), "hop_share": round((cs - cd) / d, 4),
                          "rounds_split_ms": [round(x * 1e3, 2) for x in split],
                          "rounds_direct_ms": [round(x * 1e3, 2) for x in direct]})
             print(json.dumps(rows[-1]), flush=True)

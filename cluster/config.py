@@ -62,6 +62,10 @@ class ServerSection(_Section):
         128, ge=8, description="Serve slots beyond the admitted generation requests, for /health, /metrics "
         "and clients still sending their body")
     max_n: int = Field(8, ge=1, description="cap on n (choices per request)")
+    stream_interval_ms: float = Field(
+        0, ge=0, le=1000, description="a stream's outputs are sent at most this often, together (0: as "
+        "each step makes them); fewer messages through the ingress hop, burstier tokens (vLLM's "
+        "stream_interval, Ray Serve LLM's 50 ms batching)")
     resume_window_s: float = Field(
         3, gt=0, description="how long the ingress tries to resume a request on another replica after its "
         "replica died; past it the request ends (503 / an in-band error)")

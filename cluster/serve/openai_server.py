@@ -35,6 +35,8 @@ from cluster.serve.openapi_doc import IGNORED_HEADER, ignored_header, parse_requ
 
 log = logging.getLogger(__name__)
 
+COLLECT_INTERVAL_S = 0.25  # progress pieces of a whole (non-stream) answer
+
 
 class Tokenizer(Protocol):
     vocab_size: int
@@ -376,7 +378,8 @@ class OpenAIServer:
             results[i].add(out)
         timers = [self.metrics.token_timer() for _ in choices]
         with self._admitted(choices, ctx):
-            async for batch in _merge_batches(self._generators(rid, choices, ctx)):
+            # progress only serves a resume: a few messages a second are enough
+            async for batch in _merge_batches(self._generators(rid, choices, ctx), COLLECT_INTERVAL_S):
                 for i, out in batch:
                     results[i].add(out)
                     timers[i].tokens(len(out.new_token_ids))
@@ -391,7 +394,7 @@ class OpenAIServer:
             results[i].add(out)
             chunks.delta(i, out, req.return_token_ids, None)
         with self._admitted(choices, ctx):
-            batches = _merge_batches(self._generators(rid, choices, ctx))
+            batches = _merge_batches(self._generators(rid, choices, ctx), self.settings.stream_interval_ms / 1000)
             # Wait for the first output before answering 200, so a request the engine refuses at
             # admission still gets a proper 4xx instead of an error inside a started stream.
             try:
@@ -626,12 +629,13 @@ class _ChatChunks:
         return self._chunk([], usage)
 
 
-async def _merge_batches(gens: dict[int, AsyncIterator[Any]] | list[AsyncIterator[Any]]
-                         ) -> AsyncIterator[list[tuple[int, Any]]]:
+async def _merge_batches(gens: dict[int, AsyncIterator[Any]] | list[AsyncIterator[Any]],
+                         interval_s: float = 0.0) -> AsyncIterator[list[tuple[int, Any]]]:
     """Interleave several engine streams as batches of (index, output), in arrival order: each
-    batch is what had arrived when the consumer came back for more (no waiting, so no added
-    latency; under load one batch carries a step's outputs of every choice, and the ingress hop
-    costs one message per batch rather than one per token).
+    batch is what had arrived when the consumer came back for more, and with `interval_s` > 0 what
+    arrives until `interval_s` after the previous batch (server.stream_interval_ms; the first
+    batch and a stream's end are never held). Either way the ingress hop costs one message per
+    batch rather than one per token.
 
     Closing the merged stream (client gone, error) cancels every pump task; cancellation raises
     inside each engine generator, whose cleanup aborts its request.
@@ -655,11 +659,14 @@ async def _merge_batches(gens: dict[int, AsyncIterator[Any]] | list[AsyncIterato
                 await aclose()
 
     tasks = [asyncio.create_task(pump(i, g)) for i, g in items]
+    loop = asyncio.get_running_loop()
+    last: float | None = None  # when the previous batch went out
     try:
         remaining = len(tasks)
         while remaining:
             batch: list[tuple[int, Any]] = []
             i, item = await queue.get()
+            hold_until = None if last is None or interval_s <= 0 else last + interval_s
             while True:
                 if item is done:
                     remaining -= 1
@@ -670,9 +677,17 @@ async def _merge_batches(gens: dict[int, AsyncIterator[Any]] | list[AsyncIterato
                 else:
                     batch.append((i, item))
                 if queue.empty():
-                    break
+                    wait = 0.0 if hold_until is None or not remaining else hold_until - loop.time()
+                    if wait <= 0 or (batch and batch[-1][1].finished):
+                        break
+                    try:
+                        i, item = await asyncio.wait_for(queue.get(), wait)
+                    except TimeoutError:
+                        break
+                    continue
                 i, item = queue.get_nowait()
             if batch:
+                last = loop.time()
                 yield batch
     finally:
         for t in tasks:
