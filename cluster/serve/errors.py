@@ -105,16 +105,20 @@ class UnsupportedMediaType(APIError):
     code = "unsupported_media_type"
 
 
-class Overloaded(APIError):
+class RetryLater(APIError):
+    """An answer with Retry-After: the request is fine, the server cannot take it now."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(max(1, int(retry_after_s)))}
+
+
+class Overloaded(RetryLater):
     """The replica's waiting queue is full: come back after Retry-After seconds."""
 
     status = 429
     type = "overloaded_error"
     code = "server_overloaded"
-
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.headers = {"Retry-After": str(max(1, int(retry_after_s)))}
 
 
 class DeadlineExceeded(APIError):

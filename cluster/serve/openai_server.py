@@ -152,14 +152,12 @@ class OpenAIServer:
         ))
         rid = "cmpl-" + ctx.id_suffix
         echo = _Echo(self, req, prompts, texts)
-        if req.stream:
-            chunks = _CompletionChunks(rid, self.model.name, echo, [c.prompt_index for c in choices], ctx.created)
-            async for piece in self._stream(rid, req, choices, chunks, ctx):
-                yield piece
-            return
+        chunks = lambda: _CompletionChunks(rid, self.model.name, echo, [c.prompt_index for c in choices], ctx.created)  # noqa: E731
         outs: list[_Result] = []
-        async for piece in self._collect(rid, choices, ctx, outs):
+        async for piece in self._respond(rid, req, choices, ctx, chunks, outs):
             yield piece
+        if req.stream:
+            return
         picked = _best(choices, outs, req.n, candidates)
         yield _json_piece(
             p.CompletionResponse(
@@ -195,14 +193,12 @@ class OpenAIServer:
             req, j, budget, logprobs=k, grammar=grammar))
         rid = "chatcmpl-" + ctx.id_suffix
         tools = {t.function.name for t in req.tools or []} if req.tools_active else None
-        if req.stream:
-            chunks = _ChatChunks(rid, self.model.name, self, k, tools, ctx.created)
-            async for piece in self._stream(rid, req, choices, chunks, ctx):
-                yield piece
-            return
         outs: list[_Result] = []
-        async for piece in self._collect(rid, choices, ctx, outs):
+        async for piece in self._respond(rid, req, choices, ctx, lambda: _ChatChunks(
+                rid, self.model.name, self, k, tools, ctx.created), outs):
             yield piece
+        if req.stream:
+            return
         yield _json_piece(
             p.ChatCompletionResponse(
                 id=rid,
@@ -369,6 +365,14 @@ class OpenAIServer:
         if ctx.resume is None:
             return []
         return [(c.index, out) for c in choices for out in ctx.resume.outputs.get(c.index, ())]
+
+    def _respond(self, rid: str, req: p._SamplingFields, choices: list[_Choice], ctx: RequestContext,
+                 chunks: Callable[[], "_Chunks"], results: list["_Result"]) -> AsyncIterator[Piece]:
+        """The whole stream's pieces, or a whole answer's progress pieces (filling `results`; the
+        caller then yields the body)."""
+        if req.stream:
+            return self._stream(rid, req, choices, chunks(), ctx)
+        return self._collect(rid, choices, ctx, results)
 
     async def _collect(self, rid: str, choices: list[_Choice], ctx: RequestContext,
                        results: list["_Result"]) -> AsyncIterator[Piece]:

@@ -31,6 +31,20 @@ def run(engine: LLMEngine, rid: str) -> tuple[list[int], str, str | None]:
     return ids, text, reason
 
 
+def head_and_resume(tiny, prompt, params, cut) -> tuple[list[int], str, list[int], str, str | None]:
+    """The tokens and text a client had after `cut` tokens, then the rest from a fresh engine."""
+    first = LLMEngine(tiny, EngineSpec(256, 64, 16, 4, 2048))
+    first.add_request("r", prompt, params)
+    head_ids, head_text = [], ""
+    while len(head_ids) < cut:
+        for o in first.step():
+            head_ids += o.new_token_ids
+            head_text += o.new_text
+    resumed = LLMEngine(tiny, EngineSpec(256, 64, 16, 4, 2048))
+    resumed.add_request("r", prompt, params, generated=head_ids)
+    return (head_ids, head_text, *run(resumed, "r"))
+
+
 CASES = {
     "greedy": SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
     "seeded, penalised": SamplingParams(temperature=1.0, seed=7, max_tokens=24, ignore_eos=True,
@@ -49,17 +63,7 @@ def test_a_continuation_yields_the_same_tail(tiny, name, cut):
     ids, text, reason = run(whole, "r")
     assert len(ids) == 24
 
-    # the same text a client had after `cut` tokens, then the rest from a fresh engine
-    first = LLMEngine(tiny, EngineSpec(256, 64, 16, 4, 2048))
-    first.add_request("r", prompt, params)
-    head_ids, head_text = [], ""
-    while len(head_ids) < cut:
-        for o in first.step():
-            head_ids += o.new_token_ids
-            head_text += o.new_text
-    resumed = LLMEngine(tiny, EngineSpec(256, 64, 16, 4, 2048))
-    resumed.add_request("r", prompt, params, generated=head_ids)
-    tail_ids, tail_text, tail_reason = run(resumed, "r")
+    head_ids, head_text, tail_ids, tail_text, tail_reason = head_and_resume(tiny, prompt, params, cut)
     assert head_ids + tail_ids == ids
     assert head_text + tail_text == text and tail_reason == reason
 
@@ -76,16 +80,7 @@ def test_a_stop_string_spanning_the_cut_is_still_cut_out(tiny):
     w_ids, w_text, w_reason = run(whole, "r")
     assert w_reason == "stop" and stop not in w_text
     for cut in sorted({1, len(w_ids) // 2, len(w_ids) - 1}):
-        first = LLMEngine(tiny, EngineSpec(256, 64, 16, 4, 2048))
-        first.add_request("r", prompt, params)
-        head_ids, head_text = [], ""
-        while len(head_ids) < cut:
-            for o in first.step():
-                head_ids += o.new_token_ids
-                head_text += o.new_text
-        resumed = LLMEngine(tiny, EngineSpec(256, 64, 16, 4, 2048))
-        resumed.add_request("r", prompt, params, generated=head_ids)
-        tail_ids, tail_text, tail_reason = run(resumed, "r")
+        head_ids, head_text, tail_ids, tail_text, tail_reason = head_and_resume(tiny, prompt, params, cut)
         assert (head_ids + tail_ids, head_text + tail_text, tail_reason) == (w_ids, w_text, w_reason), cut
 
 

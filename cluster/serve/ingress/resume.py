@@ -21,7 +21,7 @@ import logging
 import time
 from typing import Any, AsyncIterator, Callable
 
-from cluster.serve.errors import APIError
+from cluster.serve.errors import RetryLater
 from cluster.serve.ingress.pieces import Piece, RequestContext, Resume
 
 log = logging.getLogger(__name__)
@@ -35,14 +35,10 @@ class NoReplica(ReplicaLost):
     """No replica took the request in time (none is alive, or all are being replaced)."""
 
 
-class ReplicaUnavailable(APIError):
+class ReplicaUnavailable(RetryLater):
     status = 503
     type = "service_unavailable"
     code = "replica_unavailable"
-
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.headers = {"Retry-After": str(max(1, int(retry_after_s)))}
 
 
 def is_replica_lost(exc: BaseException) -> bool:
