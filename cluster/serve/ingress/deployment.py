@@ -1,6 +1,6 @@
 """The ingress's app as its Serve replica runs it: the HTTP app over a ServeBackend, the admin
-routes when the cluster is elastic, the guard's limits from the configuration, and the replica
-watch probing the attention replicas once a second."""
+routes when the cluster is elastic, the guard's limits from the configuration; its replica watch
+probes the attention replicas once a second."""
 
 from __future__ import annotations
 
@@ -25,11 +25,6 @@ def ingress_app(config: MogeConfig, backend: Any) -> FastAPI:
         admin = admin_router(lambda: get_controller(WORKER_NAMESPACE), admin_keys(config.server))
     metrics = ReplicaMetrics(config.model.name or "model", part="http")
     limits = GuardLimits.from_settings(config.server, config.engine.max_num_seqs)
-    app = build_http_app(backend, admin=admin, limits=limits, metrics=metrics, settings=config.server,
-                         ready=lambda: backend.call("ready"))
-
-    @app.on_event("startup")
-    async def watch_replicas() -> None:
-        app.state.front.watch.start()
-
-    return app
+    # the replica watch starts with the first request or probe (Front.generate, /health)
+    return build_http_app(backend, admin=admin, limits=limits, metrics=metrics, settings=config.server,
+                          ready=lambda: backend.call("ready"))
