@@ -448,12 +448,15 @@ class _Result:
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.cached_tokens = 0
+        self.outputs = 0
         self.logprobs: list = []  # TokenLogprob per generated token, when asked
         self.prompt_logprobs: list | None = None
 
     def add(self, out: Any) -> None:
+        if not self.outputs:  # fixed at first admission; a continuation elsewhere reports its own
+            self.cached_tokens = getattr(out, "cached_tokens", 0)
+        self.outputs += 1
         self.text += out.new_text
-        self.cached_tokens = getattr(out, "cached_tokens", 0)
         self.token_ids.extend(out.new_token_ids)
         self.logprobs.extend(getattr(out, "logprobs", None) or [])
         if getattr(out, "prompt_logprobs", None) is not None:
