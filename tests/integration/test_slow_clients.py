@@ -111,9 +111,13 @@ def metric_sum(base_url: str, pattern: str) -> float:
 
 
 async def probe_while(base_url: str, stop_at: float, normal: bool) -> tuple[list[float], list[float]]:
+    """/health (and every 5th time a normal request) until stop_at, once the proxy has taken in the
+    clients' connection burst (one unmeasured /health first: the burst is Serve's proxy accepting N
+    connections at once, not the steady state the test is about)."""
     health, generate = [], []
     body = {"model": "tiny-moge", "prompt": "probe", "max_tokens": 4, "temperature": 0}
     async with httpx.AsyncClient(base_url=base_url, timeout=30, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        assert (await c.get("/health")).status_code == 200
         while time.monotonic() < stop_at:
             t0 = time.monotonic()
             assert (await c.get("/health")).status_code == 200
