@@ -15,7 +15,7 @@ from actors.engine.sampling_params import SamplingParams
 from cluster.serve.middleware.auth import ApiKeys
 from cluster.config import MogeConfig
 from cluster.serve.errors import AuthenticationFailed
-from cluster.serve.metrics import ReplicaMetrics
+from cluster.serve.metrics.replica import ReplicaMetrics
 from cluster.serve.openai_server import ClosingStreamingResponse, OpenAIServer, ServedModel, _merge, build_http_app
 
 KEY = "sk-unit"
@@ -243,22 +243,6 @@ def test_cached_tokens_are_reported_once_per_prompt_whole_and_streamed():
     chat = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 1}
     assert run(call(app, "POST", "/v1/chat/completions", json=chat)).json()["usage"]["prompt_tokens_details"] == {
         "cached_tokens": 5}
-
-
-def test_token_timer_records_ttft_then_gaps_with_an_injected_clock():
-    metrics = ReplicaMetrics("m")
-    now = [10.0]
-    timer = metrics.token_timer(clock=lambda: now[0])
-    now[0] = 10.5
-    timer.tokens(1)
-    now[0] = 10.7
-    timer.tokens(2)  # two tokens in one output: the 0.2 s gap is split
-    ttft = {s.name: s.value for s in metrics.ttft.collect()[0].samples if not s.labels}
-    assert ttft["moge_time_to_first_token_seconds_count"] == 1
-    assert ttft["moge_time_to_first_token_seconds_sum"] == pytest.approx(0.5)
-    itl = {s.name: s.value for s in metrics.itl.collect()[0].samples if not s.labels}
-    assert itl["moge_inter_token_latency_seconds_count"] == 2
-    assert itl["moge_inter_token_latency_seconds_sum"] == pytest.approx(0.2)
 
 
 def test_merge_interleaves_and_closing_it_cancels_every_source():
