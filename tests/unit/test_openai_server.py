@@ -271,6 +271,22 @@ def test_merge_interleaves_and_closing_it_cancels_every_source():
     assert {i for i, _ in got} == {0, 1}
 
 
+def test_merge_folds_what_waits_for_a_slow_consumer_into_one_output_per_choice():
+    def source(rid: str, n: int):
+        async def gen():  # never suspends: everything is queued before the consumer looks
+            for k in range(n):
+                yield Out(rid, [97 + k], chr(97 + k), k == n - 1, "length" if k == n - 1 else None)
+
+        return gen()
+
+    async def scenario():
+        return [item async for item in _merge([source("x", 3), source("y", 2)])]
+
+    got = run(scenario())
+    assert [(i, o.new_token_ids, o.new_text, o.finished) for i, o in got] == [
+        (0, [97, 98, 99], "abc", True), (1, [97, 98], "ab", True)]
+
+
 def test_closing_streaming_response_closes_its_body_when_the_client_is_gone():
     state = {"closed": False}
 
