@@ -6,8 +6,9 @@ B requests with stop strings (held-back text is the costly case) are prefilled, 
 decode steps are timed twice on fresh engines: `make_text` on (the step thread detokenises and
 applies stop strings, as every step did before the async engine moved that work out) and off (what
 AsyncEngine runs: token ids only; each stream makes its text on the consumer's event loop). The
-difference is what the step thread no longer spends; `text_us_per_token` is what the consumer side
-spends instead (TextStream.apply on the same outputs). Median of --repeats; one JSON line.
+difference is what the step thread no longer spends (wall and process CPU time per step; CPU time
+is the steadier figure on a shared machine); `text_us_per_token` is what the consumer side spends
+instead (TextStream.apply on the same outputs). Median of --repeats; one JSON line.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ STOPS = ["\n\n", "###", "</answer>"]  # never produced in practice, but every ta
 
 
 def decode_steps(loaded, batch: int, prompt_len: int, steps: int, make_text: bool):
-    """Seconds per timed decode step, and the outputs of those steps."""
+    """(wall seconds, process CPU seconds) per timed decode step, and the outputs of those steps."""
     total = prompt_len + steps + 2
     spec = EngineSpec(max_model_len=total, num_kv_blocks=batch * -(-total // 16), block_size=16,
                       max_num_seqs=batch, max_num_batched_tokens=batch * prompt_len)
@@ -45,11 +46,11 @@ def decode_steps(loaded, batch: int, prompt_len: int, steps: int, make_text: boo
         engine.step()
     synchronize(engine.runner.device)
     outputs = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         outputs.append(engine.step())
     synchronize(engine.runner.device)
-    return (time.perf_counter() - t0) / steps, outputs, prompts, params
+    return ((time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps), outputs, prompts, params
 
 
 def main() -> None:
@@ -64,7 +65,7 @@ def main() -> None:
     args = ap.parse_args()
     loaded = load_model(f"preset:{args.preset}", args.dtype, args.device)
     on, off, text = [], [], []
-    for _ in range(args.repeats):
+    for _ in range(args.repeats):  # interleaved, so load from elsewhere hits both alike
         on.append(decode_steps(loaded, args.batch, args.prompt_len, args.steps, True)[0])
         seconds, outputs, prompts, params = decode_steps(loaded, args.batch, args.prompt_len, args.steps, False)
         off.append(seconds)
@@ -74,11 +75,17 @@ def main() -> None:
             for out in step:
                 streams[out.request_id].apply(out)
         text.append((time.perf_counter() - t0) / sum(len(s) for s in outputs))
-    on_ms, off_ms = statistics.median(on) * 1e3, statistics.median(off) * 1e3
+
+    def ms(runs, i):
+        return statistics.median(r[i] for r in runs) * 1e3
+
+    on_ms, off_ms, on_cpu, off_cpu = ms(on, 0), ms(off, 0), ms(on, 1), ms(off, 1)
     print(json.dumps({
         "preset": args.preset, "device": args.device, "batch": args.batch, "steps": args.steps,
+        "repeats": args.repeats,
         "step_ms_text_on_step_thread": round(on_ms, 3), "step_ms_token_ids_only": round(off_ms, 3),
         "saved_ms_per_step": round(on_ms - off_ms, 3), "saved_fraction": round(1 - off_ms / on_ms, 3),
+        "cpu_ms_text_on_step_thread": round(on_cpu, 3), "cpu_ms_token_ids_only": round(off_cpu, 3),
         "text_us_per_token": round(statistics.median(text) * 1e6, 2),
     }))
 

@@ -8,7 +8,6 @@ stream gets the single-process model's tokens, and /metrics agrees with the clie
 from __future__ import annotations
 
 import re
-import threading
 import time
 
 import httpx
@@ -18,6 +17,7 @@ from actors.model.reference import greedy_reference
 from cluster.cli.local_cluster import LocalCluster, free_port
 from cluster.config import MogeConfig
 from tests.integration.conftest import RunningServer
+from tests.integration.http_load import HttpLoad
 
 pytestmark = pytest.mark.integration
 
@@ -64,54 +64,13 @@ def sample(text: str, name: str, labels: str = "") -> float:
     return float(m.group(m.lastindex)) if m else 0.0
 
 
-class Streams:
-    """STREAMS threads, each streaming greedy completions back to back until stopped (bounded);
-    records every request's tokens and time to first token, or its failure."""
-
-    def __init__(self, server: RunningServer) -> None:
-        self.server = server
-        self.results: list[tuple[str, list[int], float]] = []
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._deadline = time.monotonic() + 2 * SCALE_BOUND_S
-        self._threads = [threading.Thread(target=self._loop, args=(i,), daemon=True) for i in range(STREAMS)]
-
-    def _loop(self, slot: int) -> None:
-        client = self.server.openai()
-        while not self._stop.is_set() and time.monotonic() < self._deadline:
-            prompt, ids, first = PROMPTS[slot], [], None
-            try:
-                start = time.monotonic()
-                for chunk in client.completions.create(model=self.server.model, prompt=prompt, max_tokens=MAX_TOKENS,
-                                                       temperature=0, stream=True,
-                                                       extra_body={"return_token_ids": True}):
-                    new = [t for c in chunk.choices for t in (c.model_extra.get("token_ids") or [])]
-                    if new and first is None:
-                        first = time.monotonic() - start
-                    ids += new
-                self.results.append((prompt, ids, first))
-            except Exception as e:  # noqa: BLE001 - every failure counts, none is tolerated
-                self.failures.append(f"slot {slot}: {type(e).__name__}: {e}")
-        client.close()
-
-    def __enter__(self) -> "Streams":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=SCALE_BOUND_S)
-
-
-def wait_for_devices(server: RunningServer, devices: int, streams: Streams | None = None) -> dict:
+def wait_for_devices(server: RunningServer, devices: int, load: HttpLoad | None = None) -> dict:
     deadline = time.monotonic() + SCALE_BOUND_S
     while time.monotonic() < deadline:
         s = status(server)
         if s["devices"] == devices and s["operation"] is None:
             return s
-        assert streams is None or not streams.failures, streams.failures
+        assert load is None or not load.failures, load.failures
         time.sleep(0.25)
     raise AssertionError(f"not at {devices} devices within {SCALE_BOUND_S}s: {status(server)['policy']}")
 
@@ -121,7 +80,7 @@ def test_slo_policy_adds_a_device_under_queueing_and_gives_it_back_after(slo_ser
     expected = {p: greedy_reference(reference_model, tok.encode(p), MAX_TOKENS) for p in PROMPTS}
     assert status(slo_server)["devices"] == 1
     before = metrics(slo_server)
-    with Streams(slo_server) as load:
+    with HttpLoad(slo_server, STREAMS, PROMPTS, MAX_TOKENS, 2 * SCALE_BOUND_S) as load:
         grown = wait_for_devices(slo_server, 2, load)
     after = metrics(slo_server)
     assert grown["ttft_p99_ms"] > 250  # what the policy read: only TTFT can miss (the ITL target is 60 s)

@@ -62,30 +62,28 @@ class VllmFamilies:
         def counter(name: str, doc: str) -> Any:
             return Counter(name, doc, VLLM_LABELS, registry=registry).labels(**values)
 
-        self.ttft = hist("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+        self.ttft = hist("vllm:time_to_first_token_seconds", "arrival at the replica to the first token handed out",
                          VLLM_TTFT_BUCKETS)
-        self.itl = hist("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
-                        VLLM_ITL_BUCKETS)
-        self.tpot = hist("vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds "
-                         "(older name of vllm:inter_token_latency_seconds, same observations).", VLLM_ITL_BUCKETS)
-        self.request_tpot = hist("vllm:request_time_per_output_token_seconds", "Histogram of time_per_output_token_"
-                                 "seconds per request.", VLLM_ITL_BUCKETS)
-        self.e2e = hist("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
-                        VLLM_REQUEST_BUCKETS)
-        self.queue = hist("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.",
+        self.itl = hist("vllm:inter_token_latency_seconds", "gap between consecutive tokens handed out", VLLM_ITL_BUCKETS)
+        self.tpot = hist("vllm:time_per_output_token_seconds", "older name of vllm:inter_token_latency_seconds "
+                         "(the same observations)", VLLM_ITL_BUCKETS)
+        self.request_tpot = hist("vllm:request_time_per_output_token_seconds", "decode time / (generated tokens - 1), "
+                                 "per finished request", VLLM_ITL_BUCKETS)
+        self.e2e = hist("vllm:e2e_request_latency_seconds", "arrival to the end of the request", VLLM_REQUEST_BUCKETS)
+        self.queue = hist("vllm:request_queue_time_seconds", "arrival to the first engine step that ran the request",
                           VLLM_REQUEST_BUCKETS)
-        self.prefill = hist("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for "
-                            "request.", VLLM_REQUEST_BUCKETS)
-        self.decode = hist("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.",
+        self.prefill = hist("vllm:request_prefill_time_seconds", "first step that ran the request to its first token",
+                            VLLM_REQUEST_BUCKETS)
+        self.decode = hist("vllm:request_decode_time_seconds", "first token to last token, per request",
                            VLLM_REQUEST_BUCKETS)
-        self.inference = hist("vllm:request_inference_time_seconds", "Histogram of time spent in RUNNING phase for "
-                              "request.", VLLM_REQUEST_BUCKETS)
+        self.inference = hist("vllm:request_inference_time_seconds", "first step that ran the request to its last "
+                              "token", VLLM_REQUEST_BUCKETS)
         lengths = token_buckets(max_model_len)
-        self.prompt_len = hist("vllm:request_prompt_tokens", "Number of prefill tokens processed.", lengths)
-        self.generation_len = hist("vllm:request_generation_tokens", "Number of generation tokens processed.", lengths)
-        self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
-        self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
-        success = Counter("vllm:request_success", "Count of successfully processed requests.",
+        self.prompt_len = hist("vllm:request_prompt_tokens", "prompt tokens per finished request", lengths)
+        self.generation_len = hist("vllm:request_generation_tokens", "generated tokens per finished request", lengths)
+        self.prompt_tokens = counter("vllm:prompt_tokens", "prompt tokens of requests that got their first token")
+        self.generation_tokens = counter("vllm:generation_tokens", "tokens handed out to clients")
+        success = Counter("vllm:request_success", "finished requests by finish reason (abort: the client left)",
                           [*VLLM_LABELS, "finished_reason"], registry=registry)
         self.success = {r: success.labels(finished_reason=r, **values) for r in FINISH_REASONS}
 

@@ -34,18 +34,16 @@ class EngineCollector:
         yield GaugeMetricFamily("moge_kv_cache_usage_ratio", "fraction of KV cache blocks in use", kv)
         yield GaugeMetricFamily("moge_prefix_cache_hit_ratio", "share of admitted prompt tokens found in the "
                                 "prefix cache, since start", hits / queried if queried else 0.0)
-        for family, doc, value in (
-            (GaugeMetricFamily, ("vllm:num_requests_running", "Number of requests in model execution batches."), running),
-            (GaugeMetricFamily, ("vllm:num_requests_waiting", "Number of requests waiting to be processed."), waiting),
-            (GaugeMetricFamily, ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage."), kv),
-            (CounterMetricFamily, ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried "
-                                   "tokens."), queried),
-            (CounterMetricFamily, ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached "
-                                   "tokens."), hits),
-            (CounterMetricFamily, ("vllm:num_preemptions", "Cumulative number of preemption from the engine."),
+        for family, name, doc, value in (
+            (GaugeMetricFamily, "vllm:num_requests_running", "sequences in the running batch", running),
+            (GaugeMetricFamily, "vllm:num_requests_waiting", "sequences queued, not yet scheduled", waiting),
+            (GaugeMetricFamily, "vllm:kv_cache_usage_perc", "fraction of KV cache blocks in use (1 = all)", kv),
+            (CounterMetricFamily, "vllm:prefix_cache_queries", "prompt tokens looked up in the prefix cache", queried),
+            (CounterMetricFamily, "vllm:prefix_cache_hits", "prompt tokens found in the prefix cache", hits),
+            (CounterMetricFamily, "vllm:num_preemptions", "sequences preempted for KV blocks, since start",
              _field(s, "preemptions")),
         ):
-            metric = family(*doc, labels=_VLLM_LABELS)
+            metric = family(name, doc, labels=_VLLM_LABELS)
             metric.add_metric(self.labels, value)
             yield metric
 
