@@ -77,7 +77,7 @@ ROWS = [
          [("imbalance", f"(max({GROUP_RATE}) - min({GROUP_RATE})) / sum(rate(moge_expert_tokens_total[{RATE}]))")]),
         ("Placement epoch and devices", "short", "Epoch each replica has adopted; devices holding groups.",
          [("epoch (highest)", "max(moge_placement_epoch)"), ("epoch (lowest)", "min(moge_placement_epoch)"),
-          ("devices", "max(moge_expert_devices)"),
+          ("devices", "max(moge_devices)"),
           ("groups without a live holder", "max(moge_expert_groups_without_live_holder)")]),
         ("Placement operations", "short", "Scale-ups, scale-downs, migrations and repairs the controller ran, "
          "by outcome (per 5 minutes).",

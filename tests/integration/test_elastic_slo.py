@@ -100,4 +100,4 @@ def test_slo_policy_adds_a_device_under_queueing_and_gives_it_back_after(slo_ser
     ops = 'kind="{}",outcome="done"'
     assert sample(end, "moge_placement_operations_total", ops.format("scale_up")) == 1
     assert sample(end, "moge_placement_operations_total", ops.format("scale_down")) == 1
-    assert sample(end, "moge_expert_devices") == 1 and sample(end, "moge_placement_epoch") >= 2
+    assert sample(end, "moge_devices") == 1 and sample(end, "moge_placement_epoch") >= 2

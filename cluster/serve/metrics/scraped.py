@@ -67,8 +67,8 @@ class ExpertCollector:
             return
         m = experts.metrics()
         yield GaugeMetricFamily("moge_placement_epoch", "placement epoch this replica has adopted", m["epoch"])
-        yield GaugeMetricFamily("moge_expert_devices", "devices holding expert groups in that placement",
-                                len(experts.placement.workers))
+        yield GaugeMetricFamily("moge_devices", "devices holding expert groups in that placement (the "
+                                "replicas' own device counts when it holds groups)", len(experts.placement.workers))
         yield GaugeMetricFamily("moge_expert_groups_without_live_holder", "expert groups every holder of which "
                                 "has failed (served by failover until repaired)",
                                 len(experts.groups_without_live_holder()))
