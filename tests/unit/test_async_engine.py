@@ -214,10 +214,10 @@ def _run_sync(tiny, rid: str, prompt: list[int], params: SamplingParams):
 
 def test_stop_strings_end_a_stream_as_on_the_step_thread_and_free_its_blocks(engine, tiny):
     prompt = tiny.tokenizer.encode("stop strings")
-    free = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    free = SamplingParams(temperature=0, max_tokens=28, ignore_eos=True)
     full = "".join(o.new_text for o in _run_sync(tiny, "ref", prompt, free))
-    stop = next(full[i:i + 3] for i in range(6, len(full) - 3) if full[i:i + 3].strip())
-    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop])
+    stop = next(full[i:i + 3] for i in range(4, len(full) - 3) if full[i:i + 3].strip())
+    params = SamplingParams(temperature=0, max_tokens=28, ignore_eos=True, stop=[stop])
     want = _run_sync(tiny, "want", prompt, params)
     decoded_on = set()
     decode = tiny.tokenizer.decode
