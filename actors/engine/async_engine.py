@@ -79,7 +79,8 @@ class AsyncEngine:
         return self._stream(request_id, list(prompt_ids), params)
 
     async def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), TextStream(self.engine.tokenizer, prompt_ids, params))
+        text = TextStream(self.engine.tokenizer, prompt_ids, params)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), text)
         with self._lock:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")
