@@ -63,8 +63,8 @@ class Operations:
         self.ports.last_loads = []
         op = self.runner.run(op)
         self.inventory.settle(op)
+        self._count(kind, added, op.phase.value)  # before the journal clears: an idle status implies it
         self.store.end_operation(op.op_id)
-        self._count(kind, added, op.phase.value)
         now = self.store.placement()
         if now is not None:
             self.inventory.remember(now)
