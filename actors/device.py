@@ -85,6 +85,15 @@ def memory_free(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def memory_total(device: torch.device) -> int:
+    """Bytes of device memory in all (host memory for cpu)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    if device.type == "npu":
+        return torch.npu.mem_get_info(device)[1]
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def device_count(kind: str) -> int:
     if kind == "cuda":
         return torch.cuda.device_count()
