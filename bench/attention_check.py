@@ -129,7 +129,7 @@ def main() -> None:
     OUT = Path(args.out) if args.out else None
     gen = torch.Generator(device="cuda").manual_seed(0)
     decode([(1, 48), (1, 1024), (1, 4096), (32, 1024), (128, 1024), (256, 1280)], gen)
-    configs = [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 3), (128, 32, 4, 2)]
+    configs = [(64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)]
     sweep("prefill_8x2048", [(2048, 2048)] * 8, gen, configs)
     sweep("prefill_1x1024", [(1024, 1024)], gen, configs)
     sweep("mixed_128dec_1024ctx+256", [(1, 1024)] * 128 + [(256, 256)], gen, configs[:3])

@@ -20,7 +20,7 @@ for stage in $stages; do
   t0=$(date +%s)
   case $stage in
     tests)
-      timeout ${T_TESTS:-150} python3 -m pytest -q -x -rs -p no:cacheprovider ${TESTS:-tests/gpu/test_varlen_attention.py \
+      timeout ${T_TESTS:-150} python3 -m pytest -q -rs -p no:cacheprovider ${TESTS:-tests/gpu/test_varlen_attention.py \
         tests/gpu/test_cuda_graphs.py tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py tests/gpu/test_model_gpu.py} \
         > "$OUT/gpu_tests.txt" 2>&1
       grep -E "passed|failed|Error|error" "$OUT/gpu_tests.txt" | tail -8 ;;

@@ -60,7 +60,7 @@ def sync_time(device, fn) -> float:
 
 
 def start_decodes(engine, d: int, context: int, tag: str) -> None:
-    params = SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=engine.spec.max_model_len - context - 1, ignore_eos=True)
     for i in range(d):
         engine.add_request(f"{tag}-{i}", prompt(context), params)
     while engine.stats().tokens_generated < d or engine.stats().waiting:
