@@ -82,7 +82,7 @@ def sdpa_us(q, kv, batch) -> float:
 
 
 def decode(cases, gen) -> None:
-    from actors.model.kernels.paged_attention import POLICY, varlen_paged_attention
+    from actors.model.kernels.paged_attention import POLICY, LaunchConfig, varlen_paged_attention
     from actors.model.kernels.paged_decode import paged_decode_attention
 
     for b, ctx in cases:
@@ -94,6 +94,9 @@ def decode(cases, gen) -> None:
                    q, kv.k[0], kv.v[0], batch.block_tables, batch.context_lens, DH**-0.5)), 1),
                "sdpa_us": round(sdpa_us(q, kv, batch), 1),
                "policy": POLICY.config(b, 8, 4096, torch.bfloat16).__dict__}
+        if b <= 8:  # the split size the small-launch rule replaced
+            cfg = LaunchConfig(16, 64, 16, 256, 4, 2)
+            row["varlen_split256_us"] = round(graph_us(lambda: varlen_paged_attention(*args, max_context=4096, config=cfg)), 1)
         kv_bytes = b * ctx * 2 * KV_HEADS * DH * 2
         row["varlen_tb_per_s"] = round(kv_bytes / row["varlen_us"] / 1e6, 2)
         emit(row)

@@ -31,9 +31,29 @@ for stage in $stages; do
         ${MIXED_ARGS:-} --out "$OUT/mixed.jsonl" 2>>"$OUT/mixed.log" | cut -c1-600
       grep -E "KV|CUDA graphs|scheduler" "$OUT/mixed.log" | cut -c1-900 ;;
     serve)
+      then=""
+      if [ -d ../../.whl ] || [ -d .whl ]; then  # guidellm and its missing dependencies, carried as wheels
+        whl=$( [ -d .whl ] && echo .whl || echo ../../.whl )
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/glsite "$whl"/*.whl 2>&1 | tail -2
+        python3 - <<'PY'  # a byte-level tokenizer for guidellm's synthetic prompts (ids 0..255 = bytes, as the preset's)
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+from transformers import PreTrainedTokenizerFast
+from tokenizers.pre_tokenizers import ByteLevel
+vocab = {c: i for i, c in enumerate(ByteLevel.alphabet())}
+tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+tok.decoder = decoders.ByteLevel()
+PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=None).save_pretrained("/tmp/bytetok")
+PY
+        then="PYTHONPATH=/tmp/glsite:$PYTHONPATH python3 -m guidellm run --backend kind=openai_http,target={url},request_format=/v1/completions \
+ --profile kind=concurrent,streams=${GL_STREAMS:-64} --constraint kind=max_duration,seconds=${GL_SECONDS:-30} \
+ --data kind=synthetic_text,prompt_tokens=256,output_tokens=128 --tokenizer kind=huggingface_auto,model=/tmp/bytetok \
+ --output kind=json,filename=$OUT/guidellm.json --disable-progress"
+      fi
       timeout ${T_SERVE:-420} python3 bench/serve_load.py --model preset:qwen3-30b-a3b --device cuda \
-        --loads ${LOADS:-1x32x128,1x1024x16,128x32x128,256x1024x256} --duration-s ${DURATION:-40} \
-        --logs-out "$OUT/serve" --out "$OUT/serve_load.jsonl" 2>>"$OUT/serve_bench.log" | cut -c1-900
+        --loads ${LOADS:-256x1024x256:36,128x32x128:24,1x32x128:12,1x1024x16:12} --duration-s ${DURATION:-30} --then-timeout-s 60 \
+        --logs-out "$OUT/serve" --out "$OUT/serve_load.jsonl" --then "$then" 2>>"$OUT/serve_bench.log" | cut -c1-900
+      [ -f "$OUT/serve/then.log" ] && tail -c 2500 "$OUT/serve/then.log"
       grep -E "KV|CUDA graphs|scheduler" "$OUT/serve_bench.log" | cut -c1-900; tail -5 "$OUT/serve/serve.log" ;;
   esac
   echo "== $stage: $(( $(date +%s) - t0 )) s"

@@ -170,6 +170,10 @@ def step_table(engine, args) -> None:
                    "tokens": sum(batch.num_new_tokens)}
             row["graphs_ms"] = round(time_execute(engine, batch, args.repeats), 3)
             row["bucket"] = graphs.last_bucket if graphs is not None else None
+            if graphs is not None:  # the replay alone, over the buffers this step filled
+                from bench.serve_load import replay_ms
+
+                row["replay_ms"] = round(replay_ms(graphs, graphs.last_bucket, args.repeats), 3)
             if graphs is not None:
                 engine.runner.graphs = None
                 try:
@@ -193,6 +197,27 @@ def step_table(engine, args) -> None:
             engine.abort_request(rid)
         while engine.has_unfinished():
             engine.step()
+
+
+def kernel_profile(engine, n: int, length: int) -> None:
+    """Device time by kernel over one prefill of n distinct prompts (torch.profiler), top 12."""
+    from torch.profiler import DeviceType, ProfilerActivity, profile
+
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    for i in range(n):
+        engine.add_request(f"kp-{i}", prompt(length), params)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        while engine.has_unfinished():
+            engine.step()
+        synchronize(engine.runner.device)
+    by_name: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            key = e.name[:60]
+            by_name[key] = by_name.get(key, 0.0) + (e.time_range.end - e.time_range.start) / 1000
+    total = sum(by_name.values())
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:12]
+    emit({"bench": "prefill_kernels", "device_ms": round(total, 2), "top_ms": {k: round(v, 2) for k, v in top}})
 
 
 def prefill(engine, n: int, length: int, label: str) -> None:
@@ -289,6 +314,8 @@ def main() -> None:
         step_table(engine, args)
     if "prefill" not in skip:
         prefill(engine, 8, 2048, "graphs" if graphs is not None else "eager")
+        if graphs is not None:
+            kernel_profile(engine, 8, 2048)
         if graphs is not None:
             engine.runner.graphs = None
             try:

@@ -4,7 +4,7 @@
         --loads 1x32x128,128x32x128,256x1024x256 --out docs/data/h200_serve_load.jsonl
     python bench/serve_load.py --model preset:tiny-moge --device cpu --loads 2x16x8 --duration-s 6   # smoke
 
-A load is CONCURRENCYxPROMPTxOUTPUT. For every load, first the engine API in this process (CUDA
+A load is CONCURRENCYxPROMPTxOUTPUT[:SECONDS] (SECONDS: its own --duration-s). For every load, first the engine API in this process (CUDA
 graphs as configured, prefix caching off): CONCURRENCY distinct random prompts of PROMPT tokens,
 prefilled, then OUTPUT tokens each decoded as one static batch; the static rate is the tokens of
 the decode phase over its time (the context grows from PROMPT to PROMPT + OUTPUT, as a served
@@ -15,9 +15,9 @@ settings, prefix caching off), and CONCURRENCY closed-loop clients stream `/v1/c
 (`return_token_ids`, `ignore_eos`, a fresh random prompt per request) for --duration-s seconds.
 
 Measured from the clients: TTFT (request sent -> first token), ITL (gaps between token-carrying
-chunks), output tokens/s over the window. Requests started in the first --warmup-s seconds (the
-burst of CONCURRENCY simultaneous arrivals and its queue) are reported apart (ramp_*), the rest
-is the steady state. One JSON line per load is printed and appended to --out.
+chunks), output tokens/s over the window. The clients join evenly over the first --warmup-s seconds
+(all at once, they would keep arriving in lock-step waves); requests sent then are reported apart
+(ramp_*), the rest is the steady state. One JSON line per load is printed and appended to --out.
 """
 
 from __future__ import annotations
@@ -42,12 +42,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def parse_loads(text: str) -> list[tuple[int, int, int]]:
-    loads = []
+def parse_loads(text: str) -> tuple[list[tuple[int, int, int]], dict]:
+    """'256x1024x256:40,1x32x128' -> the loads and {load: its own duration in seconds}."""
+    loads, durations = [], {}
     for item in text.split(","):
-        c, p, o = (int(x) for x in item.lower().split("x"))
-        loads.append((c, p, o))
-    return loads
+        shape, _, seconds = item.partition(":")
+        load = tuple(int(x) for x in shape.lower().split("x"))
+        loads.append(load)
+        if seconds:
+            durations[load] = float(seconds)
+    return loads, durations
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -218,7 +222,8 @@ async def run_load(url: str, model: str, c: int, p: int, o: int, duration_s: flo
                     events.append((now, n))
         requests.append({"sent": sent, "times": times, "tokens": sum(counts)})
 
-    async def client_loop(client) -> None:
+    async def client_loop(client, delay: float) -> None:
+        await asyncio.sleep(delay)  # clients join evenly over the warm-up: no lock-step waves of arrivals
         while time.perf_counter() < end:
             try:
                 await one(client)
@@ -227,7 +232,7 @@ async def run_load(url: str, model: str, c: int, p: int, o: int, duration_s: flo
 
     limits = httpx.Limits(max_connections=c + 4, max_keepalive_connections=c + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600, connect=30), limits=limits) as client:
-        await asyncio.gather(*(client_loop(client) for _ in range(c)))
+        await asyncio.gather(*(client_loop(client, i * warmup_s / c) for i in range(c)))
     finished = time.perf_counter()
 
     steady = [r for r in requests if r["sent"] >= started + warmup_s and r["times"]]
@@ -277,13 +282,15 @@ def main() -> None:
     ap.add_argument("--no-static", action="store_true", help="skip the engine-API static rates")
     ap.add_argument("--out", default="")
     ap.add_argument("--logs-out", default="", help="folder for the server's config and log")
+    ap.add_argument("--then", default="", help="a command run against the server after the loads ({url} "
+                    "replaced), e.g. another load generator; its output goes to <logs-out>/then.log")
+    ap.add_argument("--then-timeout-s", type=float, default=120)
     args = ap.parse_args()
     # the in-process engine's start-up lines (KV budget, graphs, step costs): the server's engine,
     # built from the same settings, logs the same inside its replica
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("actors.engine").setLevel(logging.INFO)
-    loads = parse_loads(args.loads)
-    warmup = args.duration_s / 3 if args.warmup_s is None else args.warmup_s
+    loads, durations = parse_loads(args.loads)
     static = {} if args.no_static else static_rates(args, loads)
     workdir = Path(args.logs_out or tempfile.mkdtemp(prefix="serve-load-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -292,7 +299,9 @@ def main() -> None:
     try:
         model = served_model(url)
         for i, (c, p, o) in enumerate(loads):
-            row = asyncio.run(run_load(url, model, c, p, o, args.duration_s, warmup, seed=100 + i))
+            duration = durations.get((c, p, o), args.duration_s)
+            warmup = duration / 3 if args.warmup_s is None else args.warmup_s
+            row = asyncio.run(run_load(url, model, c, p, o, duration, warmup, seed=100 + i))
             row.update(static.get((c, p, o), {}))
             if row.get("engine_static_tok_per_s"):
                 row["served_over_static"] = round(row["out_tok_per_s"] / row["engine_static_tok_per_s"], 3)
@@ -305,6 +314,14 @@ def main() -> None:
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(json.dumps(row) + "\n")
+        if args.then:
+            with open(workdir / "then.log", "w") as log:
+                try:
+                    rc = subprocess.run(args.then.replace("{url}", url), shell=True, stdout=log, stderr=subprocess.STDOUT,
+                                        timeout=args.then_timeout_s).returncode
+                except subprocess.TimeoutExpired:
+                    rc = "timeout"
+            print(json.dumps({"then": args.then, "rc": rc}), flush=True)
     finally:
         stop_server(proc)
     if any(r["errors"] or not r["requests"] for r in rows):

@@ -97,19 +97,36 @@ def test_graph_engine_gives_eager_greedy_tokens_with_padding(dtype):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_mixed_steps_through_graphs_give_eager_greedy_tokens(dtype):
-    """Prompts of 3..90 tokens arriving over time with a 40-token step budget: chunked prefills next
-    to decodes, steps of 1..40 tokens on the buckets up to 16 and past it (40); no step-cost cap."""
+    """Prompts of 3..90 tokens with a 40-token step budget, then short prompts arriving next to a few
+    decodes: chunked prefills next to decodes, steps of 1..40 tokens on the buckets up to 16 and
+    past it (40); no step-cost cap."""
+    from actors.engine.sampling_params import SamplingParams
+
+    def waves(engine):
+        long = [[(13 * i + 5 * j) % 250 for j in range(3 + (29 * i) % 88)] for i in range(6)]
+        for i, p in enumerate(long):
+            engine.add_request(f"a{i}", p, SamplingParams(temperature=0, max_tokens=12 + i, ignore_eos=True))
+        out = {}
+        for step in range(400):
+            if step == 25:  # a few decodes left: short prompts join them in steps of < 16 tokens
+                for i in range(4):
+                    engine.add_request(f"b{i}", [7 + i] * (2 + i), SamplingParams(temperature=0, max_tokens=6,
+                                                                                  ignore_eos=True))
+            for o in engine.step():
+                out.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if step > 25 and not engine.has_unfinished():
+                break
+        return out
+
     loaded = load(dtype)
-    prompts = [[(13 * i + 5 * j) % 250 for j in range(3 + (29 * i) % 88)] for i in range(12)]
-    lengths = [3 + (7 * i) % 19 for i in range(12)]
-    want = generate(engine_for(loaded, graphs=False, max_tokens=40, step_cost_ratio=0), prompts, lengths)
+    want = waves(engine_for(loaded, graphs=False, max_tokens=40, step_cost_ratio=0))
     engine = engine_for(loaded, graphs=True, max_tokens=40, step_cost_ratio=0)
     graphs = engine.runner.graphs
     assert max(graphs.graphs) == 40 and 16 in graphs.graphs
     buckets = []
     run = graphs.run
     graphs.run = lambda inputs: buckets.append((graphs.bucket_of[inputs.num_tokens], inputs.num_tokens > inputs.num_seqs)) or run(inputs)
-    assert generate(engine, prompts, lengths) == want
+    assert waves(engine) == want and len(want) == 10
     assert any(mixed and tp > 16 for tp, mixed in buckets)  # past max_num_seqs: one padding sequence
     assert any(mixed and tp <= 16 for tp, mixed in buckets)  # up to it: one-token padding sequences
     assert any(not mixed for _, mixed in buckets)

@@ -204,16 +204,19 @@ class AttentionPolicy:
     batch_invariant: bool = False
 
     def config(self, tokens: int, group_pad: int, max_context: int, dtype: torch.dtype) -> LaunchConfig:
-        splits = min(self.max_splits, max(1, -(-max_context // self.split_keys)))
         if self.batch_invariant:
+            splits = min(self.max_splits, max(1, -(-max_context // self.split_keys)))
             return LaunchConfig(max(64, group_pad), 64, splits, self.split_keys, 4, 2)
-        if tokens > self.split_below_tokens:
-            splits = 1
+        split_keys, max_splits = self.split_keys, self.max_splits
+        if tokens <= 8:  # a few decodes: short splits keep the SMs busy (H200: 1 x 1,024 keys)
+            split_keys, max_splits = 64, 2 * self.max_splits
+        splits = min(max_splits, max(1, -(-max_context // split_keys))) if tokens <= self.split_below_tokens else 1
         if tokens <= 256:  # decode-sized: a small tile wastes little on one-token queries
-            return LaunchConfig(max(16, group_pad), 64, splits, self.split_keys, 4, 2)
-        # prefill-sized: taller tiles reuse every K/V tile for more queries
-        big = dtype != torch.float32
-        return LaunchConfig(max(128 if big else 64, group_pad), 64, splits, self.split_keys, 8 if big else 4, 2)
+            return LaunchConfig(max(16, group_pad), 64, splits, split_keys, 4, 2)
+        if tokens < 4096 or dtype == torch.float32:
+            # decodes next to prompt chunks: 64-row tiles (a decode's one token fills few rows)
+            return LaunchConfig(max(64, group_pad), 64, 1, split_keys, 4, 2)
+        return LaunchConfig(max(128, group_pad), 64, 1, split_keys, 8, 2)  # prompt-heavy: taller tiles
 
 
 POLICY = AttentionPolicy()
