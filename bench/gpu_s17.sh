@@ -48,7 +48,7 @@ PY
         then="PYTHONPATH=/tmp/glsite:$PYTHONPATH python3 -m guidellm run --backend kind=openai_http,target={url},request_format=/v1/completions \
  --profile kind=concurrent,streams=${GL_STREAMS:-64} --constraint kind=max_duration,seconds=${GL_SECONDS:-30} \
  --data kind=synthetic_text,prompt_tokens=256,output_tokens=128 --tokenizer kind=huggingface_auto,model=/tmp/bytetok \
- --output kind=json,filename=$OUT/guidellm.json --disable-progress"
+ --output kind=json,path=$OUT/guidellm.json --output kind=console --disable-progress"
       fi
       timeout ${T_SERVE:-420} python3 bench/serve_load.py --model preset:qwen3-30b-a3b --device cuda \
         --loads ${LOADS:-256x1024x256:36,128x32x128:24,1x32x128:12,1x1024x16:12} --duration-s ${DURATION:-30} --then-timeout-s 60 \
