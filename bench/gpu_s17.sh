@@ -24,6 +24,10 @@ for stage in $stages; do
         tests/gpu/test_cuda_graphs.py tests/gpu/test_kernels.py tests/gpu/test_engine_gpu.py tests/gpu/test_model_gpu.py} \
         > "$OUT/gpu_tests.txt" 2>&1
       grep -E "passed|failed|Error|error" "$OUT/gpu_tests.txt" | tail -8 ;;
+    diag)
+      timeout ${T_DIAG:-40} python3 -m pytest -q -x -p no:cacheprovider tests/gpu/test_cuda_graphs.py \
+        -k "float32 and (full_bucket or padding)" > "$OUT/diag.txt" 2>&1
+      grep -E "^E |Error|passed|failed|warn" "$OUT/diag.txt" | cut -c1-300 | head -24 ;;
     attn)
       timeout ${T_ATTN:-90} python3 bench/attention_check.py --out "$OUT/attention.jsonl" 2>>"$OUT/bench.log" | cut -c1-400 ;;
     mixed)
@@ -51,7 +55,7 @@ PY
  --output kind=json,path=$OUT/guidellm.json --output kind=console --disable-progress"
       fi
       timeout ${T_SERVE:-420} python3 bench/serve_load.py --model preset:qwen3-30b-a3b --device cuda \
-        --loads ${LOADS:-256x1024x256:36,128x32x128:24,1x32x128:12,1x1024x16:12} --duration-s ${DURATION:-30} --then-timeout-s 60 \
+        --loads ${LOADS:-256x1024x256:36,128x32x128:24,1x32x128:12,1x1024x16:12} --duration-s ${DURATION:-30} --then-timeout-s ${GL_TIMEOUT:-60} \
         --logs-out "$OUT/serve" --out "$OUT/serve_load.jsonl" --then "$then" 2>>"$OUT/serve_bench.log" | cut -c1-900
       [ -f "$OUT/serve/then.log" ] && tail -c 2500 "$OUT/serve/then.log"
       grep -E "KV|CUDA graphs|scheduler" "$OUT/serve_bench.log" | cut -c1-900; tail -5 "$OUT/serve/serve.log" ;;

@@ -111,6 +111,14 @@ def static_rates(args, loads) -> dict[tuple[int, int, int], dict]:
     return out
 
 
+def static_in_child() -> dict[tuple[int, int, int], dict]:
+    """static_rates in a child process (the server then gets the whole device)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "static.json"
+        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--static-only", str(path)], check=True, cwd=REPO)
+        return {tuple(k): v for k, v in json.loads(path.read_text())}
+
+
 def replay_ms(graphs, bucket: int, n: int = 50) -> float:
     """Median time of one replay of the bucket's graph over the buffers the last step left."""
     import torch
@@ -280,6 +288,7 @@ def main() -> None:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--start-timeout-s", type=float, default=300)
     ap.add_argument("--no-static", action="store_true", help="skip the engine-API static rates")
+    ap.add_argument("--static-only", default="", help=argparse.SUPPRESS)  # the child that measures them
     ap.add_argument("--out", default="")
     ap.add_argument("--logs-out", default="", help="folder for the server's config and log")
     ap.add_argument("--then", default="", help="a command run against the server after the loads ({url} "
@@ -291,7 +300,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("actors.engine").setLevel(logging.INFO)
     loads, durations = parse_loads(args.loads)
-    static = {} if args.no_static else static_rates(args, loads)
+    if args.static_only:  # in a child process, so that every byte of its engine is freed for the server
+        rates = static_rates(args, loads)
+        Path(args.static_only).write_text(json.dumps([[list(k), v] for k, v in rates.items()]))
+        return
+    static = {} if args.no_static else static_in_child()
     workdir = Path(args.logs_out or tempfile.mkdtemp(prefix="serve-load-"))
     workdir.mkdir(parents=True, exist_ok=True)
     proc, url = start_server(args, loads, workdir)
