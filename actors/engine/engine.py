@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from actors.device import h2d
 from actors.engine.block_manager import BlockManager
 from actors.engine.detokenizer import IncrementalDetokenizer
 from actors.engine.request_rejected import RequestRejected
@@ -29,7 +30,6 @@ from actors.engine.model_runner import ModelRunner
 from actors.engine.scheduler import Scheduler
 from actors.engine.sequence import PENDING, Sequence
 from actors.engine.steps.launched import LaunchedStep
-from actors.engine.steps.step_inputs import h2d
 
 log = logging.getLogger(__name__)
 

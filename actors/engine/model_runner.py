@@ -21,7 +21,8 @@ import torch
 
 from actors.engine.ping_pong import PingPongRunner, micro_batch_tokens
 from actors.engine.scheduler import ScheduledBatch
-from actors.engine.steps.step_inputs import build_inputs, h2d, to_step_batch
+from actors.device import h2d
+from actors.engine.steps.step_inputs import build_inputs, to_step_batch
 from actors.model.expert_compute import StepRerun
 from actors.model.kv_cache import PagedKVCache
 from actors.model.step_batch import StepBatch

@@ -73,3 +73,19 @@ def test_static_buffers_and_padding_give_eager_tokens(block_size):
     pad = engine.kv.pad_block
     assert pad == 128 and engine.kv.k[0].shape[0] == 129
     assert engine.kv.k[0][pad].abs().sum() > 0  # padding rows wrote there, and nowhere else
+
+
+def test_the_step_cost_profile_stays_within_max_model_len_and_the_cache():
+    """Each profiled step is max_num_seqs decodes plus one prompt chunk, so a bucket whose chunk
+    would exceed max_model_len (or the block table) is not profiled; the steps' blocks and slots
+    are each sequence's own."""
+    from actors.engine.graphs.step_cost import profile_inputs, profile_sizes
+
+    assert profile_sizes([1, 8, 16, 40, 64, 100, 1024], 16, 60) == [16, 40, 64]
+    gen = __import__("torch").Generator().manual_seed(0)
+    inputs = profile_inputs(3, 10, 7, 4, 512, gen)
+    assert inputs.num_tokens == 10 and inputs.num_seqs == 4 and inputs.context_lens == [10, 10, 10, 7]
+    assert inputs.positions == [9, 9, 9, *range(7)] and inputs.query_start == [0, 1, 2, 3, 10]
+    assert len(set(inputs.slots)) == 10  # no shared KV slot: the tokens' hidden states stay apart
+    blocks = [b for t in inputs.tables for b in t]
+    assert len(set(blocks)) == len(blocks) == 3 * 3 + 2

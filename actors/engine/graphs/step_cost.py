@@ -63,6 +63,17 @@ def profile_inputs(decodes: int, context: int, prompt: int, block_size: int, voc
     return StepInputs(ids, positions, slots, None, qs, ctx, [q - 1 for q in qs[1:]], tables, max(1, prompt))
 
 
+def max_prompt_tokens(graphs) -> int:
+    """The longest prompt chunk one profile step may hold: one sequence, so within max_model_len
+    and the block-table width."""
+    return min(graphs.kv.max_seq_len - 1, graphs.tables.shape[1] * graphs.kv.block_size)
+
+
+def profile_sizes(buckets: list[int], reference: int, max_prompt: int) -> list[int]:
+    """The buckets to time: the reference and up, while the prompt chunk that fills one fits."""
+    return [tp for tp in buckets if reference <= tp <= reference + max_prompt]
+
+
 def profile_step_costs(graphs, ratio: float, context: int = 1024, replays: int = 3, seed: int = 0) -> StepCosts | None:
     """Time the buckets from the largest decode one upwards until a step costs more than `ratio`
     times it. None when there is nothing to measure (no graph of a full decode step)."""
@@ -72,15 +83,16 @@ def profile_step_costs(graphs, ratio: float, context: int = 1024, replays: int =
     reference = max(decode)
     kv = graphs.kv
     bs = kv.block_size
-    # decodes and the largest prompt must fit the (still empty) cache and the block-table width
-    room = kv.num_blocks * bs - max(graphs.graphs)
+    sizes = profile_sizes(sorted(graphs.graphs), reference, max_prompt_tokens(graphs))
+    # the decodes and the largest prompt must fit the (still empty) cache
+    room = kv.num_blocks * bs - (sizes[-1] - reference) - bs
     context = max(1, min(context, kv.max_seq_len // 2, graphs.tables.shape[1] * bs, room // reference))
     vocab = graphs.model.cfg.vocab_size
     gen = torch.Generator().manual_seed(seed)
     start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     costs: dict[int, float] = {}
     cap = reference
-    for tp in sorted(t for t in graphs.graphs if t >= reference):
+    for tp in sizes:
         graphs.run(profile_inputs(reference, context, tp - reference, bs, vocab, gen))  # fills and warms
         times = []
         for _ in range(replays):

@@ -40,7 +40,8 @@ import time
 
 import torch
 
-from actors.engine.steps.step_inputs import StepInputs, h2d, resolve_ids
+from actors.device import h2d
+from actors.engine.steps.step_inputs import StepInputs, resolve_ids
 from actors.model.kv_cache import PagedKVCache
 from actors.model.step_batch import StepBatch
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from actors.device import h2d
 from actors.engine.sequence import PENDING
 from actors.model.step_batch import StepBatch
 
@@ -86,15 +87,6 @@ def build_inputs(seqs, counts: list[int], block_size: int) -> StepInputs:
     rows = [q - 1 for q in query_start[1:]]
     return StepInputs(ids, positions, slots, src if pending else None, query_start, context_lens, rows,
                       [s.block_table for s in seqs], max(counts))
-
-
-def h2d(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on `device`, queued behind the device's work instead of waiting for it: CUDA
-    copies from pageable memory first wait for the stream, so the bytes go through pinned memory
-    (torch's caching host allocator, which keeps a block until the copy that reads it is done)."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)
 
 
 def resolve_ids(ids: torch.Tensor, src: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
