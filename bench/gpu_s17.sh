@@ -2,7 +2,7 @@
 # One device call for issue 17 (engine side). Stages, each under its own time limit, all output
 # under $OUT:
 #   tests   GPU tests: varlen attention vs float64, kernels, graphs (decode, mixed, async) vs eager, engine
-#   attn    bench/attention_check.py: varlen kernel vs paged decode / SDPA, launch-config sweep
+#   attn    bench/kernel_check.py attention: varlen kernel vs the SDPA path, launch-config sweep
 #   mixed   bench/mixed_step.py on the 48-layer qwen3-30b-a3b preset: step table (graphs / eager /
 #           piecewise), prefill 8x2048 distinct, batch-1 loop vs replay, TTFT 1024
 #   serve   bench/serve_load.py: moge serve under streaming loads vs the static engine rate
@@ -29,7 +29,7 @@ for stage in $stages; do
         -k "float32 and (full_bucket or padding)" > "$OUT/diag.txt" 2>&1
       grep -E "^E |Error|passed|failed|warn" "$OUT/diag.txt" | cut -c1-300 | head -24 ;;
     attn)
-      timeout ${T_ATTN:-90} python3 bench/attention_check.py --out "$OUT/attention.jsonl" 2>>"$OUT/bench.log" | cut -c1-400 ;;
+      timeout ${T_ATTN:-90} python3 bench/kernel_check.py --skip experts,norms --out "$OUT/attention.jsonl" 2>>"$OUT/bench.log" | cut -c1-400 ;;
     mixed)
       timeout ${T_MIXED:-300} python3 bench/mixed_step.py --model preset:qwen3-30b-a3b --device cuda \
         ${MIXED_ARGS:-} --out "$OUT/mixed.jsonl" 2>>"$OUT/mixed.log" | cut -c1-600

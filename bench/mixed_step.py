@@ -171,9 +171,7 @@ def step_table(engine, args) -> None:
             row["graphs_ms"] = round(time_execute(engine, batch, args.repeats), 3)
             row["bucket"] = graphs.last_bucket if graphs is not None else None
             if graphs is not None:  # the replay alone, over the buffers this step filled
-                from bench.serve_load import replay_ms
-
-                row["replay_ms"] = round(replay_ms(graphs, graphs.last_bucket, args.repeats), 3)
+                row["replay_ms"] = round(graphs.time_replay(graphs.last_bucket, args.repeats), 3)
             if graphs is not None:
                 engine.runner.graphs = None
                 try:
@@ -238,8 +236,6 @@ def prefill(engine, n: int, length: int, label: str) -> None:
 
 
 def batch_one(engine, args) -> None:
-    from bench.serve_load import replay_ms
-
     device = engine.runner.device
     graphs = engine.runner.graphs
     for mode in (True, False):
@@ -256,7 +252,7 @@ def batch_one(engine, args) -> None:
         period = 1000 * (time.perf_counter() - t0) / args.steps
         row = {"bench": "batch1", "async_scheduling": mode, "step_period_ms": round(period, 3)}
         if graphs is not None:
-            row["graph_replay_ms"] = round(replay_ms(graphs, 1), 3)
+            row["graph_replay_ms"] = round(graphs.time_replay(1, 50), 3)
             row["period_over_replay"] = round(period / row["graph_replay_ms"], 3)
         emit(row)
         engine.abort_request(f"b1-{mode}")

@@ -31,7 +31,6 @@ import os
 import random
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,7 +100,7 @@ def static_rates(args, loads) -> dict[tuple[int, int, int], dict]:
                "engine_static_step_ms": round(1000 * elapsed / max(1, st.steps - s0), 3)}
         graphs = engine.runner.graphs
         if c == 1 and graphs is not None and 1 in graphs.graphs:
-            row["graph_replay_ms"] = round(replay_ms(graphs, 1), 3)
+            row["graph_replay_ms"] = round(graphs.time_replay(1, 50), 3)
         out[(c, p, o)] = row
         print(json.dumps({"static": [c, p, o], **row}), flush=True)
     del engine, loaded
@@ -117,21 +116,6 @@ def static_in_child() -> dict[tuple[int, int, int], dict]:
         path = Path(tmp) / "static.json"
         subprocess.run([sys.executable, __file__, *sys.argv[1:], "--static-only", str(path)], check=True, cwd=REPO)
         return {tuple(k): v for k, v in json.loads(path.read_text())}
-
-
-def replay_ms(graphs, bucket: int, n: int = 50) -> float:
-    """Median time of one replay of the bucket's graph over the buffers the last step left."""
-    import torch
-
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(n):
-        start.record()
-        graphs.replay_bucket(bucket)
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
 
 
 def engine_settings(args, loads) -> dict:

@@ -12,7 +12,6 @@ would make the hidden states alike and the routed experts few: a step far cheape
 from __future__ import annotations
 
 import logging
-import statistics
 from dataclasses import dataclass
 
 import torch
@@ -89,19 +88,11 @@ def profile_step_costs(graphs, ratio: float, context: int = 1024, replays: int =
     context = max(1, min(context, kv.max_seq_len // 2, graphs.tables.shape[1] * bs, room // reference))
     vocab = graphs.model.cfg.vocab_size
     gen = torch.Generator().manual_seed(seed)
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     costs: dict[int, float] = {}
     cap = reference
     for tp in sizes:
         graphs.run(profile_inputs(reference, context, tp - reference, bs, vocab, gen))  # fills and warms
-        times = []
-        for _ in range(replays):
-            start.record()
-            graphs.replay_bucket(tp)
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
-        costs[tp] = statistics.median(times)
+        costs[tp] = graphs.time_replay(tp, replays)
         if costs[tp] > ratio * costs[reference]:
             break
         cap = tp

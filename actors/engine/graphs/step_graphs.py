@@ -36,6 +36,7 @@ device copies -> replay. Sampling runs after the replay, outside the graph.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 
 import torch
@@ -254,6 +255,15 @@ class StepGraphs:
             self.logits[:r].copy_(self._step(*self.batch(tp, max_query)))
         return self.logits[:b]
 
-    def replay_bucket(self, tp: int) -> None:
-        """Replay bucket tp over whatever the static buffers hold (start-up step-cost profile)."""
-        self.graphs[tp].replay()
+    def time_replay(self, tp: int, n: int = 3) -> float:
+        """Median ms of n replays of bucket tp over whatever the static buffers hold (the start-up
+        step-cost profile, benchmarks)."""
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(n):
+            start.record()
+            self.graphs[tp].replay()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        return statistics.median(times)

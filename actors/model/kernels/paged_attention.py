@@ -8,7 +8,7 @@ size, M = block-table width, BQ = query tokens per program, N = keys per tile, P
 Work decomposition. One program per (query block, KV head[, KV split]). A query block is BQ
 consecutive new tokens of one sequence, and its tile holds BQ x G_PAD rows: every query head that
 shares the KV head, for every token, so each key/value tile is read once for all of them (GQA
-grouping, as kernels/paged_decode.py does for one token). A program finds its sequence itself by a
+grouping). A program finds its sequence itself by a
 binary search over query_start: sequence s owns blocks [qs[s] // BQ + s, qs[s + 1] // BQ + s + 1),
 so the grid T // BQ + B is an upper bound fixed by the shapes alone; programs past their sequence's
 tokens exit. Nothing here reads a device value on the host, so the launch is CUDA-graph safe with
