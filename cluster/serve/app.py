@@ -27,7 +27,7 @@ from ray.serve import Application
 from cluster.config import MogeConfig
 from cluster.security.serving_secrets import seal, unseal
 from cluster.serve.ingress.pieces import Piece, RequestContext
-from cluster.serve.metrics import ReplicaMetrics
+from cluster.serve.metrics.replica import ReplicaMetrics
 from cluster.serve.openai_server import OpenAIServer, ServedModel
 from cluster.serve.replica_engine import ReplicaParts, assemble
 from cluster.serve.serve_options import deployment_options, ingress_options
@@ -83,9 +83,11 @@ class AttentionReplica:
         self.config = MogeConfig.load(**unseal(config or {}))
         self.replica = start_engine(self.config)
         self.engine, self.served = self.replica.engine, self.replica.served
-        self.metrics = ReplicaMetrics(self.served.name, self.engine.stats, part="engine")
+        self.metrics = ReplicaMetrics(self.served.name, self.engine.stats, self.served.max_model_len, part="engine")
         if self.replica.elastic is not None:
             self.replica.elastic.attach(self.engine, self.metrics)
+        elif self.replica.parts.remote is not None:
+            self.metrics.watch_experts(self.replica.parts.remote)
         admitted = self.config.engine.max_num_seqs + self.config.server.max_waiting_requests
         self.server = OpenAIServer(self.engine, self.served, self.config.server, self.metrics, max_in_flight=admitted)
         log.info("attention replica serving %s (context %d, experts %s)", self.served.name,

@@ -8,7 +8,10 @@ engine in unit tests. What this file decides:
 - n choices (× prompts) are n independent engine requests, merged into one stream;
 - each piece carries the engine outputs behind its bytes, so a request resumed on another replica
   (`RequestContext.resume`) replays them into its formatter and continues each choice where it
-  stopped; a stream the consumer closes aborts its engine requests and frees their KV blocks.
+  stopped; a stream the consumer closes aborts its engine requests and frees their KV blocks;
+- latencies run from the request's arrival at the ingress (`RequestContext.arrival`, the time the
+  client's TTFT starts) to what is handed out (cluster/serve/metrics/request_timer.py), and a stream
+  that fell behind its engine requests sends what is waiting as one chunk per choice.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator, Protocol
 
+from actors.engine.output.request_output import coalesce
 from actors.engine.request_rejected import RequestRejected
 from actors.engine.sampling_params import SamplingParams
 from cluster.serve import openai_protocol as p
@@ -30,7 +34,7 @@ from cluster.serve.tools import StreamingToolParser, forced_call_grammar, parse_
 from cluster.config import ServerSection
 from cluster.serve.errors import APIError, InvalidRequest, ModelNotFound, NotFound, Overloaded, as_api_error
 from cluster.serve.ingress.pieces import Piece, RequestContext
-from cluster.serve.metrics import ReplicaMetrics
+from cluster.serve.metrics.replica import ReplicaMetrics
 from cluster.serve.openapi_doc import IGNORED_HEADER, ignored_header, parse_request
 
 log = logging.getLogger(__name__)
@@ -374,20 +378,37 @@ class OpenAIServer:
             return self._stream(rid, req, choices, chunks(), ctx)
         return self._collect(rid, choices, ctx, results)
 
+    def _timers(self, choices: list[_Choice], ctx: RequestContext) -> list[Any]:
+        """One RequestTimer per choice, from the ingress's arrival; a resumed choice's client had
+        its first token from the lost replica, so its TTFT is not taken again."""
+        arrival = ctx.local_arrival(self.metrics.clock)
+        timers = [self.metrics.request_timer(arrival) for _ in choices]
+        if ctx.resume is not None:
+            for c in choices:
+                if ctx.resume.tokens(c.index):
+                    timers[c.index].resumed()
+        return timers
+
     async def _collect(self, rid: str, choices: list[_Choice], ctx: RequestContext,
                        results: list["_Result"]) -> AsyncIterator[Piece]:
         """Fill `results`, yielding progress-only pieces (nothing for the client until the end)."""
         results[:] = [_Result(c.prompt_index) for c in choices]
         for i, out in self._replayed(choices, ctx):
             results[i].add(out)
-        timers = [self.metrics.token_timer() for _ in choices]
-        with self._admitted(choices, ctx):
-            # progress only serves a resume: a few messages a second are enough
-            async for batch in _merge_batches(self._generators(rid, choices, ctx), COLLECT_INTERVAL_S):
-                for i, out in batch:
-                    results[i].add(out)
-                    timers[i].tokens(len(out.new_token_ids))
-                yield Piece(progress=batch)
+        timers = self._timers(choices, ctx)
+        failed = True
+        try:
+            with self._admitted(choices, ctx):
+                # progress only serves a resume: a few messages a second are enough
+                async for batch in _merge_batches(self._generators(rid, choices, ctx), COLLECT_INTERVAL_S):
+                    for i, out in batch:
+                        results[i].add(out)
+                        timers[i].observe(out)
+                    yield Piece(progress=batch)
+            failed = False
+        finally:
+            for t in timers:
+                t.close(error=failed)
         self._count_tokens(choices, results)
 
     async def _stream(self, rid: str, req: p._SamplingFields, choices: list[_Choice], chunks: "_Chunks",
@@ -397,6 +418,7 @@ class OpenAIServer:
         for i, out in self._replayed(choices, ctx):  # the formatter's state as the client saw it
             results[i].add(out)
             chunks.delta(i, out, req.return_token_ids, None)
+        timers = self._timers(choices, ctx)
         with self._admitted(choices, ctx):
             batches = _merge_batches(self._generators(rid, choices, ctx), self.settings.stream_interval_ms / 1000)
             # Wait for the first output before answering 200, so a request the engine refuses at
@@ -405,8 +427,9 @@ class OpenAIServer:
                 first = await anext(batches, None)
             except BaseException:
                 await batches.aclose()
+                for t in timers:
+                    t.close(error=True)
                 raise
-            timers = [self.metrics.token_timer() for _ in choices]
             head = b""
             if resume is None or not resume.opened:
                 for c in choices:
@@ -414,13 +437,14 @@ class OpenAIServer:
                     if opening is not None:
                         head += p.sse_event(opening)
             batch = first if first is not None else []  # a resume whose choices had all finished
+            failed = False
             try:
                 while batch is not None:
                     data = bytearray(head)
                     head = b""
                     for i, out in batch:
                         results[i].add(out)
-                        timers[i].tokens(len(out.new_token_ids))
+                        timers[i].observe(out)
                         usage = _usage(choices, results) if req.continuous_usage else None
                         for chunk in chunks.delta(i, out, req.return_token_ids, usage):
                             data += p.sse_event(chunk)
@@ -432,10 +456,13 @@ class OpenAIServer:
                         data += p.SSE_DONE
                     yield Piece(bytes(data), progress=sent, stream=True, final=batch is None)
             except Exception as exc:  # the stream has started: report in-band, then end it
+                failed = True
                 err = as_api_error(exc)
                 yield Piece(p.sse_event(err.body()) + p.SSE_DONE, stream=True, final=True, error_status=err.status)
             finally:
                 await batches.aclose()
+                for t in timers:  # a consumer gone mid-stream ends here too: its requests count as aborted
+                    t.close(error=failed)
 
     def _count_tokens(self, choices: list[_Choice], results: list["_Result"]) -> None:
         self.metrics.count_tokens(*_token_totals(choices, results)[:2])
@@ -641,8 +668,9 @@ async def _merge_batches(gens: dict[int, AsyncIterator[Any]] | list[AsyncIterato
     """Interleave several engine streams as batches of (index, output), in arrival order: each
     batch is what had arrived when the consumer came back for more, and with `interval_s` > 0 what
     arrives until `interval_s` after the previous batch (server.stream_interval_ms; the first
-    batch and a stream's end are never held). Either way the ingress hop costs one message per
-    batch rather than one per token.
+    batch and a stream's end are never held). A batch holds one output per index (what waited for
+    a slow consumer folds into one: one chunk per choice, not one per token), and the ingress hop
+    costs one message per batch rather than one per token.
 
     Closing the merged stream (client gone, error) cancels every pump task; cancellation raises
     inside each engine generator, whose cleanup aborts its request.
@@ -679,7 +707,7 @@ async def _merge_batches(gens: dict[int, AsyncIterator[Any]] | list[AsyncIterato
                     remaining -= 1
                 elif isinstance(item, BaseException):
                     if batch:
-                        yield batch
+                        yield _folded(batch)
                     raise item
                 else:
                     batch.append((i, item))
@@ -695,11 +723,21 @@ async def _merge_batches(gens: dict[int, AsyncIterator[Any]] | list[AsyncIterato
                 i, item = queue.get_nowait()
             if batch:
                 last = loop.time()
-                yield batch
+                yield _folded(batch)
     finally:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _folded(batch: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    """One output per choice, in the order the choices first appear."""
+    outputs: dict[int, list[Any]] = {}
+    for i, out in batch:
+        outputs.setdefault(i, []).append(out)
+    if len(outputs) == len(batch):
+        return batch
+    return [(i, coalesce(outs)) for i, outs in outputs.items()]
 
 
 async def _merge(gens: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:

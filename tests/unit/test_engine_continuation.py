@@ -1,12 +1,16 @@
 """A request resumed as a continuation (prompt + the tokens it already produced, as the ingress sends
 it after a replica died) goes on with exactly the tokens and text it would have had: greedy, seeded
 sampling with penalties (counter-based noise, counts rebuilt), and stop strings held back across the
-cut. tiny-moge preset on CPU."""
+cut; with async scheduling (PENDING tokens) and through the async engine, whose streams make the text
+(TextStream replayed over the tokens sent). tiny-moge preset on CPU."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
+from actors.engine.async_engine import AsyncEngine
 from actors.engine.engine import EngineSpec, LLMEngine
 from actors.engine.request_rejected import RequestRejected
 from actors.engine.sampling_params import SamplingParams
@@ -31,16 +35,26 @@ def run(engine: LLMEngine, rid: str) -> tuple[list[int], str, str | None]:
     return ids, text, reason
 
 
-def head_and_resume(tiny, prompt, params, cut) -> tuple[list[int], str, list[int], str, str | None]:
-    """The tokens and text a client had after `cut` tokens, then the rest from a fresh engine."""
-    first = LLMEngine(tiny, EngineSpec(256, 64, 16, 4, 2048))
+def engine_for(tiny, async_scheduling: bool = False) -> LLMEngine:
+    return LLMEngine(tiny, EngineSpec(256, 64, 16, 4, 2048, async_scheduling=async_scheduling))
+
+
+def head(tiny, prompt, params, cut, async_scheduling=False) -> tuple[list[int], str]:
+    """The tokens and text a client had after `cut` tokens."""
+    first = engine_for(tiny, async_scheduling)
     first.add_request("r", prompt, params)
     head_ids, head_text = [], ""
     while len(head_ids) < cut:
         for o in first.step():
             head_ids += o.new_token_ids
             head_text += o.new_text
-    resumed = LLMEngine(tiny, EngineSpec(256, 64, 16, 4, 2048))
+    return head_ids, head_text
+
+
+def head_and_resume(tiny, prompt, params, cut, async_scheduling=False) -> tuple[list[int], str, list[int], str, str | None]:
+    """The tokens and text a client had after `cut` tokens, then the rest from a fresh engine."""
+    head_ids, head_text = head(tiny, prompt, params, cut, async_scheduling)
+    resumed = engine_for(tiny, async_scheduling)
     resumed.add_request("r", prompt, params, generated=head_ids)
     return (head_ids, head_text, *run(resumed, "r"))
 
@@ -55,22 +69,51 @@ CASES = {
 
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("cut", [1, 9])
-def test_a_continuation_yields_the_same_tail(tiny, name, cut):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_a_continuation_yields_the_same_tail(tiny, name, cut, async_scheduling):
     prompt = tiny.tokenizer.encode("Experts in groups")
     params = CASES[name]
-    whole = LLMEngine(tiny, EngineSpec(256, 64, 16, 4, 2048))
+    whole = engine_for(tiny)
     whole.add_request("r", prompt, params)
     ids, text, reason = run(whole, "r")
     assert len(ids) == 24
 
-    head_ids, head_text, tail_ids, tail_text, tail_reason = head_and_resume(tiny, prompt, params, cut)
+    head_ids, head_text, tail_ids, tail_text, tail_reason = head_and_resume(tiny, prompt, params, cut, async_scheduling)
     assert head_ids + tail_ids == ids
     assert head_text + tail_text == text and tail_reason == reason
 
 
+def test_the_async_engine_resumes_a_stream_with_its_text(tiny):
+    """Serving: the step thread hands out ids only and the stream makes the text, so the stream's
+    TextStream is the one replayed; a stop string that spans the cut still ends the request there."""
+    prompt = tiny.tokenizer.encode("Experts in groups")
+    free = engine_for(tiny)
+    free.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    _, text, _ = run(free, "r")
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop])
+    whole = engine_for(tiny)
+    whole.add_request("r", prompt, params)
+    w_ids, w_text, w_reason = run(whole, "r")
+    head_ids, head_text = head(tiny, prompt, params, len(w_ids) // 2)
+    served = AsyncEngine(engine_for(tiny, async_scheduling=True))
+
+    async def tail():
+        ids, text, reason = [], "", None
+        async for o in served.generate("r", prompt, params, generated=head_ids):
+            ids, text, reason = ids + o.new_token_ids, text + o.new_text, o.finish_reason
+        return ids, text, reason
+
+    try:
+        t_ids, t_text, t_reason = asyncio.run(asyncio.wait_for(tail(), 60))
+    finally:
+        served.shutdown()
+    assert (head_ids + t_ids, head_text + t_text, t_reason) == (w_ids, w_text, w_reason)
+
+
 def test_a_stop_string_spanning_the_cut_is_still_cut_out(tiny):
     prompt = tiny.tokenizer.encode("Experts in groups")
-    free = LLMEngine(tiny, EngineSpec(256, 64, 16, 4, 2048))
+    free = engine_for(tiny)
     free.add_request("r", prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     ids, text, _ = run(free, "r")
     stop = text[len(text) // 2: len(text) // 2 + 3]  # a string that appears mid-output

@@ -17,7 +17,7 @@ from cluster.serve.ingress.http_app import build_http_app
 from cluster.serve.ingress.json_body import depth, loads_bounded
 from cluster.serve.ingress.pieces import RequestContext
 from cluster.serve.ingress.resume import NoReplica, ReplicaLost, ReplicaWatch
-from cluster.serve.metrics import ReplicaMetrics
+from cluster.serve.metrics.replica import ReplicaMetrics
 from cluster.serve.middleware.auth import ApiKeys
 from cluster.serve.middleware.request_guard import GuardLimits
 from cluster.serve.openai_server import OpenAIServer, ServedModel

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from cluster.config import MogeConfig
 from cluster.serve.ingress.http_app import build_http_app
-from cluster.serve.metrics import ReplicaMetrics
+from cluster.serve.metrics.replica import ReplicaMetrics
 from cluster.serve.middleware.request_guard import GuardLimits
 from cluster.serve.replica_engine import engine_mode
 

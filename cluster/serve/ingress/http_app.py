@@ -24,10 +24,10 @@ from cluster.serve.errors import APIError, ErrorBoundary, install_handlers
 from cluster.serve.ingress.backend import LocalBackend
 from cluster.serve.ingress.pieces import Piece, RequestContext
 from cluster.serve.ingress.resume import ReplicaUnavailable, ReplicaWatch, answer
-from cluster.serve.metrics import CONTENT_TYPE, ReplicaMetrics
+from cluster.serve.metrics.replica import CONTENT_TYPE, ReplicaMetrics
 from cluster.serve.middleware.auth import ApiKeyMiddleware, ApiKeys
 from cluster.serve.middleware.request_guard import PARSED_BODY, GuardLimits, RequestGuard
-from cluster.serve.middleware.scope import route_path
+from cluster.serve.middleware.scope import ARRIVAL, arrival_of, route_path
 from cluster.serve.openapi_doc import body_schema, install_request_schemas
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ class Front:
         self.watch.start()
         if not self.watch.serving:
             raise ReplicaUnavailable(f"no attention replica is serving; retry after {retry}s", retry)
-        pieces = answer(lambda ctx: self.backend.pieces(route, body, ctx), RequestContext(),
+        ctx = RequestContext.arriving(arrival_of(request.scope), self.metrics.clock)
+        pieces = answer(lambda ctx: self.backend.pieces(route, body, ctx), ctx,
                         window_s=self.settings.resume_window_s, retry_after_s=retry,
                         on_resume=self.metrics.count_resume)
         try:
@@ -133,7 +134,8 @@ class ClosingStreamingResponse(StreamingResponse):
 
 class RouteMetricsMiddleware:
     """Count every answered request by route and status (unknown paths share one label); a client
-    that left before its answer is a disconnect, by phase, never a status."""
+    that left before its answer is a disconnect, by phase, never a status. Being the outermost, it
+    also stamps the request's arrival."""
 
     def __init__(self, app: ASGIApp, metrics: ReplicaMetrics) -> None:
         self.app = app
@@ -143,6 +145,7 @@ class RouteMetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope[ARRIVAL] = self.metrics.clock()  # where every latency metric starts (RequestContext.arrival)
         path = route_path(scope)
         route = path if path in KNOWN_ROUTES else "other"
 

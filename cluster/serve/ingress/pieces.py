@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass
@@ -41,6 +41,22 @@ class RequestContext:
     # the seed of a request that names none: a resumed sampled choice draws what it would have
     seed: int = field(default_factory=lambda: random.getrandbits(48))
     resume: Resume | None = None
+    # wall-clock time the request reached the ingress: where its latencies start (the TTFT its
+    # client sees). Wall clock because the ingress and the replica may be on different nodes;
+    # each side converts to and from its own monotonic clock.
+    arrival: float = field(default_factory=time.time)
+
+    @classmethod
+    def arriving(cls, arrival: float | None, clock: Callable[[], float]) -> "RequestContext":
+        """A context for a request that arrived at `arrival` on `clock` (None: now)."""
+        ctx = cls()
+        if arrival is not None:
+            ctx.arrival -= max(0.0, clock() - arrival)
+        return ctx
+
+    def local_arrival(self, clock: Callable[[], float]) -> float:
+        """The arrival on `clock` (this process's monotonic clock)."""
+        return clock() - max(0.0, time.time() - self.arrival)
 
 
 @dataclass
