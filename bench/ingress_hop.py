@@ -1,6 +1,8 @@
-"""What the ingress hop costs per token: the split app (proxy -> ingress -> attention replica, pieces
-over a Serve streaming handle) against the same replica answering HTTP itself (proxy -> replica, the
-pre-split topology), on the same local Ray, alternating, at 1 and 32 concurrent greedy streams.
+"""What the ingress hop costs per token: the split app (proxy -> ingress -> attention replica) with
+each piece carrier — "socket" (the piece channel: one connection per ingress/replica pair, a step's
+pieces in one frame) and "serve" (a Serve streaming call per request, a Ray message per piece) —
+against the same replica answering HTTP itself (proxy -> replica, the pre-split topology), on the
+same local Ray, alternating, at 1 and 32 concurrent greedy streams.
 
     PYTHONPATH=. python bench/ingress_hop.py --streams 1,32 --tokens 64 --rounds 3 --out ingress_hop.json
 
@@ -9,7 +11,8 @@ excluded), averaged over streams. Wall-clock ITL on a shared machine is noisier 
 hop's cost is also measured as CPU: the CPU seconds the serving processes (Serve proxy, ingress,
 attention replica; /proc/<pid>/stat) spend per generated token in each topology. `hop_cpu_ms` =
 split - direct per token; `hop_share` = hop_cpu_ms / the direct ITL (what the hop takes from a
-token's budget on a CPU-bound machine, where every CPU millisecond delays the engine).
+token's budget on a CPU-bound machine, where every CPU millisecond delays the engine); `itl_share` =
+the wall ITL's excess over direct, relative to it.
 """
 
 from __future__ import annotations
@@ -81,6 +84,9 @@ async def itl(base_url: str, streams: int, tokens: int) -> float:
         return statistics.mean(await asyncio.gather(*(one(c) for _ in range(streams))))
 
 
+TOPOLOGIES = ("direct", "socket", "serve")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--streams", default="1,32")
@@ -90,34 +96,45 @@ def main() -> None:
     args = ap.parse_args()
     from ray import serve
 
+    from cluster.serve.app import app_builder
+
     config = MogeConfig.load(env={}, model={"source": "preset:tiny-moge", "device": "cpu", "dtype": "float32"},
                              engine={"max_num_seqs": 32}, server={"host": "127.0.0.1", "port": free_port()})
-    cluster = LocalCluster(config, num_cpus=4)
-    split_url = cluster.start(timeout_s=300)
+    cluster = LocalCluster(config, num_cpus=6)
+    base = cluster.start(timeout_s=300)  # the socket carrier: the default
+    over_serve = config.model_dump(mode="json")
+    over_serve["server"]["piece_carrier"] = "serve"
+    serve.run(app_builder({"config": over_serve}), name="serve", route_prefix="/serve")
     serve.run(direct_app(config), name="direct", route_prefix="/direct")
-    direct_url = split_url + "/direct"
+    urls = {"socket": base, "serve": base + "/serve", "direct": base + "/direct"}
+    apps = {"socket": APP, "serve": "serve", "direct": "direct"}
     rows: list[dict[str, Any]] = []
     try:
         for n in [int(x) for x in args.streams.split(",")]:
-            asyncio.run(itl(split_url, n, 8))  # warm both paths
-            asyncio.run(itl(direct_url, n, 8))
-            split, direct, cpu = [], [], {"split": [], "direct": []}
+            for name in TOPOLOGIES:  # warm every path
+                asyncio.run(itl(urls[name], n, 8))
+            wall: dict[str, list[float]] = {t: [] for t in TOPOLOGIES}
+            cpu: dict[str, list[float]] = {t: [] for t in TOPOLOGIES}
             for _ in range(args.rounds):
-                for name, url, out in (("split", split_url, split), ("direct", direct_url, direct)):
-                    pids = serving_pids(APP if name == "split" else "direct")
+                for name in TOPOLOGIES:
+                    pids = serving_pids(apps[name])
                     before = cpu_s(pids)
-                    out.append(asyncio.run(itl(url, n, args.tokens)))
+                    wall[name].append(asyncio.run(itl(urls[name], n, args.tokens)))
                     cpu[name].append((cpu_s(pids) - before) / (n * args.tokens))
-            s, d = statistics.median(split), statistics.median(direct)
-            cs, cd = statistics.median(cpu["split"]), statistics.median(cpu["direct"])
-            rows.append({"streams": n, "itl_split_ms": round(s * 1e3, 3), "itl_direct_ms": round(d * 1e3, 3),
-                         "cpu_per_token_split_ms": round(cs * 1e3, 3), "cpu_per_token_direct_ms": round(cd * 1e3, 3),
-                         "hop_cpu_ms": round((cs - cd) * 1e3, 3), "hop_share": round((cs - cd) / d, 4),
-                         "rounds_split_ms": [round(x * 1e3, 2) for x in split],
-                         "rounds_direct_ms": [round(x * 1e3, 2) for x in direct]})
-            print(json.dumps(rows[-1]), flush=True)
+            d, cd = statistics.median(wall["direct"]), statistics.median(cpu["direct"])
+            row: dict[str, Any] = {"streams": n, "itl_direct_ms": round(d * 1e3, 3),
+                                   "cpu_per_token_direct_ms": round(cd * 1e3, 3)}
+            for name in ("socket", "serve"):
+                s, cs = statistics.median(wall[name]), statistics.median(cpu[name])
+                row.update({f"itl_{name}_ms": round(s * 1e3, 3), f"cpu_per_token_{name}_ms": round(cs * 1e3, 3),
+                            f"hop_cpu_{name}_ms": round((cs - cd) * 1e3, 3),
+                            f"hop_share_{name}": round((cs - cd) / d, 4), f"itl_share_{name}": round((s - d) / d, 4)})
+            row["rounds_ms"] = {t: [round(x * 1e3, 2) for x in wall[t]] for t in TOPOLOGIES}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     finally:
         serve.delete("direct")
+        serve.delete("serve")
         cluster.stop()
     if args.out:
         with open(args.out, "w") as f:

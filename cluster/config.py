@@ -83,6 +83,10 @@ class ServerSection(_Section):
         "that arrives whole never waits")
     max_partial_bodies_per_client: int = Field(
         128, ge=1, description="bodies still arriving at once from one client address (more: 429)")
+    piece_carrier: Literal["socket", "serve"] = Field(
+        "socket", description="how a replica's pieces reach the ingress: socket = one authenticated TCP "
+        "connection per (ingress, replica) pair on the node address, a step's pieces in one frame; "
+        "serve = a Serve streaming call per request (a Ray message per piece; no port beyond Ray's)")
     ingress_num_replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress deployment")
     ingress_num_cpus: float = Field(0, ge=0, description="logical CPUs of each ingress replica (it mostly waits on sockets)")
     max_tokens_default: int = Field(256, ge=1)

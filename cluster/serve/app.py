@@ -88,6 +88,7 @@ class AttentionReplica:
             self.replica.elastic.attach(self.engine, self.metrics)
         elif self.replica.parts.remote is not None:
             self.metrics.watch_experts(self.replica.parts.remote)
+        self._channel = None  # piece channel connections, by ingress (opened on first use)
         admitted = self.config.engine.max_num_seqs + self.config.server.max_waiting_requests
         self.server = OpenAIServer(self.engine, self.served, self.config.server, self.metrics, max_in_flight=admitted)
         log.info("attention replica serving %s (context %d, experts %s)", self.served.name,
@@ -95,9 +96,28 @@ class AttentionReplica:
 
     # ---- for the ingress (cluster/serve/ingress/backend.py ServeBackend) ------------------------
 
+    async def send_pieces(self, route: str, body: Any, ctx: RequestContext, ingress: tuple[str, int],
+                          stream_id: str) -> int:
+        """One request whose pieces go over this replica's piece channel to `ingress` (its address;
+        server.piece_carrier "socket", cluster/serve/channel/); returns, with their count, once the
+        last is on the wire. Cancelled by the ingress (client gone): the engine requests abort."""
+        from cluster.serve.channel.outbox import send_all
+
+        outbox = await self._outboxes().to(ingress)
+        return await send_all(outbox, stream_id, self.server.run(route, body, ctx))
+
     async def generate(self, route: str, body: Any, ctx: RequestContext) -> AsyncIterator[Piece]:
+        """The same over a Serve streaming call (server.piece_carrier "serve")."""
         async for piece in self.server.run(route, body, ctx):
             yield piece
+
+    def _outboxes(self):
+        if self._channel is None:
+            from cluster.security import cluster_secret
+            from cluster.serve.channel.outbox import Outboxes
+
+            self._channel = Outboxes(cluster_secret.ensure().encode(), _replica_name())
+        return self._channel
 
     async def model_info(self) -> dict:
         return self.server.model_info()
@@ -161,6 +181,8 @@ class AttentionReplica:
         return deployment_options_for(llm_config)
 
     def __del__(self) -> None:
+        if getattr(self, "_channel", None) is not None:
+            self._channel.close()
         replica = getattr(self, "replica", None)
         if replica is not None:
             replica.shutdown()
@@ -174,10 +196,30 @@ class Ingress:
         from cluster.serve.ingress.deployment import ingress_app
 
         self.config = MogeConfig.load(**unseal(config))
-        self.http = ingress_app(self.config, ServeBackend(replicas, self.config.server.resume_window_s))
+        inbox = None
+        if self.config.server.piece_carrier == "socket":
+            from cluster.security import cluster_secret
+            from cluster.serve.channel.inbox import Inbox
+
+            inbox = Inbox(cluster_secret.ensure().encode(), _node_address())
+        self.http = ingress_app(self.config, ServeBackend(replicas, self.config.server.resume_window_s, inbox))
 
     def __serve_build_asgi_app__(self):  # Serve calls this once, after __init__
         return self.http
+
+
+def _node_address() -> str:
+    """Where replicas dial this ingress: the node's address as Ray knows it (never every interface)."""
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def _replica_name() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside a Serve replica (tests)
+        return "replica"
 
 
 def app_builder(args: dict[str, Any]) -> Application:

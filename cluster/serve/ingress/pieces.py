@@ -68,3 +68,24 @@ class Piece:
     stream: bool = False  # the response is an SSE stream (first piece)
     final: bool = False  # nothing follows
     error_status: int | None = None  # an in-band error event of a started stream (for the counters)
+
+
+def merge_pieces(pieces: list[Piece]) -> Piece:
+    """Consecutive pieces of one request as one (a consumer that fell behind the channel sends one
+    write, not one per step): bytes and progress in order, the first's headers and stream flag, the
+    last's status and end."""
+    if len(pieces) == 1:
+        return pieces[0]
+    first, last = pieces[0], pieces[-1]
+    headers: dict[str, str] = {}
+    for piece in pieces:
+        headers.update(piece.headers or {})
+    return Piece(
+        data=b"".join(piece.data for piece in pieces),
+        progress=[item for piece in pieces for item in piece.progress],
+        status=last.status,
+        headers=headers or None,
+        stream=first.stream,
+        final=last.final,
+        error_status=next((piece.error_status for piece in pieces if piece.error_status is not None), None),
+    )

@@ -42,8 +42,11 @@ class ReplicaUnavailable(RetryLater):
 
 
 def is_replica_lost(exc: BaseException) -> bool:
-    """A replica's death as Ray reports it to a caller (the actor died or is unreachable)."""
-    if isinstance(exc, ReplicaLost):
+    """A replica's death as Ray reports it to a caller (the actor died or is unreachable), or as the
+    piece channel does (its connection ended; raised in the replica, it comes wrapped by Ray)."""
+    from cluster.serve.channel.wire import ChannelClosed
+
+    if isinstance(exc, (ReplicaLost, ChannelClosed)) or isinstance(getattr(exc, "cause", None), ChannelClosed):
         return True
     try:
         from ray.exceptions import RayActorError, WorkerCrashedError
