@@ -188,6 +188,11 @@ def fused_moe(
     local_ids = local_ids.contiguous()
     flat = local_ids.view(-1)
     limit = GEMV_MAX_TOKENS if gemv_max_tokens is None else gemv_max_tokens
+    from actors.model.kernels.gemm import moe as gemm_moe  # block-FP8 weights; the tuned bf16 grouped path
+
+    if gemm_moe.takes(w13, x, t, limit):
+        ys = gemm_moe.expert_outputs(x, w13, w2, local_ids, gemv_max_tokens=gemv_max_tokens)
+        return combine(ys, None, local_ids, weights, n_local, experts_per_group, n_groups, out_dtype)
     if not grouped_usable(x) or t <= limit:
         h = expert_gemv(x, w13, flat, k, act=False)  # [A, 2I]
         ys = expert_gemv(h, w2, flat, k, act=True)  # [A, D]
