@@ -55,7 +55,7 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.fused(x):
-            from actors.model.kernels.fp8.linear import fp8_linear
+            from actors.model.kernels.gemm.linear import fp8_linear
 
             return fp8_linear(x, self.weight, self.weight_scale_inv, self.bias)
         w = dequantize(self.weight, self.weight_scale_inv, x.dtype)
