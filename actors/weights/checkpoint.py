@@ -203,7 +203,7 @@ def _read_per_expert(reader, cfg, layer, experts: range, plan: q.WeightPlan):
         w13[i, :inner].copy_(q.place(gate, plan, False))
         w13[i, inner:].copy_(q.place(up, plan, False))
         w2[i].copy_(q.place(down, plan, False))
-    if plan.fp8:  # a bf16 (or partly FP8) checkpoint quantized at load, gate and up on their own grids
+    if plan.quantize_float:  # a float checkpoint quantized at load, gate and up on their own grids
         return quantize(w13, split=inner), quantize(w2)
     return w13, w2
 
@@ -239,7 +239,7 @@ def _read_fused(reader, cfg, layer, experts: range, plan: q.WeightPlan):
         return tuple(BlockFp8(*(t.to(plan.device).contiguous() for t in w), 0) for w in (w13, w2))
     w13 = q.place(w13, plan, False).contiguous()
     w2 = q.place(w2, plan, False).contiguous()
-    if plan.fp8:
+    if plan.quantize_float:
         return quantize(w13, split=inner), quantize(w2)
     return w13, w2
 

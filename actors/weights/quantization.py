@@ -20,8 +20,8 @@ tensors in a checkpoint that declares no quantization, float8_e5m2 weights (Chec
           the compute dtype elsewhere (CPU, older GPUs, NPU); other checkpoints and presets as they are
     none  every weight in the compute dtype (FP8 checkpoints dequantized)
     fp8   the attention projections, shared experts, dense MLPs and routed experts in FP8: FP8
-          checkpoints as stored, bf16 ones and presets quantized at load tensor by tensor (the peak
-          never holds the bf16 model). On CPU the FP8 weights are kept and computed by the torch
+          checkpoints as stored (their float tensors stay float), bf16 ones and presets quantized at
+          load tensor by tensor (the peak never holds the bf16 model). On CPU the FP8 weights are kept and computed by the torch
           fallback (dequantized per use): slow, for tests of the same construction path.
 """
 
@@ -63,6 +63,12 @@ class WeightPlan:
     fp8: bool = False  # FP8-capable tensors kept (FP8 sources) or quantized (others) in FP8
     checkpoint: CheckpointQuant | None = None
     notes: list = field(default_factory=list, compare=False)
+
+    @property
+    def quantize_float(self) -> bool:
+        """Quantize float weights at load? Only for an unquantized source: in an FP8 checkpoint the
+        float ones were left so on purpose (modules_to_not_convert) and stay in the compute dtype."""
+        return self.fp8 and self.checkpoint is None
 
     @property
     def label(self) -> str:
@@ -134,4 +140,4 @@ def place(t, plan: WeightPlan, fp8_ok: bool, split: int = 0):
         work = plan.device if plan.device.type == "cuda" else "cpu"  # dequantize where it is fast
         return dequantize(q.to(work), s.to(work), plan.dtype, split).to(plan.device)
     t = t.to(device=plan.device, dtype=plan.dtype)
-    return quantize(t, split) if plan.fp8 and fp8_ok else t
+    return quantize(t, split) if plan.quantize_float and fp8_ok else t
