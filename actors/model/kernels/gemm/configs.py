@@ -69,7 +69,8 @@ def default_tile(op: str, mode: str, rows_per_block: int) -> Tile:
     bk = 128 if mode != "bf16" else 64
     if op == "moe_up" and mode == "w8a8":
         return Tile(bm, 128, 128, 4 if bm <= 32 else 8, 3)
-    bn = 32 if bm <= 16 else 64 if bm <= 32 else 128
+    # the gate/up pass keeps two accumulators (gate and up tiles): half the columns per program
+    bn = 32 if bm <= 16 else 64 if bm <= 32 or op == "moe_up" else 128
     return Tile(bm, bn, bk, 4, 3 if mode != "bf16" else 4)
 
 

@@ -2,8 +2,8 @@
 program per (token, expert) assignment and tile of output rows, as kernels/moe.py's expert_gemv,
 reading each weight byte once per assignment (half the bytes of bf16).
 
-Per weight row the product is summed per 128-column scale block, multiplied by that block's scale,
-then summed over the blocks in order: KB blocks (KB * 128 columns) per loop step, fixed, so every
+Per weight row the product is summed per 128-column scale block, multiplied by that block's scale
+and added to the row's sum, block after block in order (KB blocks unrolled per loop step), so every
 autotuned tile shape reduces a row the same way and gives the same bits.
 """
 
@@ -44,21 +44,22 @@ def _fp8_gemv_kernel(
         w_rows = w_ptr + e * stride_we + rows[:, None].to(tl.int64) * stride_wn
         s_rows = s_ptr + e * stride_se + srow * stride_sn
         for k0 in range(0, n_in, KB * 128):
-            cols = k0 + tl.arange(0, KB * 128)
-            col_ok = cols < n_in
-            if ACT:
-                gate = tl.load(src + cols, mask=col_ok, other=0.0)
-                up = tl.load(src + n_in + cols, mask=col_ok, other=0.0).to(tl.float32)
-                gf = gate.to(tl.float32)
-                silu = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype).to(tl.float32)
-                inp = (silu * up).to(gate.dtype).to(tl.float32)
-            else:
-                inp = tl.load(src + cols, mask=col_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            part = tl.sum(tl.reshape(w.to(tl.float32) * inp[None, :], [BLOCK_N, KB, 128]), axis=2)
-            kb = k0 // 128 + tl.arange(0, KB)
-            s = tl.load(s_rows[:, None] + kb[None, :], mask=row_ok[:, None] & (kb * 128 < n_in)[None, :], other=0.0)
-            acc += tl.sum(part * s, axis=1)
+            for j in tl.static_range(KB):  # one 128-column scale block at a time
+                cols = k0 + j * 128 + tl.arange(0, 128)
+                col_ok = cols < n_in
+                if ACT:
+                    gate = tl.load(src + cols, mask=col_ok, other=0.0)
+                    up = tl.load(src + n_in + cols, mask=col_ok, other=0.0).to(tl.float32)
+                    gf = gate.to(tl.float32)
+                    silu = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype).to(tl.float32)
+                    inp = (silu * up).to(gate.dtype).to(tl.float32)
+                else:
+                    inp = tl.load(src + cols, mask=col_ok, other=0.0).to(tl.float32)
+                w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+                part = tl.sum(w.to(tl.float32) * inp[None, :], axis=1)
+                kb = k0 // 128 + j
+                s = tl.load(s_rows + kb, mask=row_ok & (kb * 128 < n_in), other=0.0)
+                acc += part * s
     tl.store(out_ptr + a * stride_out + rows, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
