@@ -12,15 +12,17 @@ routed experts the step hits — counted per layer from the routing of an eager 
 batch —, the KV read and written) over the device-to-device copy bandwidth measured at the start of
 the run, divided by the measured step time.
 
-  python bench/fp8_decode.py --preset pangu-pro-moe-72b --quantization fp8 --batches 1,64,128,max \\
-      --contexts 2048,16 --kernels --out pangu.jsonl
-  python bench/fp8_decode.py --preset bench-moge --layers 2 --device cpu --batches 1,4 --contexts 16   # dry run
+  python bench/fp8_decode.py --preset pangu-pro-moe-72b --runs fp8,none:24 --batches 1,64,128,0 \\
+      --contexts 2048,16 --kernels 1,16,64,128 --out pangu.jsonl
+  python bench/fp8_decode.py --preset bench-moge --runs fp8:2 --device cpu --dtype float32 --batches 1,4 --contexts 16
+  python bench/fp8_decode.py --summary DIR      # the table of every *.jsonl in DIR
 Prints one JSON line per measurement (and appends them to --out).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -145,7 +147,7 @@ def max_batch(loaded, context: int, fraction: float, reserve_bytes: int) -> int:
 def bench_decode(loaded, label: str, args, bw: float) -> None:
     device = loaded.device
     for context in args.contexts:
-        top = max_batch(loaded, context, args.kv_fraction, args.reserve_gb << 30)
+        top = min(args.max_batch_cap, max_batch(loaded, context, args.kv_fraction, args.reserve_gb << 30))
         batches = sorted({min(top, b) if b > 0 else top for b in args.batches})
         width = -(-(context + 1) // BLOCK)
         kv = PagedKVCache.for_model(loaded.cfg, max(batches) * width, BLOCK, loaded.dtype, device)
@@ -207,23 +209,46 @@ def bench_kernels(loaded, label: str, tokens_list, bw: float) -> None:
         emit(row)
 
 
+def summary(out_dir: Path) -> None:
+    """A short table of every JSON line under out_dir."""
+    rows = [json.loads(line) for f in sorted(out_dir.glob("*.jsonl")) for line in f.read_text().splitlines() if line.strip()]
+    print("\n== decode steps (model forward in a CUDA graph) ==")
+    print(f"{'model':<24}{'quant':<6}{'L':>3}{'batch':>6}{'ctx':>6}{'step ms':>10}{'tok/s':>10}{'roofline':>9}")
+    for r in rows:
+        if "step_ms" in r and "batch" in r:
+            print(f"{r['model']:<24}{r['quantization']:<6}{r['layers']:>3}{r['batch']:>6}{r['context']:>6}"
+                  f"{r['step_ms']:>10.3f}{r['tokens_per_s']:>10.1f}{r.get('roofline_share', float('nan')):>9.3f}")
+    print("\n== routed experts, one layer (us; share of copy bandwidth) ==")
+    for r in rows:
+        if r.get("kernel") == "routed_experts":
+            parts = [f"{k[:-3]} {r[k]} us ({r.get(k[:-3] + '_copy_bw_share', '-')})" for k in r if k.endswith("_us")]
+            print(f"{r['model']:<24}{r['quantization']:<6}T={r['tokens']:<5} hit {r['experts_hit']:<4} " + "; ".join(parts))
+    for r in rows:
+        if r.get("event") in ("copy_bandwidth", "model_built") or "test" in r:
+            print(json.dumps(r))
+
+
 def main() -> None:
     global OUT
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", required=True)
-    ap.add_argument("--layers", type=int, default=0, help="override the preset's layer count")
-    ap.add_argument("--quantization", default="none", choices=["none", "fp8"])
+    ap.add_argument("--preset", default="")
+    ap.add_argument("--runs", default="none", help="comma list of QUANT[:LAYERS], e.g. fp8,none:24 (layers: "
+                    "override the preset's count); run one after another in this process")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--batches", default="1,64,128,0", help="0 = the largest the KV cache fits")
+    ap.add_argument("--batches", default="1,64,128,0", help="0 = the largest the KV cache fits (capped)")
+    ap.add_argument("--max-batch-cap", type=int, default=512)
     ap.add_argument("--contexts", default="2048,16")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--kv-fraction", type=float, default=0.85, help="of the memory free after the weights")
     ap.add_argument("--reserve-gb", type=int, default=6, help="kept free for activations and graphs")
     ap.add_argument("--kernels", default="", help="token counts for the routed-expert kernel timings")
-    ap.add_argument("--label", default="")
     ap.add_argument("--out", default="")
+    ap.add_argument("--summary", default="", help="print the table of the JSON lines in this directory and exit")
     args = ap.parse_args()
+    if args.summary:
+        summary(Path(args.summary))
+        return
     OUT = Path(args.out) if args.out else None
     args.batches = [int(b) for b in args.batches.split(",") if b]
     args.contexts = [int(c) for c in args.contexts.split(",") if c]
@@ -231,23 +256,29 @@ def main() -> None:
     bw = copy_bandwidth(device) if device.type == "cuda" else 0.0
     if bw:
         emit({"event": "copy_bandwidth", "device": torch.cuda.get_device_name(), "gb_per_s": round(bw / 1e9, 1)})
-    cfg = get_preset(args.preset)
-    if args.layers:
-        cfg = replace(cfg, num_layers=args.layers, dense_layers=tuple(l for l in cfg.dense_layers if l < args.layers))
-    label = args.label or (args.preset if not args.layers else f"{args.preset}-{args.layers}L")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    started = time.perf_counter()
-    loaded = build_preset(cfg, label, f"preset:{args.preset}", 0, getattr(torch, args.dtype), device,
-                          quantization=args.quantization)
-    synchronize(device)
-    emit({"event": "model_built", "model": label, "quantization": loaded.quantization,
-          "seconds": round(time.perf_counter() - started, 1), "weights_gib": round(loaded.bytes_loaded / 2**30, 2),
-          "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None})
-    with torch.no_grad():
-        bench_decode(loaded, label, args, bw)
-        if args.kernels and device.type == "cuda":  # Triton on the device only
-            bench_kernels(loaded, label, [int(t) for t in args.kernels.split(",")], bw)
+    for run in args.runs.split(","):
+        quantization, _, layers = run.partition(":")
+        cfg = get_preset(args.preset)
+        if layers:
+            n = int(layers)
+            cfg = replace(cfg, num_layers=n, dense_layers=tuple(l for l in cfg.dense_layers if l < n))
+        label = args.preset if not layers else f"{args.preset}-{layers}L"
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        started = time.perf_counter()
+        loaded = build_preset(cfg, label, f"preset:{args.preset}", 0, getattr(torch, args.dtype), device,
+                              quantization=quantization)
+        synchronize(device)
+        emit({"event": "model_built", "model": label, "quantization": loaded.quantization,
+              "seconds": round(time.perf_counter() - started, 1), "weights_gib": round(loaded.bytes_loaded / 2**30, 2),
+              "peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None})
+        with torch.no_grad():
+            bench_decode(loaded, label, args, bw)
+            if args.kernels and device.type == "cuda":  # Triton on the device only
+                bench_kernels(loaded, label, [int(t) for t in args.kernels.split(",")], bw)
+        del loaded
+        gc.collect()
 
 
 if __name__ == "__main__":

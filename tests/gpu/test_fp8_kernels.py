@@ -242,3 +242,29 @@ def test_block_schedule_covers_every_row_once():
         assert starts[ex] <= r0 < int(ends[ex])
         seen += list(range(r0, min(r0 + 16, int(ends[ex]))))
     assert sorted(seen) == list(range(100))
+
+
+@pytest.mark.parametrize("prompt_len", [20, 70])  # prefill weight-only / W8A8 (w8a8_min_tokens 64); decode GEMV
+def test_fp8_model_through_the_kernels_matches_the_torch_fallback(prompt_len):
+    """A whole FP8 model (tiny-moge, quantization fp8): every FP8 kernel in the model (dense linears,
+    expert GEMV, grouped experts, combine) against the fallback that dequantizes per use."""
+    from actors.model import kernels
+    from actors.model.reference import greedy_logits
+    from actors.weights.loader import load_model
+
+    loaded = load_model("preset:tiny-moge", DTYPE, DEVICE, quantization="fp8")
+    prompt = [(37 * j) % 250 + 3 for j in range(prompt_len)]
+    if DEVICE == "cpu":
+        kernels.set_enabled(True, on_cpu=True)
+    try:
+        fast_tokens, fast = greedy_logits(loaded, prompt, 3, stop_at_eos=False)
+    finally:
+        kernels.set_enabled(False)
+    try:
+        tokens, slow = greedy_logits(loaded, prompt, 3, stop_at_eos=False)
+    finally:
+        kernels.set_enabled(True)
+    bound = EXACT * 10 if prompt_len < 64 else W8A8_VS_UNQUANTIZED
+    assert rel(fast[0], slow[0]) < bound  # the prefill step's logits
+    if prompt_len < 64:
+        assert fast_tokens == tokens

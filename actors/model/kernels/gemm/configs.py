@@ -7,6 +7,7 @@ Every choice here changes only speed (and, for the activation scheme, FP8 roundi
     dense_w8a8_min_tokens  the same cut-over for the dense FP8 linears (attention, shared expert)
     bf16_grouped         routed experts in bf16, grouped path: "torch" (torch._grouped_mm) or "triton"
                          (this package's grouped kernel with the tile table)
+    dense_w8a8_backend   the dense FP8 linears' W8A8: "triton" or "scaled_mm" (F.scaled_mm blockwise)
     tiles                "<op>/<mode>/<N>x<K>/<tokens bucket>" -> [BLOCK_M, BLOCK_N, BLOCK_K, warps, stages]
 
 The defaults below are starting points, not measurements. `bench/gemm_autotune.py` measures every
@@ -34,6 +35,7 @@ DEFAULTS = {
     "w8a8_min_tokens": 64,
     "dense_w8a8_min_tokens": 64,
     "bf16_grouped": "torch",
+    "dense_w8a8_backend": "triton",
 }
 # tokens buckets a tile entry is keyed by (a step's token count rounds up to the next one)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)

@@ -6,14 +6,17 @@ reads each weight byte once, and W is converted exactly to the dtype in register
 are quantized per token group of 128 (act_quant) and the dot runs in FP8 (W8A8). Tiles come from the
 table (configs.py).
 
-torch._scaled_mm is not used here: with 128x128 block scales it needs the blockwise scaling recipes
-of recent torch builds on sm90 only, which CI cannot check; bench/gemm_autotune.py times it beside
-this kernel (where the build has it) so the table can switch when it wins.
+With dense_w8a8_backend "scaled_mm" (configs), W8A8 goes to torch's blockwise scaled matmul
+(F.scaled_mm, BlockWise1x128 activations x BlockWise128x128 weights: CUTLASS on sm90 in recent
+builds) where the shape allows it (N and K multiples of 128). bench/gemm_autotune.py selects it only
+after checking its output against this kernel's on the device and timing it faster; the default is
+the Triton kernel.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from actors.model.kernels.gemm import configs
 from actors.model.kernels.gemm.act_quant import quantize_act
@@ -34,9 +37,29 @@ def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torc
     m, n = x2.shape[0], q.shape[0]
     mode = mode or dense_mode(m)
     tile = configs.tile("dense", mode, n, k, m, m)
-    if mode == "w8a8":
+    if mode == "w8a8" and configs.setting("dense_w8a8_backend") == "scaled_mm" and scaled_mm_fits(q):
+        out = scaled_mm_blockwise(x2, q, scale, bias)
+    elif mode == "w8a8":
         xq, xs = quantize_act(x2)
         out, _ = gemm(xq, q, tile, out_rows=m, n_out=n, out_dtype=x.dtype, ref=x2, a_scale=xs, w_scale=scale, bias=bias)
     else:
         out, _ = gemm(x2, q, tile, out_rows=m, n_out=n, out_dtype=x.dtype, w_scale=scale, bias=bias)
     return out.view(*lead, n)
+
+
+def scaled_mm_fits(q: torch.Tensor) -> bool:
+    n, k = q.shape
+    return q.is_cuda and hasattr(F, "scaled_mm") and n % 128 == 0 and k % 128 == 0
+
+
+def scaled_mm_blockwise(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """W8A8 through F.scaled_mm's blockwise recipes: rows padded to a multiple of 4, activation scales
+    outer-dim major, weight scales' K blocks padded to a multiple of 4 (its layout rules)."""
+    m = x2.shape[0]
+    pad = -m % 4
+    xq, xs = quantize_act(F.pad(x2, (0, 0, 0, pad)) if pad else x2)
+    kb = scale.shape[1]
+    s = F.pad(scale, (0, -kb % 4)) if kb % 4 else scale
+    out = F.scaled_mm(xq, q.t(), xs.t().contiguous().t(), F.ScalingType.BlockWise1x128,
+                      s.t(), F.ScalingType.BlockWise128x128, output_dtype=x2.dtype)[:m]
+    return out + bias if bias is not None else out
