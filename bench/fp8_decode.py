@@ -40,18 +40,10 @@ from actors.model.presets import get_preset  # noqa: E402
 from actors.model.quant.blocks import nbytes  # noqa: E402
 from actors.model.step_batch import StepBatch  # noqa: E402
 from actors.weights.loader import build_preset  # noqa: E402
-from decode_vs_transformers import copy_bandwidth  # noqa: E402
+import decode_vs_transformers as dvt  # noqa: E402  (copy_bandwidth, emit: the same JSON lines)
+from decode_vs_transformers import copy_bandwidth, emit  # noqa: E402
 
-OUT: Path | None = None
 BLOCK = 16
-
-
-def emit(row: dict) -> None:
-    line = json.dumps(row)
-    print(line, flush=True)
-    if OUT is not None:
-        with OUT.open("a") as f:
-            f.write(line + "\n")
 
 
 def decode_batch(batch: int, context: int, vocab: int, device, first_block: int = 0) -> StepBatch:
@@ -229,7 +221,6 @@ def summary(out_dir: Path) -> None:
 
 
 def main() -> None:
-    global OUT
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="")
     ap.add_argument("--runs", default="none", help="comma list of QUANT[:LAYERS], e.g. fp8,none:24 (layers: "
@@ -249,7 +240,7 @@ def main() -> None:
     if args.summary:
         summary(Path(args.summary))
         return
-    OUT = Path(args.out) if args.out else None
+    dvt.OUT = Path(args.out) if args.out else None
     args.batches = [int(b) for b in args.batches.split(",") if b]
     args.contexts = [int(c) for c in args.contexts.split(",") if c]
     device = torch.device(args.device)

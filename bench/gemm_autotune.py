@@ -62,15 +62,32 @@ def with_tiles(table: dict, fn):
     """Run fn with configs.tile answering from `table` first."""
     plain = configs.tile
 
-    def tile(op, mode, n, k, tokens, rows_per_block):
+    def tile(op, mode, n, k, tokens, rows_per_block, m_tiles=1):
         t = table.get(configs.tile_key(op, mode, n, k, tokens))
-        return t if t is not None else plain(op, mode, n, k, tokens, rows_per_block)
+        return t if t is not None else plain(op, mode, n, k, tokens, rows_per_block, m_tiles)
 
     configs.tile = tile
     try:
         return fn()
     finally:
         configs.tile = plain
+
+
+def pick(best: dict, key: str, cands: list[Tile], fn, log) -> float:
+    """Time fn with each candidate tile at `key` (the rest from `best`); keep the fastest in best.
+    -> its time in us (infinity when no candidate ran)."""
+    scores = []
+    for cand in cands:
+        try:
+            scores.append((with_tiles({**best, key: cand}, lambda: bench_us(fn)), cand))
+        except Exception as exc:  # a tile the compiler cannot fit (shared memory, registers)
+            log({"skip": key, "tile": cand.as_list(), "error": type(exc).__name__})
+    if not scores:
+        return float("inf")
+    us, cand = min(scores, key=lambda s: s[0])
+    best[key] = cand
+    log({"tuned": key, "tile": cand.as_list(), "us": round(us, 1), "tried": len(scores)})
+    return us
 
 
 def tune_shape(name: str, quick: bool, log) -> tuple[dict, dict]:
@@ -90,20 +107,8 @@ def tune_shape(name: str, quick: bool, log) -> tuple[dict, dict]:
         ids = torch.topk(torch.rand(t, e, device="cuda", generator=gen), k).indices
         for mode, (a, b) in (("bf16", (w13, w2)), ("wo", (q13, q2)), ("w8a8", (q13, q2))):
             for op, n_, k_ in (("moe_up", inner, d), ("moe_down", d, inner)):
-                key = configs.tile_key(op, mode, n_, k_, t)
-                scores = []
-                for cand in candidates(op, mode, quick):
-                    table = {**best, key: cand}
-                    try:
-                        us = with_tiles(table, lambda: bench_us(lambda: expert_outputs(x, a, b, ids, mode=mode)))
-                    except Exception as exc:  # a tile the compiler cannot fit (shared memory, registers)
-                        log({"skip": key, "tile": cand.as_list(), "error": type(exc).__name__})
-                        continue
-                    scores.append((us, cand))
-                if scores:
-                    us, cand = min(scores, key=lambda s: s[0])
-                    best[key] = cand
-                    log({"tuned": key, "tile": cand.as_list(), "us": round(us, 1), "tried": len(scores)})
+                pick(best, configs.tile_key(op, mode, n_, k_, t), candidates(op, mode, quick),
+                     lambda: expert_outputs(x, a, b, ids, mode=mode), log)
             timings[f"{mode}/{t}"] = with_tiles(best, lambda: bench_us(lambda: expert_outputs(x, a, b, ids, mode=mode)))
         w = torch.rand(t, k, device="cuda", generator=gen)
         timings[f"torch_bf16/{t}"] = bench_us(lambda: fused_moe(x, w13, w2, ids, w, e // 8, 8, gemv_max_tokens=0))
@@ -118,20 +123,9 @@ def tune_shape(name: str, quick: bool, log) -> tuple[dict, dict]:
         for t in DENSE_TOKENS:
             x = torch.randn(t, k_, device="cuda", generator=gen).bfloat16()
             for mode in ("wo", "w8a8"):
-                key = configs.tile_key("dense", mode, n_, k_, t)
-                scores = []
-                for cand in candidates("dense", mode, quick):
-                    try:
-                        us = with_tiles({**best, key: cand}, lambda: bench_us(lambda: fp8_linear(x, wq.q, wq.scale, mode=mode)))
-                    except Exception as exc:
-                        log({"skip": key, "tile": cand.as_list(), "error": type(exc).__name__})
-                        continue
-                    scores.append((us, cand))
-                if scores:
-                    us, cand = min(scores, key=lambda s: s[0])
-                    best[key] = cand
-                    timings[f"dense/{mode}/{n_}x{k_}/{t}"] = us
-                    log({"tuned": key, "tile": cand.as_list(), "us": round(us, 1), "tried": len(scores)})
+                timings[f"dense/{mode}/{n_}x{k_}/{t}"] = pick(
+                    best, configs.tile_key("dense", mode, n_, k_, t), candidates("dense", mode, quick),
+                    lambda: fp8_linear(x, wq.q, wq.scale, mode=mode), log)
             timings[f"dense/scaled_mm/{n_}x{k_}/{t}"] = scaled_mm_us(x, wq, best, log)
     return best, timings
 

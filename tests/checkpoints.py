@@ -5,23 +5,28 @@ from __future__ import annotations
 import torch
 
 
-def write_qwen3_moe(path) -> str:
-    """A 2-layer Qwen3-MoE (8 experts, top-2) saved in HF format under `path`; returns the path.
-    Weights are scaled for O(1) activations and decisive router scores, so greedy tokens are stable."""
+def random_qwen3_moe(seed: int, **shape):
+    """A float32 Qwen3-MoE (8 experts, top-2, 2 layers unless `shape` says otherwise) with weights
+    scaled for O(1) activations and decisive router scores, so greedy tokens are stable."""
     import transformers as tf
 
-    cfg = tf.Qwen3MoeConfig(
-        vocab_size=128, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        intermediate_size=48, moe_intermediate_size=32, num_hidden_layers=2, num_experts=8,
-        num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=256,
-    )
-    torch.manual_seed(11)
+    cfg = tf.Qwen3MoeConfig(**{
+        "vocab_size": 128, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "intermediate_size": 48, "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_experts": 8,
+        "num_experts_per_tok": 2, "norm_topk_prob": True, "max_position_embeddings": 256, **shape,
+    })
+    torch.manual_seed(seed)
     model = tf.Qwen3MoeForCausalLM(cfg).float().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.normal_(0, (3.0 if name.endswith("gate.weight") else 1.0) / p.shape[-1] ** 0.5)
-    model.save_pretrained(path)
+    return model
+
+
+def write_qwen3_moe(path) -> str:
+    """random_qwen3_moe saved in HF format under `path`; returns the path."""
+    random_qwen3_moe(11).save_pretrained(path)
     return str(path)
 
 
@@ -76,21 +81,12 @@ def write_qwen3_moe_fp8(path, layout: str = "per_expert") -> tuple[str, str]:
     import json
     from pathlib import Path
 
-    import transformers as tf
     from safetensors.torch import load_file, save_file
 
     root = Path(path)
-    cfg = tf.Qwen3MoeConfig(
-        vocab_size=128, hidden_size=192, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-        intermediate_size=160, moe_intermediate_size=160, num_hidden_layers=2, num_experts=8,
-        num_experts_per_tok=2, norm_topk_prob=True, max_position_embeddings=256, mlp_only_layers=[1],
-    )
-    torch.manual_seed(12)
-    model = tf.Qwen3MoeForCausalLM(cfg).float().eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, (3.0 if name.endswith("gate.weight") else 1.0) / p.shape[-1] ** 0.5)
+    model = random_qwen3_moe(12, hidden_size=192, head_dim=32, intermediate_size=160, moe_intermediate_size=160,
+                             mlp_only_layers=[1])
+    cfg = model.config
     model.save_pretrained(root / "float")
     tensors = load_file(str(root / "float" / "model.safetensors"))
     fp8, dense = {}, {}

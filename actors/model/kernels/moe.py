@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from actors.model.kernels.activation import silu_mul
+from actors.model.kernels.activation import silu_mul, silu_mul_load
 
 # Largest token count that takes the GEMV path in bf16. On the H200, Qwen3-30B-A3B layer shape
 # (bench/kernel_check.py, docs/performance.md): GEMV 278 us vs grouped 350 us at 16 tokens, even at 32.
@@ -57,11 +57,7 @@ def _expert_gemv_kernel(
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < n_in
             if ACT:
-                gate = tl.load(src + cols, mask=col_ok, other=0.0)
-                up = tl.load(src + n_in + cols, mask=col_ok, other=0.0).to(tl.float32)
-                gf = gate.to(tl.float32)
-                silu = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype).to(tl.float32)
-                inp = (silu * up).to(gate.dtype).to(tl.float32)
+                inp = silu_mul_load(src, cols, col_ok, n_in)
             else:
                 inp = tl.load(src + cols, mask=col_ok, other=0.0).to(tl.float32)
             w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)

@@ -39,6 +39,7 @@ DEFAULTS = {
 }
 # tokens buckets a tile entry is keyed by (a step's token count rounds up to the next one)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+SMS = 132  # streaming multiprocessors the defaults size grids for (H100 / H200)
 OPS = ("moe_up", "moe_down", "dense")  # gate/up + SiLU-mul, down projection, dense linear
 MODES = ("bf16", "wo", "w8a8")  # dense weights; FP8 weights x compute-dtype activations; FP8 x FP8
 
@@ -63,17 +64,21 @@ def tile_key(op: str, mode: str, n: int, k: int, tokens: int) -> str:
     return f"{op}/{mode}/{n}x{k}/{bucket(tokens)}"
 
 
-def default_tile(op: str, mode: str, rows_per_block: int) -> Tile:
-    """rows_per_block: rows one M tile sees (tokens for dense, about tokens*K/E for the experts).
-    FP8 modes take BLOCK_K = 128 (one weight-scale column per step); W8A8's gate/up pass takes
-    BLOCK_N = 128 (its epilogue quantizes one activation group per tile)."""
-    bm = 16 if rows_per_block <= 16 else 32 if rows_per_block <= 32 else 64
+def default_tile(op: str, mode: str, rows_per_block: int, n: int = 4096, m_tiles: int = 1) -> Tile:
+    """rows_per_block: rows one M tile sees (tokens for dense, about tokens*K/E for the experts);
+    m_tiles: about how many M tiles carry rows. FP8 modes take BLOCK_K = 128 (one weight-scale column
+    per step); W8A8's gate/up pass takes BLOCK_N = 128 (its epilogue quantizes one activation group
+    per tile). Decode is bandwidth-bound: BLOCK_N is the widest that still gives every SM about two
+    programs (weights are read once per M tile, so narrow tiles cost no extra bytes)."""
+    bm = 16 if rows_per_block <= 16 else 32 if rows_per_block <= 32 else 64 if rows_per_block <= 64 else 128
     bk = 128 if mode != "bf16" else 64
     if op == "moe_up" and mode == "w8a8":
         return Tile(bm, 128, 128, 4 if bm <= 32 else 8, 3)
-    # the gate/up pass keeps two accumulators (gate and up tiles): half the columns per program
-    bn = 32 if bm <= 16 else 64 if bm <= 32 or op == "moe_up" else 128
-    return Tile(bm, bn, bk, 4, 3 if mode != "bf16" else 4)
+    # the gate/up pass keeps two accumulators (gate and up tiles): at most 64 columns per program
+    widest = 64 if op == "moe_up" else 128
+    bn = next((b for b in (128, 64, 32) if b <= widest and m_tiles * -(-n // b) >= 2 * SMS), 16)
+    warps = 8 if bm * bn >= 128 * 64 else 4
+    return Tile(bm, bn, bk, warps, 3 if mode != "bf16" else 4)
 
 
 def valid_tile(op: str, mode: str, tile: Tile) -> bool:
@@ -100,10 +105,10 @@ def setting(key: str):
     return _tuned().get(key, default)
 
 
-def tile(op: str, mode: str, n: int, k: int, tokens: int, rows_per_block: int) -> Tile:
+def tile(op: str, mode: str, n: int, k: int, tokens: int, rows_per_block: int, m_tiles: int = 1) -> Tile:
     entry = _tuned().get("tiles", {}).get(tile_key(op, mode, n, k, tokens))
     if entry is not None:
         t = Tile(*entry)
         if valid_tile(op, mode, t):
             return t
-    return default_tile(op, mode, rows_per_block)
+    return default_tile(op, mode, rows_per_block, n, m_tiles)

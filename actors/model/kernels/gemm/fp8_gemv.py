@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from actors.model.kernels.activation import silu_mul_load
 from actors.model.quant.blocks import BLOCK, BlockFp8, cdiv
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -48,11 +49,7 @@ def _fp8_gemv_kernel(
                 cols = k0 + j * 128 + tl.arange(0, 128)
                 col_ok = cols < n_in
                 if ACT:
-                    gate = tl.load(src + cols, mask=col_ok, other=0.0)
-                    up = tl.load(src + n_in + cols, mask=col_ok, other=0.0).to(tl.float32)
-                    gf = gate.to(tl.float32)
-                    silu = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype).to(tl.float32)
-                    inp = (silu * up).to(gate.dtype).to(tl.float32)
+                    inp = silu_mul_load(src, cols, col_ok, n_in)
                 else:
                     inp = tl.load(src + cols, mask=col_ok, other=0.0).to(tl.float32)
                 w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)

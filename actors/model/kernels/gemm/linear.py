@@ -36,7 +36,8 @@ def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torc
         x2 = x2.contiguous()
     m, n = x2.shape[0], q.shape[0]
     mode = mode or dense_mode(m)
-    tile = configs.tile("dense", mode, n, k, m, m)
+    rows = min(m, 128)
+    tile = configs.tile("dense", mode, n, k, m, rows, -(-m // rows))
     if mode == "w8a8" and configs.setting("dense_w8a8_backend") == "scaled_mm" and scaled_mm_fits(q):
         out = scaled_mm_blockwise(x2, q, scale, bias)
     elif mode == "w8a8":

@@ -73,8 +73,9 @@ def expert_outputs(
     a = t * k
     order, ends = sort_slots(local_ids, n_local)
     rows_per_block = max(1, a // n_local)
-    t_up = configs.tile("moe_up", mode, inner, d, t, rows_per_block)
-    t_down = configs.tile("moe_down", mode, d, inner, t, rows_per_block)
+    m_tiles = min(n_local, a)  # about one M tile per expert hit
+    t_up = configs.tile("moe_up", mode, inner, d, t, rows_per_block, m_tiles)
+    t_down = configs.tile("moe_down", mode, d, inner, t, rows_per_block, m_tiles)
     sched_up = block_schedule(ends, a, t_up.block_m)
     sched_down = sched_up if t_down.block_m == t_up.block_m else block_schedule(ends, a, t_down.block_m)
     q13, s13, split13 = (w13.q, w13.scale, w13.split) if fp8 else (w13, None, 0)
