@@ -100,9 +100,15 @@ def write_qwen3_moe_fp8(path, layout: str = "per_expert") -> tuple[str, str]:
     experts = 8
     for layer in range(cfg.num_hidden_layers):
         p = f"model.layers.{layer}.mlp.experts"
-        if f"{p}.0.gate_proj.weight" not in tensors:
-            continue
-        per = {(e, part): tensors[f"{p}.{e}.{part}.weight"] for e in range(experts) for part in ("gate_proj", "up_proj", "down_proj")}
+        if f"{p}.gate_up_proj" in tensors:  # a transformers version that saves the fused layout
+            gate_up, down = tensors[f"{p}.gate_up_proj"], tensors[f"{p}.down_proj"]
+            half = gate_up.shape[1] // 2
+            per = {(e, part): t for e in range(experts) for part, t in (
+                ("gate_proj", gate_up[e, :half]), ("up_proj", gate_up[e, half:]), ("down_proj", down[e]))}
+        elif f"{p}.0.gate_proj.weight" in tensors:
+            per = {(e, part): tensors[f"{p}.{e}.{part}.weight"] for e in range(experts) for part in ("gate_proj", "up_proj", "down_proj")}
+        else:
+            continue  # a dense layer
         if layout == "per_expert":
             for (e, part), t in per.items():
                 q, s = quantize_blocks(t)
