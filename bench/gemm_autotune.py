@@ -3,8 +3,8 @@ cut-overs (GEMV vs grouped, weight-only vs W8A8, dense weight-only vs W8A8, bf16
 the Triton grouped kernel, Triton vs F.scaled_mm's blockwise W8A8 for the dense linears); writes the table configs.py reads (keyed by the device name).
 
 Each candidate is timed as a CUDA-graph replay (triton.testing.do_bench, median); tiles only change
-speed, so the fastest is taken. Compiles dominate (one per tile and kernel variant): --quick tries
-fewer tiles.
+speed, so the fastest is taken. Compiles dominate (one per tile and kernel variant; shapes reuse
+them): the default quick set (about 24 tiles per op and mode) takes a few minutes, --full hours.
 
   python bench/gemm_autotune.py --shapes qwen3,pangu --out tuned.json      # then copy to
   cp tuned.json actors/model/kernels/gemm/tuned.json                        # the package (commit it)
@@ -172,7 +172,7 @@ def cutovers(all_timings: list[dict]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="qwen3,pangu")
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--full", action="store_true", help="every tile (hours); default: the quick set (minutes)")
     ap.add_argument("--out", default="tuned.json")
     args = ap.parse_args()
     started = time.perf_counter()
@@ -182,7 +182,7 @@ def main() -> None:
 
     tiles, timings = {}, []
     for name in args.shapes.split(","):
-        best, t = tune_shape(name, args.quick, log)
+        best, t = tune_shape(name, not args.full, log)
         tiles.update(best)
         timings.append(t)
         log({"timings": {k: (round(v, 1) if isinstance(v, float) else v) for k, v in t.items()}})
