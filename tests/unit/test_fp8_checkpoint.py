@@ -164,8 +164,13 @@ def test_fp8_tensors_that_cannot_be_read_correctly_are_refused(fp8_checkpoints, 
             load_model(path, "float32", "cpu", quantization=quantization)
 
 
-def test_config_refuses_fp8_with_expert_workers():
+def test_config_knob_flag_and_refusal_with_expert_workers():
+    from cluster.cli.main import build_parser, overrides_from_args
     from cluster.config import MogeConfig
+
+    assert overrides_from_args(build_parser().parse_args(["serve", "--quantization", "fp8"])) == {"model": {"quantization": "fp8"}}
+    assert MogeConfig.load(env={"MOGE_MODEL__QUANTIZATION": "none"}).model.quantization == "none"
+    assert MogeConfig.load(env={}).model.quantization == "auto"
 
     assert MogeConfig.load(env={}, model={"quantization": "fp8"}).model.quantization == "fp8"
     with pytest.raises(ValueError, match="in-process experts only"):
