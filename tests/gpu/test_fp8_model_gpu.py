@@ -167,8 +167,10 @@ def tiny_fp8():
     return load_model("preset:tiny-moge", "bfloat16", "cuda", quantization="fp8")
 
 
-@pytest.mark.parametrize("batch", [4, 24, 64])  # GEMV; grouped weight-only; grouped W8A8
-def test_fp8_engine_decode_graphs_match_eager(tiny_fp8, batch):
+@pytest.mark.parametrize("batch", [4, 24, 64])  # decode: GEMV; grouped weight-only; grouped W8A8
+def test_fp8_engine_graphs_match_eager(tiny_fp8, batch):
+    """Whole steps (prefill chunks of up to 256 tokens: W8A8, and decode) replayed from CUDA graphs
+    give the eager engine's greedy tokens."""
     from actors.engine.engine import EngineSpec, LLMEngine
     from actors.engine.sampling_params import SamplingParams
 
@@ -176,7 +178,7 @@ def test_fp8_engine_decode_graphs_match_eager(tiny_fp8, batch):
     prompts = [[(11 * i + 3 * j) % 250 for j in range(3 + (5 * i) % 17)] for i in range(batch)]
 
     def run(graphs: bool):
-        engine = LLMEngine(loaded, EngineSpec(128, 2048, 16, batch, 2048, cuda_graphs=graphs))
+        engine = LLMEngine(loaded, EngineSpec(128, 2048, 16, batch, 256, cuda_graphs=graphs))
         if graphs:
             assert engine.runner.graphs is not None and batch in engine.runner.graphs.graphs
         for i, p in enumerate(prompts):
