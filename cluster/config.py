@@ -32,6 +32,11 @@ class ModelSection(_Section):
     max_model_len: int | None = Field(None, ge=16, description="context length; default: the model's")
     seed: int = 0
     n_groups: int | None = Field(None, ge=1, description="top-k checkpoints: expert shards; MoGE: fixed")
+    quantization: Literal["auto", "none", "fp8"] = Field(
+        "auto", description="fp8: block-scaled FP8 attention projections, shared and routed experts (bf16 "
+        "checkpoints and presets quantized at load); auto: FP8 checkpoints stay FP8 on FP8 GPUs, are "
+        "dequantized elsewhere; none: everything in dtype. In-process experts only: expert workers "
+        "hold dtype weights")
 
 
 class EngineSection(_Section):
@@ -159,6 +164,10 @@ class MogeConfig(_Section):
             raise ValueError("data_plane.step_lane cannot be combined with elastic.local_groups: the step "
                              "lane only reaches expert workers, not groups the replica holds in process; "
                              "turn one of them off")
+        if self.model.quantization == "fp8" and self.data_plane.transport != "inprocess":
+            raise ValueError("model.quantization fp8 applies to in-process experts only: expert workers hold "
+                             "their groups in model.dtype (FP8 groups do not migrate yet); use data_plane."
+                             "transport inprocess, or quantization auto / none")
         return self
 
     @classmethod

@@ -44,6 +44,7 @@ class LoadSpec:
     seed: int = 0
     name: str | None = None
     max_model_len: int | None = None  # default: the model's
+    quantization: str = "auto"  # auto | none | fp8 (actors/weights/quantization.py)
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,8 @@ def build_engine(
 ) -> tuple[LLMEngine, LoadedModel]:
     """`experts`: an ExpertCompute to use instead of local experts (remote expert workers)."""
     loaded = load_model(
-        load.source, load.dtype, load.device, n_groups=load.n_groups, seed=load.seed, experts=experts, name=load.name
+        load.source, load.dtype, load.device, n_groups=load.n_groups, seed=load.seed, experts=experts, name=load.name,
+        quantization=load.quantization,
     )
     max_model_len = load.max_model_len or loaded.cfg.max_position_embeddings
     blocks, reserved = kv_block_budget(settings, loaded, max_model_len)

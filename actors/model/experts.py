@@ -5,7 +5,9 @@ Shape legend: T = tokens, D = hidden size, I = expert intermediate size, Eg = ex
 k = expert slots per token handed to the group, A = (token, expert) assignments of the group.
 
 An expert is SwiGLU: down(silu(gate(x)) * up(x)). Gate and up rows are stored stacked in one
-tensor (w13) so an expert is two matmuls.
+tensor (w13) so an expert is two matmuls. A weight is a tensor in the compute dtype or a BlockFp8
+(block-scaled FP8, actors/model/quant/blocks.py): the kernels take either; the torch fallback
+dequantizes an expert's weights where it uses them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from actors.model import kernels
 from actors.model.expert_compute import Done, PendingExperts
 from actors.model.config import ModelConfig
+from actors.model.quant import blocks
 
 
 @dataclass
@@ -31,7 +34,7 @@ class ExpertGroupWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.w13, self.w2) for t in d.values())
+        return sum(blocks.nbytes(t) for d in (self.w13, self.w2) for t in d.values())
 
     def __getstate__(self) -> dict:
         # LocalExperts may turn these tensors into views of a stack of several groups; pickling a
@@ -51,7 +54,9 @@ class ExpertGroupWeights:
         )
 
 
-def _compact(t: torch.Tensor) -> torch.Tensor:
+def _compact(t):
+    if isinstance(t, blocks.BlockFp8):
+        return t.map(_compact)
     whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
     return t if whole and t.is_contiguous() else t.clone()
 
@@ -98,15 +103,15 @@ def slot_outputs(
     xs = x[order // k]  # [T*k, D]
     ends = torch.searchsorted(key, torch.arange(1, n_local + 1, device=x.device))  # [Eg] end row per expert
 
-    if _grouped_mm_usable(x):
+    if _grouped_mm_usable(x) and isinstance(w13, torch.Tensor):
         ys = _grouped_swiglu(w13, w2, xs, ends)
     else:
         ys = torch.zeros_like(xs)
         start = 0
         for e, end in enumerate(ends.tolist()):  # one host sync; the loop is over experts, not tokens
             if end > start:
-                gate, up = F.linear(xs[start:end], w13[e]).chunk(2, dim=-1)
-                ys[start:end] = F.linear(F.silu(gate) * up, w2[e])
+                gate, up = F.linear(xs[start:end], blocks.as_dense(w13[e], x.dtype)).chunk(2, dim=-1)
+                ys[start:end] = F.linear(F.silu(gate) * up, blocks.as_dense(w2[e], x.dtype))
             start = end
 
     ours = (key < n_local).unsqueeze(1)
@@ -123,6 +128,10 @@ def _grouped_swiglu(w13: torch.Tensor, w2: torch.Tensor, xs: torch.Tensor, ends:
     h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)  # [A, 2I]
     gate, up = h.chunk(2, dim=-1)
     return torch._grouped_mm((F.silu(gate) * up).contiguous(), w2.transpose(1, 2), offs=offs)  # [A, D]
+
+
+def _cat(weights: list):
+    return blocks.cat(weights) if isinstance(weights[0], blocks.BlockFp8) else torch.cat(weights)
 
 
 class LocalExperts:
@@ -147,8 +156,8 @@ class LocalExperts:
             return {layer: (g.w13[layer], g.w2[layer]) for layer in g.w13}
         stacked = {}
         for layer in self.groups[ids[0]].w13:
-            w13 = torch.cat([g.w13[layer] for g in self.groups.values()])
-            w2 = torch.cat([g.w2[layer] for g in self.groups.values()])
+            w13 = _cat([g.w13[layer] for g in self.groups.values()])
+            w2 = _cat([g.w2[layer] for g in self.groups.values()])
             eg = self.cfg.experts_per_group
             for i, g in enumerate(self.groups.values()):
                 g.w13[layer], g.w2[layer] = w13[i * eg : (i + 1) * eg], w2[i * eg : (i + 1) * eg]

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
                        help="require 'Authorization: Bearer KEY' (repeatable)")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda", "npu"], help="where the model runs")
+    serve.add_argument("--quantization", choices=["auto", "none", "fp8"],
+                       help="fp8: block-scaled FP8 weights (bf16 checkpoints and presets quantized at load); "
+                       "auto (default): FP8 checkpoints stay FP8 on FP8 GPUs")
     serve.add_argument("--transport", choices=["inprocess", "grpc", "collective"],
                        help="how activations reach the expert workers; grpc / collective run the experts "
                        "in separate workers owned by the elastic controller (default inprocess)")
@@ -64,6 +67,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.model is not None:
         put("model", "source", str(Path(args.model).expanduser().resolve()))
     put("model", "device", args.device)
+    put("model", "quantization", args.quantization)
     put("server", "host", args.host)
     put("server", "port", args.port)
     put("server", "api_keys", args.api_keys)

@@ -20,7 +20,7 @@ from cluster.config import MogeConfig
 
 def load_spec(config: MogeConfig) -> LoadSpec:
     m = config.model
-    return LoadSpec(m.source, m.dtype, m.device, m.n_groups, m.seed, m.name, m.max_model_len)
+    return LoadSpec(m.source, m.dtype, m.device, m.n_groups, m.seed, m.name, m.max_model_len, m.quantization)
 
 
 def engine_settings(config: MogeConfig, ping_pong: bool = False) -> EngineSettings:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from actors.model.kernels.activation import silu_mul
+from actors.model.kernels.activation import silu_mul, silu_mul_load
 
 # Largest token count that takes the GEMV path in bf16. On the H200, Qwen3-30B-A3B layer shape
 # (bench/kernel_check.py, docs/performance.md): GEMV 278 us vs grouped 350 us at 16 tokens, even at 32.
@@ -57,11 +57,7 @@ def _expert_gemv_kernel(
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < n_in
             if ACT:
-                gate = tl.load(src + cols, mask=col_ok, other=0.0)
-                up = tl.load(src + n_in + cols, mask=col_ok, other=0.0).to(tl.float32)
-                gf = gate.to(tl.float32)
-                silu = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype).to(tl.float32)
-                inp = (silu * up).to(gate.dtype).to(tl.float32)
+                inp = silu_mul_load(src, cols, col_ok, n_in)
             else:
                 inp = tl.load(src + cols, mask=col_ok, other=0.0).to(tl.float32)
             w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
@@ -188,6 +184,11 @@ def fused_moe(
     local_ids = local_ids.contiguous()
     flat = local_ids.view(-1)
     limit = GEMV_MAX_TOKENS if gemv_max_tokens is None else gemv_max_tokens
+    from actors.model.kernels.gemm import moe as gemm_moe  # block-FP8 weights; the tuned bf16 grouped path
+
+    if gemm_moe.takes(w13, x, t, limit):
+        ys = gemm_moe.expert_outputs(x, w13, w2, local_ids, gemv_max_tokens=gemv_max_tokens)
+        return combine(ys, None, local_ids, weights, n_local, experts_per_group, n_groups, out_dtype)
     if not grouped_usable(x) or t <= limit:
         h = expert_gemv(x, w13, flat, k, act=False)  # [A, 2I]
         ys = expert_gemv(h, w2, flat, k, act=True)  # [A, D]
