@@ -47,7 +47,7 @@ def graph_time_us(fn) -> float:
 
 def experts(tokens_list) -> None:
     from actors.model.config import ModelConfig
-    from actors.model.experts import LocalExperts
+    from actors.model.local_experts import LocalExperts
     from actors.model.kernels.moe import fused_moe
     from actors.weights.loader import random_expert_groups
 

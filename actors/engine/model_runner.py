@@ -21,7 +21,7 @@ import torch
 from actors.engine.ping_pong import PingPongRunner, micro_batch_tokens
 from actors.engine.scheduler import ScheduledBatch
 from actors.engine.sequence import Sequence
-from actors.model.expert_compute import StepRerun
+from actors.model.expert_compute import ExpertCompute, StepRerun
 from actors.model.kv_cache import PagedKVCache
 from actors.model.step_batch import StepBatch
 
@@ -41,6 +41,8 @@ class ModelRunner:
         max_model_len: int = 0,
         graph_memory_mb: int = 4096,
     ) -> None:
+        if not isinstance(getattr(model, "experts", None), ExpertCompute):
+            raise TypeError(f"model.experts must be an ExpertCompute, got {type(getattr(model, 'experts', None)).__name__}")
         self.model = model
         self.cfg = cfg
         self.block_size = block_size
@@ -64,10 +66,9 @@ class ModelRunner:
     def _graphs_possible(self, ping_pong: bool) -> bool:
         if self.device.type != "cuda":
             return False  # CPU and NPU decode eagerly
-        experts = getattr(self.model, "experts", None)
+        experts = self.model.experts
         # ping-pong is captured only with experts that take part in the capture (the step lane)
-        lane = callable(getattr(experts, "graph_begin", None))
-        if (ping_pong and not lane) or not getattr(experts, "graph_safe", False):
+        if (ping_pong and not experts.graph_carrier) or not experts.graph_safe:
             log.info("decode runs eagerly: the routed experts are not capturable in a CUDA graph (remote or partial)")
             return False
         return True
@@ -77,10 +78,9 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run one step: [B, V] logits, one row per scheduled sequence, and [E, V] logits of the
         flattened-token rows `prompt_rows` (prompt log-probabilities; None when none are asked)."""
-        boundary = getattr(getattr(self.model, "experts", None), "on_step_boundary", None)
+        boundary = self.model.experts.on_step_boundary  # a new placement epoch takes effect here, never inside a step
         if not prompt_rows and self.graphs is not None and self.graphs.covers(scheduled.num_new_tokens):
-            if boundary is not None:  # remote experts in the graph (step lane): the epoch switches here
-                boundary()
+            boundary()
             try:
                 return self.graphs.run(scheduled.seqs), None
             except StepRerun:  # the lane failed during the replay: the step again, eagerly, below
@@ -92,14 +92,12 @@ class ModelRunner:
             # Rare (scoring requests' prefills), so it takes the plain path, not ping-pong.
             extra = torch.tensor(prompt_rows, dtype=torch.long).to(self.device)
             batch = dataclasses.replace(batch, logits_index=torch.cat([batch.logits_index, extra]))
-        if boundary is not None:  # a new placement epoch takes effect here, never inside the step
-            boundary()
+        boundary()
         plain = bool(prompt_rows)
         try:
             logits = self._forward(batch, plain)
         except StepRerun:  # a remote transport failed mid-step on the device: once more, routed around it
-            if boundary is not None:
-                boundary()
+            boundary()
             logits = self._forward(batch, plain)
         return (logits[:b], logits[b:]) if prompt_rows else (logits, None)
 

@@ -23,7 +23,8 @@ import threading
 import torch
 
 from actors.model.config import ModelConfig
-from actors.model.experts import ExpertGroupWeights, LocalExperts
+from actors.model.experts import ExpertGroupWeights
+from actors.model.local_experts import LocalExperts
 
 LOCAL = "local"  # the placement's holder id for "every attention replica, in process"
 

@@ -323,7 +323,8 @@ def time_lane_compute(worker, t: int, iters: int = 10) -> dict:
     """Diagnostics for the benchmark: seconds per step of the held groups' compute over every MoE
     layer for t tokens, (a) as the lane runs it (held_partial) and (b) through LocalExperts'
     stacked path (what the monolithic engine runs), both captured in a CUDA graph on CUDA."""
-    from actors.model.experts import ExpertGroupWeights, LocalExperts
+    from actors.model.experts import ExpertGroupWeights
+    from actors.model.local_experts import LocalExperts
 
     cfg, dev, dtype = worker.cfg, worker.device, worker.dtype
     groups = worker._groups

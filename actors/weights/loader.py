@@ -22,7 +22,8 @@ import torch
 
 from actors.device import resolve_device, resolve_dtype
 from actors.model.expert_compute import ExpertCompute
-from actors.model.experts import ExpertGroupWeights, LocalExperts
+from actors.model.experts import ExpertGroupWeights
+from actors.model.local_experts import LocalExperts
 from actors.model.model import MoGEModel
 from actors.model.config import ModelConfig
 from actors.model.presets import get_preset

@@ -216,7 +216,7 @@ def test_model_through_the_kernels_matches_the_torch_path(kernels_everywhere, pr
     from actors.model.presets import get_preset
     from actors.model.reference import greedy_logits
     from actors.weights.loader import LoadedModel, build_model, random_attention_part, random_expert_groups
-    from actors.model.experts import LocalExperts
+    from actors.model.local_experts import LocalExperts
 
     cfg = get_preset("tiny-moge")
     if preset_family == "qwen3_moe":
@@ -240,7 +240,7 @@ def test_group_partials_sum_to_the_fused_dispatch(kernels_everywhere, family):
     group order, to exactly what the one-pass fused dispatch returns."""
     from dataclasses import replace
 
-    from actors.model.experts import LocalExperts
+    from actors.model.local_experts import LocalExperts
     from actors.model.presets import get_preset
     from actors.weights.loader import random_expert_groups
 
@@ -303,7 +303,8 @@ def test_split_local_and_remote_partials_equal_the_stacked_dispatch(kernels_ever
     Both expert paths: GEMV (3 tokens) and grouped (40, CUDA bf16)."""
     from dataclasses import replace
 
-    from actors.model.experts import LocalExperts, group_forward
+    from actors.model.experts import group_forward
+    from actors.model.local_experts import LocalExperts
     from actors.model.presets import get_preset
     from actors.weights.loader import random_expert_groups
 

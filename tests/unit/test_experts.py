@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from actors.model.experts import LocalExperts, group_forward
+from actors.model.experts import group_forward
+from actors.model.local_experts import LocalExperts
 from actors.weights.loader import random_expert_groups
 from actors.model.presets import PRESETS
 from actors.model.routing import route

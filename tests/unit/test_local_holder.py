@@ -14,7 +14,7 @@ from actors.experts.remote_experts import RemoteExperts
 from actors.experts.transport.base import WorkerRef
 from actors.experts.transport.inprocess import InProcessTransport
 from actors.experts.worker import ExpertWorker
-from actors.model.experts import LocalExperts
+from actors.model.local_experts import LocalExperts
 from actors.model.presets import get_preset
 from actors.weights.loader import random_expert_groups
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from actors.experts.worker import ExpertWorker
-from actors.model.experts import LocalExperts
+from actors.model.local_experts import LocalExperts
 from actors.weights.loader import random_expert_groups
 from actors.experts.placement import Placement, pack_groups
 from actors.model.presets import get_preset

@@ -13,7 +13,7 @@ from actors.experts.transport.inprocess import InProcessTransport
 from actors.experts.transport.step_lane import StepLaneExperts
 from actors.experts.transport.step_wire import bucket, new_packet
 from actors.experts.worker import ExpertWorker
-from actors.model.experts import LocalExperts
+from actors.model.local_experts import LocalExperts
 from actors.model.presets import get_preset
 from actors.weights.loader import random_expert_groups
 

@@ -49,10 +49,9 @@ class DecodeGraphs:
         self.model, self.kv = model, kv
         self.forward = forward or model
         self.micro_batches = micro_batches or (lambda bp: [bp])
-        # an ExpertCompute with NCCL ops inside the captured step (the step lane): told before a
-        # capture and around each replay (header, lane checks, deadline); None for local experts
-        experts = getattr(model, "experts", None)
-        self.hooks = experts if callable(getattr(experts, "graph_begin", None)) else None
+        # the ExpertCompute is told before a capture and around each replay (the step lane: header,
+        # lane checks, deadline; no-ops for local experts)
+        self.hooks = model.experts
         self.device = kv.k[0].device
         self.block_size = kv.block_size
         self.pad_slot = kv.pad_block * kv.block_size
@@ -113,7 +112,7 @@ class DecodeGraphs:
                 # the bucket's packet and reply buffers the capture then reuses)
                 self.forward(batch, self.kv)
             torch.cuda.current_stream(self.device).wait_stream(side)
-            if self.hooks is not None and not self.hooks.graph_prepare(bp, self.micro_batches(bp)):
+            if not self.hooks.graph_prepare(bp, self.micro_batches(bp)):
                 log.warning("CUDA graphs: the expert lanes cannot be captured now; batch %d and up run eagerly", bp)
                 break
             graph = torch.cuda.CUDAGraph()
@@ -121,14 +120,13 @@ class DecodeGraphs:
                 with torch.cuda.graph(graph, pool=pool):
                     self.logits[:bp].copy_(self.forward(batch, self.kv))
             except Exception:
-                if self.hooks is None:
+                if not self.hooks.graph_carrier:
                     raise
                 # nothing captured ran, so the workers saw nothing of it: stay eager from here
                 self.hooks.graph_captured(bp, ok=False)
                 log.exception("CUDA graphs: capture over the expert lanes failed at batch %d; eager from here", bp)
                 break
-            if self.hooks is not None:
-                self.hooks.graph_captured(bp)
+            self.hooks.graph_captured(bp)
             used = self._reserved() - reserved0
             if used > self.budget_bytes and self.graphs:
                 del graph  # over budget: batches from here on run eagerly
@@ -185,10 +183,9 @@ class DecodeGraphs:
         self.meta[:, :bp].copy_(dev[: 4 * bp].view(4, bp))
         self.tables[:b, :width].copy_(dev[4 * bp :].view(b, width))
         graph = self.graphs.get(bp)
-        if graph is not None and (self.hooks is None or self.hooks.graph_begin(bp)):
+        if graph is not None and self.hooks.graph_begin(bp):
             graph.replay()
-            if self.hooks is not None:
-                self.hooks.graph_end()  # may raise StepRerun (the model runner re-runs eagerly)
+            self.hooks.graph_end()  # may raise StepRerun (the model runner re-runs eagerly)
         else:
             self.logits[:bp].copy_(self.forward(self.batch(bp), self.kv))
         return self.logits[:b]
