@@ -66,19 +66,19 @@ def measure(config_dict: dict, mode: str, batch_sizes: list[int], prompt_len: in
     import torch
 
     from actors.device import synchronize
-    from cluster.serve.replica_engine import build_engine
+    from cluster.replica.assemble import build_engine
     from actors.engine.sampling_params import SamplingParams
     from cluster.config import MogeConfig
-    from cluster.serve.data_plane import DataPlane
-    from cluster.serve.replica_engine import assemble
+    from cluster.replica.workers import ReplicaWorkers
+    from cluster.replica.assemble import assemble
 
     config = MogeConfig.model_validate(config_dict)
     remote = None
     if mode == "monolithic":
         engine, loaded = build_engine(config)
     else:
-        parts = assemble(config, data_plane=DataPlane(config, namespace=namespace))
-        engine, loaded, remote = parts.engine, parts.loaded, parts.remote
+        parts = assemble(config, workers=ReplicaWorkers(config, namespace=namespace))
+        engine, loaded, remote = parts.engine, parts.loaded, parts.experts
     timed = TimedExperts(loaded.model.experts)
     loaded.model.experts = timed
     vocab = loaded.cfg.vocab_size
@@ -120,7 +120,7 @@ def _worker_busy(remote) -> float:
         return 0.0
     import ray
 
-    stats = ray.get([ref.handle.stats.remote() for ref in remote._workers.values()])
+    stats = ray.get([ref.handle.stats.remote() for ref in remote.workers.values()])
     return max(s["busy_s"] for s in stats)
 
 
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from cluster.config import MogeConfig
-    from cluster.serve.data_plane import DataPlane, worker_ids
+    from cluster.replica.workers import ReplicaWorkers, worker_ids
     from cluster.cli.local_cluster import start_ray
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             got = []
         finally:
             if transport is not None:
-                DataPlane(config, namespace=namespace).stop(worker_ids(args.workers))
+                ReplicaWorkers(config, namespace=namespace).stop(worker_ids(args.workers))
         for r in got:
             r["mode"] = name
         rows += got

@@ -111,14 +111,20 @@ class EngineSystem:
         self.engine, self.system = engine, system
 
     def __enter__(self):
-        self.saved = self.engine.runner.graphs
+        from actors.model.local_experts import LocalExperts
+
+        model = self.engine.runner.model
+        self.saved, self.saved_experts = self.engine.runner.graphs, model.experts
         if self.system != "graphs":
             self.engine.runner.graphs = None
         kernels.set_enabled(self.system != "unfused")
+        if self.system == "unfused":  # experts choose their kernels when built: build torch ones
+            model.experts = LocalExperts(model.cfg, self.saved_experts.groups)
         return self
 
     def __exit__(self, *exc):
         self.engine.runner.graphs = self.saved
+        self.engine.runner.model.experts = self.saved_experts
         kernels.set_enabled(True)
 
 

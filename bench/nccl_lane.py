@@ -186,11 +186,11 @@ def _decode_steps(engine, vocab: int, b: int, prompt_len: int, steps: int) -> fl
 
 
 def engine(args) -> list[dict]:
-    from actors.experts.lane_pair import NoTransport, spawn_worker
+    from actors.experts.lane_pair import NoCarrier, spawn_worker
     from actors.experts.placement import pack_groups
-    from actors.experts.remote_experts import RemoteExperts
-    from actors.experts.transport.step_lane import StepLaneExperts
-    from actors.experts.worker import model_config_of
+    from actors.experts.dispatch.dispatcher import Dispatcher
+    from actors.experts.lane.step_lane import LaneCarrier
+    from actors.experts.worker.spec import model_config_of
     batches = [int(b) for b in args.batch_sizes.split(",")]
     gpu = args.device == "cuda"
     if gpu:
@@ -216,7 +216,7 @@ def engine(args) -> list[dict]:
         timings = {b: ref.local.time_lane_compute(b, 10) for b in batches}
         for ping_pong in [m == "on" for m in args.ping_pong.split(",")]:
             placement = pack_groups(cfg.n_groups, [ref.worker_id])
-            remote = RemoteExperts(cfg, NoTransport(), placement, {ref.worker_id: ref})
+            remote = Dispatcher(cfg, NoCarrier(), placement, {ref.worker_id: ref})
             experts = StepLaneExperts(remote, "cuda:0" if gpu else "cpu", slots=2, timeout_s=60)
             eng, _ = _engine(args.preset, max(batches), args.prompt_len, args.steps, ping_pong, args.dtype,
                              args.device, experts)

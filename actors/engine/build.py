@@ -1,7 +1,7 @@
 """From plain settings to a running LLMEngine: load the model, size the KV cache, build.
 
 The engine takes dataclasses, never the pydantic configuration (that stays at the edge:
-cluster/serve/replica_engine.py converts it). KV budget, first that is set: num_kv_blocks;
+cluster/replica/assemble.py converts it). KV budget, first that is set: num_kv_blocks;
 kv_cache_bytes; kv_cache_fraction of the device memory free after the weights are loaded. Never more
 blocks than max_num_seqs sequences of max_model_len tokens can use, so a CPU host's large free RAM
 does not turn into a huge zeroed cache.

@@ -89,6 +89,7 @@ class GroupCompute:
         sample = next((t for w in self.groups.values() for t in w.w13.values()), None)
         self.fused = sample is not None and kernels.fused(sample)
         self._index = {g: i for i, g in enumerate(self.held)}
+        self._selections: dict[tuple[int, ...], torch.Tensor] = {}
 
     def _stack(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """layer -> (w13 [E_held, 2I, D], w2) when the held groups are consecutive; the groups'
@@ -130,13 +131,20 @@ class GroupCompute:
             every = self._stacked_partials(layer, x, ids, weights)  # [n_held, T, D]
             if groups == self.held:
                 return every
-            return every[torch.tensor([self._index[g] for g in groups], device=every.device)]
+            return every[self._selection(groups, every.device)]
         out = torch.empty((len(groups), *x.shape), dtype=x.dtype, device=x.device)
         for i, g in enumerate(groups):
             w = self.groups[g]
             gi, gw = self.slots.of_group(ids, weights, g)
             out[i] = group_forward(w.w13[layer], w.w2[layer], x, gi - w.first_expert, gw, self.fused)
         return out
+
+    def _selection(self, groups: tuple[int, ...], device) -> torch.Tensor:
+        """Rows of the stacked partials for `groups`, made once per set (never inside a capture)."""
+        sel = self._selections.get(groups)
+        if sel is None:
+            sel = self._selections[groups] = torch.tensor([self._index[g] for g in groups], device=device)
+        return sel
 
     def _stacked_partials(self, layer, x, ids, weights) -> torch.Tensor:
         w13, w2 = self.stacked[layer]

@@ -90,11 +90,11 @@ def test_graph_engine_gives_eager_greedy_tokens_with_padding(dtype):
 
 
 def test_remote_or_partial_experts_decode_eagerly():
-    from actors.model.expert_compute import Done
+    from actors.model.expert_compute import Done, ExpertCompute
 
     loaded = load("bfloat16")
 
-    class Remote:  # an ExpertCompute without the graph_safe capability
+    class Remote(ExpertCompute):  # an ExpertCompute without the graph_safe capability
         def __init__(self, inner):
             self.inner = inner
 

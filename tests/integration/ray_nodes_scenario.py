@@ -131,8 +131,8 @@ class NodesScenario:
         from actors.engine.async_engine import AsyncEngine
         from actors.weights.loader import load_model
         from actors.model.reference import greedy_reference
-        from cluster.elastic.replica import ElasticReplica
-        from cluster.serve.replica_engine import build_engine
+        from cluster.replica.elastic_side import ElasticReplica
+        from cluster.replica.assemble import build_engine
         from cluster.elastic.stack import start_elastic
         from tests.integration.ray_nodes_load import GreedyLoad
 

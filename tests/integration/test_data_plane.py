@@ -18,13 +18,13 @@ import pytest
 import ray
 import torch
 
-from cluster.serve.replica_engine import build_engine
-from actors.experts.worker import model_config_of
+from cluster.replica.assemble import build_engine
+from actors.experts.worker.spec import model_config_of
 from actors.experts.placement import pack_groups
-from actors.experts.remote_experts import RemoteExperts
+from actors.experts.dispatch.dispatcher import Dispatcher
 from actors.engine.sampling_params import SamplingParams
 from cluster.config import MogeConfig
-from cluster.serve.data_plane import DataPlane, client_transport, worker_ids
+from cluster.replica.workers import ReplicaWorkers, worker_ids
 from cluster.elastic.worker_fleet import model_spec
 from tests.checkpoints import write_qwen3_moe
 
@@ -72,7 +72,7 @@ def generate(engines, prompt_lists) -> dict[int, list[int]]:
 
 def replica(config, cfg, placement, refs, plane, ping_pong: bool):
     transport = client_transport(config, torch.device("cpu"), uuid.uuid4().hex[:8])
-    remote = RemoteExperts(cfg, transport, placement, {w: refs[w] for w in placement.workers}, replacer=plane.replace)
+    remote = Dispatcher(cfg, transport, placement, {w: refs[w] for w in placement.workers}, replacer=plane.replace)
     config = config.model_copy(update={"data_plane": config.data_plane.model_copy(update={"ping_pong": ping_pong})})
     engine, loaded = build_engine(config, experts=remote)
     return engine, remote
@@ -128,7 +128,7 @@ def test_disaggregated_cluster_matches_single_process(ray_local, transport, mode
     batch = prompts(cfg.vocab_size)
     reference = generate([reference_engine], batch)
 
-    plane = DataPlane(config, namespace=f"dp-{uuid.uuid4().hex[:8]}")
+    plane = ReplicaWorkers(config, namespace=f"dp-{uuid.uuid4().hex[:8]}")
     every = worker_ids(4)
     refs = plane.start(pack_groups(cfg.n_groups, every))
     try:
@@ -164,8 +164,8 @@ def test_disaggregated_cluster_matches_single_process(ray_local, transport, mode
         for w in every[:2]:
             ray.get(refs[w].handle.load_groups.remote(list(placement.groups_of(w))))
         engine, remote = replica(config, cfg, placement, refs, plane, ping_pong=True)
-        killer = KillOnCall(remote.transport, "w1", refs["w1"].handle, n=cfg.num_layers + 2)
-        remote.transport = killer
+        killer = KillOnCall(remote.carrier, "w1", refs["w1"].handle, n=cfg.num_layers + 2)
+        remote.carrier = killer
         try:
             got = generate([engine], batch)
         finally:

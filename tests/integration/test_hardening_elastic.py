@@ -32,7 +32,7 @@ from actors.model.reference import greedy_reference
 from cluster.cli.local_cluster import LocalCluster, free_port
 from cluster.config import MogeConfig
 from cluster.elastic.worker_fleet import WorkerFleet
-from cluster.serve.data_plane import WORKER_NAMESPACE
+from cluster.replica.workers import WORKER_NAMESPACE
 
 pytestmark = pytest.mark.integration
 

@@ -18,12 +18,12 @@ import ray
 import torch
 
 from actors.experts.placement import pack_groups
-from actors.experts.remote_experts import RemoteExperts
-from actors.experts.transport.step_lane import StepLaneExperts
-from actors.experts.worker import model_config_of
+from actors.experts.dispatch.dispatcher import Dispatcher
+from actors.experts.lane.step_lane import LaneCarrier
+from actors.experts.worker.spec import model_config_of
 from cluster.elastic.worker_fleet import model_spec
-from cluster.serve.data_plane import DataPlane, client_transport, worker_ids
-from cluster.serve.replica_engine import build_engine
+from cluster.replica.workers import ReplicaWorkers, worker_ids
+from cluster.replica.assemble import build_engine
 from tests.integration.test_data_plane import generate, kill_worker, make_config, prompts, qwen3_checkpoint  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.integration
 def lane_replica(config, cfg, placement, refs, plane, ping_pong: bool):
     rid = uuid.uuid4().hex[:8]
     transport = client_transport(config, torch.device("cpu"), rid)
-    remote = RemoteExperts(cfg, transport, placement, {w: refs[w] for w in placement.workers}, replacer=plane.replace)
+    remote = Dispatcher(cfg, transport, placement, {w: refs[w] for w in placement.workers}, replacer=plane.replace)
     experts = StepLaneExperts(remote, "cpu", slots=2, timeout_s=20, replica_id=rid)
     config = config.model_copy(update={"data_plane": config.data_plane.model_copy(update={"ping_pong": ping_pong})})
     engine, _ = build_engine(config, experts=experts)
@@ -64,7 +64,7 @@ def test_step_lane_matches_single_process_and_survives_a_kill(ray_local, model, 
     batch = prompts(cfg.vocab_size)
     reference = generate([build_engine(config)[0]], batch)
 
-    plane = DataPlane(config, namespace=f"sl-{uuid.uuid4().hex[:8]}")
+    plane = ReplicaWorkers(config, namespace=f"sl-{uuid.uuid4().hex[:8]}")
     every = worker_ids(2)
     refs = plane.start(pack_groups(cfg.n_groups, every))
     try:

@@ -14,7 +14,7 @@ import grpc
 import pytest
 import ray
 
-from actors.experts.transport.grpc import AUTH_METADATA, tensor_to_proto
+from actors.experts.carriers.grpc_wire import AUTH_METADATA, tensor_to_proto
 from cluster.config import MogeConfig
 from cluster.elastic.worker_fleet import WorkerFleet
 from cluster.security import cluster_secret

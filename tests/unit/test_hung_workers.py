@@ -10,10 +10,10 @@ import time
 import torch
 
 from actors.experts.placement import pack_groups
-from actors.experts.remote_experts import RemoteExperts
-from actors.experts.transport.base import WorkerRef
-from actors.experts.transport.inprocess import InProcessTransport
-from actors.experts.worker import ExpertWorker
+from actors.experts.dispatch.dispatcher import Dispatcher
+from actors.experts.carriers.base import WorkerRef
+from actors.experts.carriers.inprocess import InProcessCarrier
+from actors.experts.worker.worker import ExpertWorker
 from actors.model.local_experts import LocalExperts
 from actors.weights.loader import random_expert_groups
 from tests.unit.test_remote_experts import MOGE, SPEC, routing
@@ -45,7 +45,7 @@ def build(replacer=None, **kw):
         workers[w].load_groups(list(placement.groups_of(w)))
     refs = {w: WorkerRef(w, local=workers[w]) for w in ids}
     fallback = ExpertWorker("replica-fallback", SPEC)
-    rx = RemoteExperts(MOGE, InProcessTransport(), placement, refs, replacer=replacer, local_fallback=fallback,
+    rx = Dispatcher(MOGE, InProcessCarrier(), placement, refs, replacer=replacer, local_fallback=fallback,
                        wait_timeout_s=WAIT_S, min_deadline_s=0.3, **kw)
     return rx, workers, fallback
 

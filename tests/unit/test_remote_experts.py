@@ -5,14 +5,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from actors.experts.worker import ExpertWorker
+from actors.experts.worker.worker import ExpertWorker
 from actors.model.local_experts import LocalExperts
 from actors.weights.loader import random_expert_groups
 from actors.experts.placement import Placement, pack_groups
 from actors.model.presets import get_preset
-from actors.experts.remote_experts import ExpertCallFailed, RemoteExperts
-from actors.experts.transport.base import WorkerRef
-from actors.experts.transport.inprocess import InProcessTransport
+from actors.experts.dispatch.dispatcher import Dispatcher
+from actors.experts.dispatch.failover import ExpertCallFailed
+from actors.experts.carriers.base import WorkerRef
+from actors.experts.carriers.inprocess import InProcessCarrier
 
 MOGE = get_preset("tiny-moge")
 TOPK = replace(MOGE, family="mixtral", top_k=3, router_scale=False, renormalize=True)
@@ -55,7 +56,7 @@ def remote(cfg, placement, workers, **kw):
     for w in placement.workers:
         workers[w].load_groups(list(placement.groups_of(w)))
     refs = {w: WorkerRef(w, local=workers[w]) for w in workers}
-    return RemoteExperts(cfg, InProcessTransport(), placement, refs, **kw)
+    return Dispatcher(cfg, InProcessCarrier(), placement, refs, **kw)
 
 
 @pytest.mark.parametrize("cfg", [MOGE, TOPK], ids=["moge", "topk"])
@@ -176,4 +177,4 @@ def test_adopt_takes_effect_only_at_the_step_boundary():
     assert rx.epoch == 0 and workers["b"].stats()["calls"] == 0  # still the old epoch mid-step
     assert rx.on_step_boundary() == 1
     rx.dispatch(0, *routing(MOGE, 4)).wait()
-    assert workers["b"].stats()["calls"] == 1 and rx.transport.connected() == ["b"]
+    assert workers["b"].stats()["calls"] == 1 and rx.carrier.connected() == ["b"]

@@ -8,11 +8,12 @@ import torch
 import torch.distributed as dist
 
 from actors.experts.group_copy import CopyFailed, GroupCopyServer, allocate_groups, copy_groups
-from actors.experts.transport import rendezvous_auth
-from actors.experts.transport.base import WorkerRef
-from actors.experts.transport.collective import CollectiveTransport, _make_group
-from actors.experts.transport.rendezvous_auth import RendezvousRefused, prove
-from actors.experts.worker import ExpertWorker
+from actors.experts.carriers import rendezvous_auth
+from actors.experts.carriers.base import WorkerRef
+from actors.experts.carriers.collective import CollectiveCarrier
+from actors.experts.carriers.pairs import make_group
+from actors.experts.carriers.rendezvous_auth import RendezvousRefused, prove
+from actors.experts.worker.worker import ExpertWorker
 from actors.model.presets import get_preset
 
 CFG = get_preset("tiny-moge")
@@ -37,7 +38,7 @@ def _intrude(address: dict, prefix: str, secret: str | None) -> None:
     """What anyone reaching the port can do: read the store's keys and join `prefix` as rank 0."""
     store = dist.TCPStore(address["host"], int(address["port"]), is_master=False,
                           timeout=datetime.timedelta(seconds=20))
-    pg = _make_group("gloo", dist.PrefixStore(prefix, store), 0, datetime.timedelta(seconds=20))
+    pg = make_group("gloo", dist.PrefixStore(prefix, store), 0, datetime.timedelta(seconds=20))
     prove(pg, 0, "cpu", datetime.timedelta(seconds=20), secret)
 
 
@@ -47,12 +48,12 @@ def test_collective_pair_refuses_a_replica_without_the_secret(joiner):
     worker.load_groups([0, 1])
     rendezvous_auth.set_process_secret(None)  # the joiner's process has no (or another) secret
     ref = WorkerRef("a", endpoint=worker.endpoint(), local=worker)
-    bad = CollectiveTransport(timeout_s=10, auth_token=joiner)
+    bad = CollectiveCarrier(timeout_s=10, auth_token=joiner)
     try:
         with pytest.raises(RendezvousRefused):
             bad.connect(ref)
         assert bad.connected() == []
-        good = CollectiveTransport(timeout_s=20, auth_token=SECRET)  # the same worker still serves
+        good = CollectiveCarrier(timeout_s=20, auth_token=SECRET)  # the same worker still serves
         try:
             good.connect(ref)
             x, ids, w = _routing()
@@ -79,9 +80,11 @@ def test_step_lane_refuses_a_joiner_without_the_secret():
 
 def test_group_copy_refuses_a_target_without_the_secret_and_serves_one_with_it():
     src = allocate_groups(CFG, [0], torch.float32, CPU)
+    for t in (*src[0].w13.values(), *src[0].w2.values()):
+        t.normal_()  # allocate_groups leaves them uninitialised (NaNs would never compare equal)
     server = GroupCopyServer(lambda: src, CPU, secret=SECRET)
     try:
-        with pytest.raises(CopyFailed, match="RendezvousRefused"):
+        with pytest.raises(CopyFailed, match="cluster secret"):
             copy_groups(server.address(), CFG, [0], torch.float32, CPU, timeout_s=20)
         assert server.copies_served == 0
         got, _ = copy_groups(server.address(), CFG, [0], torch.float32, CPU, timeout_s=20, secret=SECRET)

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from actors.experts.worker import ExpertWorker
+from actors.experts.worker.worker import ExpertWorker
 from actors.model.local_experts import LocalExperts
 from actors.weights.loader import random_expert_groups
 from actors.experts.placement import pack_groups
 from actors.model.presets import get_preset
-from actors.experts.remote_experts import RemoteExperts
-from actors.experts.transport.base import TransportError, WorkerRef
-from actors.experts.transport.factory import make_transport
+from actors.experts.dispatch.dispatcher import Dispatcher
+from actors.experts.carriers.base import TransportError, WorkerRef
+from actors.experts.carriers.factory import make_carrier
 
 CFG = get_preset("tiny-moge")
 SPEC = {"source": "preset:tiny-moge", "dtype": "float32", "device": "cpu", "seed": 0}
@@ -35,7 +35,7 @@ def test_remote_experts_over_transport_match_local(kind):
     for w, worker in workers.items():
         worker.load_groups(list(placement.groups_of(w)))
     refs = {w: WorkerRef(w, endpoint=worker.endpoint(), local=worker) for w, worker in workers.items()}
-    rx = RemoteExperts(CFG, make_transport(kind, timeout_s=20), placement, refs)
+    rx = Dispatcher(CFG, make_carrier(kind, timeout_s=20), placement, refs)
     local = LocalExperts(CFG, random_expert_groups(CFG, range(4), 0))
     try:
         for layer, t in [(0, 1), (2, 17)]:
@@ -44,16 +44,16 @@ def test_remote_experts_over_transport_match_local(kind):
         # a call for a group the worker lacks is an error from the worker, not a hang
         x, ids, w = moge_routing(3)
         with pytest.raises(Exception, match="does not hold"):
-            rx.transport.call("a", 0, [3], x, ids, w).result(timeout=20)
+            rx.carrier.call("a", 0, [3], x, ids, w).result(timeout=20)
         # the link survives a worker-side error
-        assert rx.transport.call("a", 0, [0], x, ids, w).result(timeout=20).shape == (1, 3, CFG.hidden_size)
+        assert rx.carrier.call("a", 0, [0], x, ids, w).result(timeout=20).shape == (1, 3, CFG.hidden_size)
         # disconnecting one worker leaves the other's path intact
-        rx.transport.disconnect("a")
+        rx.carrier.disconnect("a")
         with pytest.raises(TransportError):
-            rx.transport.call("a", 0, [0], x, ids, w).result(timeout=20)
-        assert rx.transport.call("b", 0, [2], x, ids, w).result(timeout=20).shape == (1, 3, CFG.hidden_size)
-        rx.transport.connect(refs["a"])
-        assert rx.transport.call("a", 0, [1], x, ids, w).result(timeout=20).shape == (1, 3, CFG.hidden_size)
+            rx.carrier.call("a", 0, [0], x, ids, w).result(timeout=20)
+        assert rx.carrier.call("b", 0, [2], x, ids, w).result(timeout=20).shape == (1, 3, CFG.hidden_size)
+        rx.carrier.connect(refs["a"])
+        assert rx.carrier.call("a", 0, [1], x, ids, w).result(timeout=20).shape == (1, 3, CFG.hidden_size)
     finally:
         rx.close()
         for worker in workers.values():
@@ -61,7 +61,7 @@ def test_remote_experts_over_transport_match_local(kind):
 
 
 def test_grpc_peer_export_moves_exact_tensors():
-    from actors.experts.transport.grpc import fetch_groups, worker_stats
+    from actors.experts.carriers.grpc_call import fetch_groups, worker_stats
 
     holder = ExpertWorker("h", SPEC, "grpc", OPTS)
     try:
@@ -78,7 +78,7 @@ def test_grpc_peer_export_moves_exact_tensors():
 
 
 def test_grpc_unreachable_worker_fails_fast_with_transport_error():
-    t = make_transport("grpc", timeout_s=2)
+    t = make_carrier("grpc", timeout_s=2)
     t.connect(WorkerRef("gone", endpoint={"host": "127.0.0.1", "port": 1, "tls": False}))
     x, ids, w = moge_routing(2)
     with pytest.raises(TransportError):
@@ -103,11 +103,11 @@ def test_grpc_with_tls(tmp_path):
         worker.load_groups([0])
         assert worker.endpoint()["tls"] is True
         x, ids, w = moge_routing(4)
-        plain = make_transport("grpc", timeout_s=5)  # no CA: the handshake must fail, not fall back
+        plain = make_carrier("grpc", timeout_s=5)  # no CA: the handshake must fail, not fall back
         plain.connect(WorkerRef("t", endpoint={**worker.endpoint(), "tls": False}))
         with pytest.raises(TransportError):
             plain.call("t", 0, [0], x, ids, w).result(timeout=10)
-        secure = make_transport("grpc", timeout_s=20, tls_ca=str(cert))
+        secure = make_carrier("grpc", timeout_s=20, tls_ca=str(cert))
         secure.connect(WorkerRef("t", endpoint=worker.endpoint()))
         y = secure.call("t", 0, [0], x, ids, w).result(timeout=20)
         assert torch.equal(y, worker.compute(0, [0], x, ids, w))
