@@ -89,6 +89,10 @@ class DataPlaneSection(_Section):
         None, description="the replica's failover copy of the experts (read from the checkpoint) is loaded at start "
         "instead of when a worker first fails; default: on CPU replicas")
     call_timeout_s: float = Field(30, gt=0, description="deadline of one expert call")
+    hang_deadline_factor: float = Field(
+        5, gt=1, description="a call not answered within this many times the slowest of the last 64 replies "
+        "(at least hang_deadline_min_s) counts its worker as hung: its groups fail over")
+    hang_deadline_min_s: float = Field(1.0, gt=0, description="the floor of that deadline")
     grpc_max_message_bytes: int = Field(256 << 20, ge=1 << 20)
     grpc_tls_cert: str | None = None
     grpc_tls_key: str | None = None

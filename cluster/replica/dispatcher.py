@@ -65,9 +65,11 @@ def build_dispatcher(config: MogeConfig, cfg: ModelConfig, placement: Placement,
     device = resolve_device(device if device is not None else config.model.device)
     replica_id = replica_id or uuid.uuid4().hex[:12]
     carrier, step = carriers(config, plan, device, replica_id)
+    dp = config.data_plane
     return Dispatcher(cfg, carrier, placement, refs, replacer=replacer, step_carrier=step, local=local,
                       local_fallback=local_fallback(config, device), warm_fallback=plan.warm_fallback,
-                      wait_timeout_s=2 * config.data_plane.call_timeout_s)
+                      wait_timeout_s=2 * dp.call_timeout_s, min_deadline_s=dp.hang_deadline_min_s,
+                      deadline_factor=dp.hang_deadline_factor)
 
 
 def static_dispatcher(config: MogeConfig, cfg: ModelConfig, workers: ReplicaWorkers | None = None,

@@ -150,5 +150,22 @@ class ReplicaLane:
 
     def abort(self) -> None:
         pg, self.pg = self.pg, None
-        if pg is not None and self.backend != "gloo":
+        if pg is None:
+            return
+        if self.backend != "gloo":
             abort_bounded(pg, min(self.timeout_s, 10.0))
+        else:
+            reap(pg, self.timeout_s)
+
+
+def reap(pg, seconds: float) -> None:
+    """Let go of a broken gloo group on a thread of its own: its destructor joins gloo's threads,
+    which wait out a receive from a stopped peer (up to the group's timeout). Dropped on the step
+    thread, it would stall the step that long."""
+    box = [pg]
+
+    def hold() -> None:
+        time.sleep(seconds + 1.0)
+        box.clear()  # the destructor runs here
+
+    threading.Thread(target=hold, name="moge-lane-reap", daemon=True).start()
