@@ -70,6 +70,9 @@ def plan_of(config: MogeConfig) -> ReplicaPlan:
         mode = "inprocess"
     else:
         mode = "elastic" if el.redis_url else "static"
+    if mode == "static" and el.local_groups:
+        raise ValueError("elastic.local_groups needs the elastic control plane (the controller moves groups "
+                         "between the replicas and the workers): set elastic.redis_url, or run `moge serve --elastic`")
     kind = device_kind_of(config)
     carrier = dp.per_step if dp.per_step != "off" else dp.transport
     if dp.ping_pong == "auto":

@@ -14,10 +14,8 @@ concurrent greedy streams against the single-process model's tokens.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
-import threading
 import time
 import uuid
 
@@ -28,7 +26,7 @@ from actors.engine.sampling_params import SamplingParams
 from actors.model.reference import greedy_reference
 from cluster.config import MogeConfig
 from tests.integration.test_data_plane import with_data_plane
-from tests.integration.test_elastic import PROMPTS, ctl, wait_until
+from tests.integration.test_elastic import PROMPTS, Load, ctl, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -86,27 +84,24 @@ class Replica:
         self.er.close()
 
 
-class Streams:
-    """`n` greedy streams in a loop on their own event loop; per request its tokens and the
-    longest gap between two of its outputs (the first one included)."""
+class Streams(Load):
+    """test_elastic's load on one replica, each request also with the longest gap between two of
+    its outputs (the first one included) and when it ended."""
 
     def __init__(self, replica: Replica, n: int = STREAMS) -> None:
-        self.replica, self.n = replica, n
+        super().__init__(replica.engine, replica.loaded.tokenizer, n)
         self.results: list[tuple[str, list[int], float, float]] = []  # prompt, ids, worst gap, end
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
 
     async def _one(self, slot: int) -> None:
-        tok, k = self.replica.loaded.tokenizer, 0
+        k = 0
         while not self._stop.is_set():
             prompt = PROMPTS[(slot + k) % len(PROMPTS)]
             rid, k = f"s{slot}-{k}-{uuid.uuid4().hex[:4]}", k + 1
             ids: list[int] = []
             last, gap = time.monotonic(), 0.0
             try:
-                async for out in self.replica.engine.generate(rid, tok.encode(prompt),
-                                                              SamplingParams(temperature=0, max_tokens=MAX_TOKENS)):
+                async for out in self.engine.generate(rid, self.tok.encode(prompt),
+                                                      SamplingParams(temperature=0, max_tokens=MAX_TOKENS)):
                     now = time.monotonic()
                     gap, last = max(gap, now - last), now
                     ids.extend(out.new_token_ids)
@@ -115,23 +110,6 @@ class Streams:
                 self.results.append((prompt, ids, gap, last))
             except Exception as e:  # noqa: BLE001 - every failure is counted, none tolerated
                 self.failures.append(f"{rid}: {type(e).__name__}: {e}")
-
-    async def _main(self) -> None:
-        await asyncio.gather(*(self._one(i) for i in range(self.n)))
-
-    def __enter__(self) -> "Streams":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(120)
-
-    def wait_for(self, n: int, timeout_s: float = 120) -> None:
-        target, deadline = len(self.results) + n, time.monotonic() + timeout_s
-        while len(self.results) < target and time.monotonic() < deadline and not self.failures:
-            time.sleep(0.05)
-        assert len(self.results) >= target or self.failures, f"only {len(self.results)} of {target} requests finished"
 
     def check(self, expected) -> None:
         assert self.failures == []
