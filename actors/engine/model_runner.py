@@ -39,10 +39,10 @@ class ModelRunner:
         cuda_graphs: bool = False,
         max_num_seqs: int = 0,
         max_model_len: int = 0,
-        graph_memory_mb: int = 4096,
+        cuda_graph_memory_mb: int = 4096,
     ) -> None:
-        if not isinstance(getattr(model, "experts", None), ExpertCompute):
-            raise TypeError(f"model.experts must be an ExpertCompute, got {type(getattr(model, 'experts', None)).__name__}")
+        if not isinstance(model.experts, ExpertCompute):  # the engine calls only what the seam declares
+            raise TypeError(f"model.experts must be an ExpertCompute, got {type(model.experts).__name__}")
         self.model = model
         self.cfg = cfg
         self.block_size = block_size
@@ -58,7 +58,7 @@ class ModelRunner:
 
             max_blocks = -(-max_model_len // block_size)
             pp = self.ping_pong
-            self.graphs = DecodeGraphs(model, self.kv, max_num_seqs, max_blocks, graph_memory_mb,
+            self.graphs = DecodeGraphs(model, self.kv, max_num_seqs, max_blocks, cuda_graph_memory_mb,
                                        forward=pp.forward if pp is not None else None,
                                        micro_batches=micro_batch_tokens if pp is not None else None)
             self.graphs.capture()

@@ -29,7 +29,7 @@ def with_static_decode(engine: LLMEngine, max_batch: int) -> DecodeGraphs:
         cfg, engine.spec.num_kv_blocks, engine.spec.block_size, runner.dtype, runner.device, pad_block=True
     )
     blocks = -(-engine.spec.max_model_len // engine.spec.block_size)
-    runner.graphs = DecodeGraphs(runner.model, runner.kv, max_batch, blocks, memory_budget_mb=0)
+    runner.graphs = DecodeGraphs(runner.model, runner.kv, max_batch, blocks, cuda_graph_memory_mb=0)
     runner.graphs.use_buckets(bucket_sizes(max_batch))
     return runner.graphs
 

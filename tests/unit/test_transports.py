@@ -1,4 +1,7 @@
-"""gRPC and collective (gloo) transports on loopback, worker and replica in this process."""
+"""gRPC (per call and the per-step stream) and collective (gloo) carriers on loopback, worker and
+replica in this process; the gRPC gate."""
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,6 +18,17 @@ from actors.experts.carriers.factory import make_carrier
 CFG = get_preset("tiny-moge")
 SPEC = {"source": "preset:tiny-moge", "dtype": "float32", "device": "cpu", "seed": 0}
 OPTS = {"host": "127.0.0.1"}
+
+
+def routing(cfg, t, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, cfg.hidden_size, generator=g)
+    if cfg.family == "moge":
+        eg = cfg.experts_per_group
+        ids = torch.stack([torch.randint(0, eg, (t,), generator=g) + k * eg for k in range(cfg.n_groups)], 1)
+    else:
+        ids = torch.stack([torch.randperm(cfg.n_experts, generator=g)[: cfg.top_k] for _ in range(t)])
+    return x, ids, torch.rand(ids.shape, generator=g)
 
 
 def moge_routing(t, seed=0):
@@ -114,3 +128,80 @@ def test_grpc_with_tls(tmp_path):
         plain.close(), secure.close()
     finally:
         worker.shutdown()
+
+
+@pytest.mark.parametrize("cfg", [CFG, replace(CFG, family="mixtral", top_k=3, router_scale=False, renormalize=True)],
+                         ids=["moge", "topk"])
+def test_the_grpc_step_stream_matches_local_experts_bit_for_bit(cfg):
+    """One stream per worker carries whole steps (ping-pong's two micro-batches included); the
+    per-group partials add in group order: LocalExperts' bits."""
+    from actors.experts.carriers.grpc_stream import GrpcStreamCarrier
+    from actors.experts.dispatch.dispatcher import Dispatcher
+
+    workers = {w: ExpertWorker(w, SPEC, "grpc", OPTS) for w in ("a", "b")}
+    placement = pack_groups(4, list(workers))
+    for w, worker in workers.items():
+        worker.cfg = cfg
+        worker.load_groups(list(placement.groups_of(w)))
+    refs = {w: WorkerRef(w, endpoint=worker.endpoint(), local=worker) for w, worker in workers.items()}
+    per_call = make_carrier("grpc", timeout_s=20)
+    rx = Dispatcher(cfg, per_call, placement, refs, step_carrier=GrpcStreamCarrier(per_call))
+    local = LocalExperts(cfg, random_expert_groups(cfg, range(4), 0))
+    layers = [layer for layer in range(cfg.num_layers) if cfg.is_moe_layer(layer)]
+    try:
+        for step, counts in enumerate([[3], [2, 5]]):
+            rx.on_step_boundary()
+            rx.begin_step(counts)
+            inputs = {(mb, layer): routing(cfg, t, 10 * step + layer) for mb, t in enumerate(counts) for layer in layers}
+            for layer in layers:
+                pending = [rx.dispatch(layer, *inputs[(mb, layer)]) for mb in range(len(counts))]
+                for mb, p in enumerate(pending):
+                    assert torch.equal(p.wait(), local.dispatch(layer, *inputs[(mb, layer)]).wait())
+        assert rx.metrics()["link_failures"] == 0
+        # every layer of both steps went over the streams: one compute per layer and micro-batch
+        assert all(worker.stats()["calls"] == 3 * len(layers) for worker in workers.values())
+    finally:
+        rx.close()
+        for worker in workers.values():
+            worker.shutdown()
+
+
+def test_the_gate_limits_calls_in_flight_per_peer_before_reading_them():
+    import threading
+
+    import grpc
+
+    from actors.experts.carriers.grpc_server import GrpcExpertServer
+    from actors.experts.carriers.grpc_wire import auth_metadata, tensor_to_proto
+    from protos import moge_expert_pb2 as pb
+    from protos import moge_expert_pb2_grpc as pb_grpc
+
+    release, entered = threading.Event(), threading.Event()
+
+    class Slow:
+        worker_id, device = "slow", torch.device("cpu")
+
+        def compute(self, *args, **kw):
+            entered.set()
+            release.wait(20)
+            return torch.zeros(1, 2, CFG.hidden_size)
+
+    server = GrpcExpertServer(Slow(), "127.0.0.1", {"auth_token": "s", "max_inflight_per_peer": 1})
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    x, ids, w = moge_routing(2)
+    req = pb.ComputeRequest(layer=0, group_ids=[0], x=tensor_to_proto(x), ids=tensor_to_proto(ids),
+                            weights=tensor_to_proto(w))
+    stub = pb_grpc.ExpertDataStub(channel)
+    try:
+        first = stub.Compute.future(req, timeout=20, metadata=auth_metadata("s"))
+        assert entered.wait(20)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Compute(req, timeout=20, metadata=auth_metadata("s"))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        release.set()
+        assert first.result(timeout=20).y.shape == [1, 2, CFG.hidden_size]
+        assert stub.Compute(req, timeout=20, metadata=auth_metadata("s")).y.shape == [1, 2, CFG.hidden_size]
+    finally:
+        release.set()
+        channel.close()
+        server.stop()

@@ -39,7 +39,7 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model, kv: PagedKVCache, max_batch: int, max_blocks_per_seq: int, memory_budget_mb: int,
+    def __init__(self, model, kv: PagedKVCache, max_batch: int, max_blocks_per_seq: int, cuda_graph_memory_mb: int,
                  forward=None, micro_batches=None) -> None:
         """`forward(batch, kv)`: what a graph captures (default the model; the ping-pong runner's
         forward for remote experts with ping-pong); `micro_batches(bp)`: the token counts it
@@ -56,7 +56,7 @@ class DecodeGraphs:
         self.block_size = kv.block_size
         self.pad_slot = kv.pad_block * kv.block_size
         self.max_batch = max_batch
-        self.budget_bytes = memory_budget_mb << 20
+        self.budget_bytes = cuda_graph_memory_mb << 20
         long = dict(dtype=torch.long, device=self.device)
         self.meta = torch.zeros(4, max_batch, **long)
         self.tables = torch.full((max_batch, max_blocks_per_seq), kv.pad_block, **long)

@@ -140,15 +140,16 @@ class PerCallPath:
 
     def collect(self, layer: int, call: Sent, parts: GroupParts) -> None:
         d = self.d
+        down = call.worker not in (FALLBACK, LOCAL) and d.liveness.is_down(call.worker)
         try:
-            if call.worker not in (FALLBACK, LOCAL) and d.liveness.is_down(call.worker) and not call.future.done():
+            if down and not call.future.done():
                 raise TimeoutError(f"expert worker {call.worker} is down")  # no wait at all
             y = call.future.result(timeout=d.liveness.left(call.deadline))  # [n, T', D]
             parts.add_all(call.groups, y, call.rows)
         except Exception as exc:  # noqa: BLE001 - any failure of the call, or past its deadline: re-send
             if call.worker == FALLBACK:
                 raise ExpertCallFailed(f"layer {layer}: the local fallback failed: {exc}") from exc
-            if isinstance(exc, TimeoutError):
+            if isinstance(exc, TimeoutError) and not down:
                 log.warning("expert worker %s did not answer within its deadline: marked down", call.worker)
             d.mark_down(call.worker)
             for g in call.groups:
