@@ -5,7 +5,7 @@
 A multi-node Ray cluster (ray.cluster_utils.Cluster) whose head carries one device slot (the custom
 resource `expert_slot`, standing in for {"NPU": 1} or a GPU); expert workers ask for one slot each.
 Under continuous greedy load on a real attention replica engine (the objects a Serve replica
-builds: LLMEngine + AsyncEngine + RemoteExperts + epoch listener) and the real controller actor.
+builds: LLMEngine + AsyncEngine + Dispatcher + epoch listener) and the real controller actor.
 The test plays the autoscaler: it adds a node when the cluster reports a pending demand for a slot
 and removes a node once nothing runs on it.
 

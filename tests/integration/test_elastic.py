@@ -1,6 +1,6 @@
 """Live elasticity on a real local Ray cluster, real redis-server, real gRPC expert workers.
 
-An attention replica (LLMEngine + AsyncEngine + RemoteExperts + epoch listener, exactly what a
+An attention replica (LLMEngine + AsyncEngine + Dispatcher + epoch listener, exactly what a
 Serve replica runs) serves concurrent greedy streams while the controller actor migrates every
 group and scales 1 -> 2 -> 4 -> 2 workers; then the controller is killed mid-scale, Redis is
 restarted mid-load, and a migration whose target dies while loading rolls back. Every request

@@ -1,4 +1,4 @@
-"""RemoteExperts over the in-process transport: exact combine, placements, epochs, failover."""
+"""The Dispatcher per call over the in-process carrier: exact combine, placements, epochs, failover."""
 
 from dataclasses import replace
 
@@ -178,3 +178,22 @@ def test_adopt_takes_effect_only_at_the_step_boundary():
     assert rx.on_step_boundary() == 1
     rx.dispatch(0, *routing(MOGE, 4)).wait()
     assert workers["b"].stats()["calls"] == 1 and rx.carrier.connected() == ["b"]
+
+
+def test_the_route_table_maps_groups_to_live_holder_slots_on_the_device():
+    from actors.experts.dispatch.route_table import RouteTable
+
+    p = Placement(3, (("a",), ("a", "b"), ("c",), ("c",)))
+    route = RouteTable(MOGE, p, usable={"a", "b"})  # c is down
+    assert route.slots == ["a", "b"] and route.unrouted == [2, 3] and route.split
+    assert route.groups_of == [(0, 1), (1,)]
+    x, ids, w = routing(MOGE, 4)
+    slot_of = route.slot_of(ids)  # [T, K]
+    group_of = ids // MOGE.experts_per_group
+    assert (slot_of[group_of == 0] == 0).all() and (slot_of[group_of >= 2] == -1).all()
+    # group 1's rows split between a (rows 0, 1) and b (rows 2, 3)
+    assert slot_of[:, 1].tolist() == [0, 0, 1, 1]
+    masked = route.masked(ids, slot_of, 1)
+    assert (masked[:, [0, 2, 3]] == -1).all() and masked[2:, 1].tolist() == ids[2:, 1].tolist()
+    whole = RouteTable(MOGE, pack_groups(4, ["a"]), usable={"a"})
+    assert whole.whole and whole.masked(ids, None, 0) is ids

@@ -63,8 +63,9 @@ class RouteTable:
             for g, hs in enumerate(self.live):
                 if len(hs) == 1:
                     table[g] = hs[0]
-                for s, (a, b) in zip(hs if len(hs) > 1 else (), split_rows(t, len(hs))):
-                    table[g, a:b] = s
+                elif hs:
+                    for s, (a, b) in zip(hs, split_rows(t, len(hs))):
+                        table[g, a:b] = s
             table = self._rows[(device, t)] = table.to(device)
         return table
 
