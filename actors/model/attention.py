@@ -62,11 +62,15 @@ def paged_attention(
     kv: PagedKVCache,
     step,  # the model's per-step context: .plan (an AttentionPlan, built on first use)
     scale: float,
+    fused: bool | None = None,
 ) -> torch.Tensor:
-    """-> [T, H, Dh]: the new tokens (their K/V already in the cache) against their whole context."""
+    """-> [T, H, Dh]: the new tokens (their K/V already in the cache) against their whole context.
+    `fused`: the paged decode kernel for decode steps (chosen by the model once; None: decided here)."""
     num_seqs, heads, head_dim = batch.num_seqs, q.shape[1], q.shape[2]
     kv_heads = kv.k[layer].shape[2]
-    if batch.num_tokens == num_seqs and kernels.fused(q) and kernels.power_of_two(head_dim):
+    if fused is None:
+        fused = kernels.fused(q) and kernels.power_of_two(head_dim)
+    if batch.num_tokens == num_seqs and fused:
         from actors.model.kernels.paged_decode import paged_decode_attention
 
         return paged_decode_attention(q, kv.k[layer], kv.v[layer], batch.block_tables, batch.context_lens, scale)

@@ -127,6 +127,7 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], experts: Exper
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.requires_grad_(False)
+    model.choose_kernels()  # fused or torch, decided once the weights are where they will run
     return model.eval()
 
 

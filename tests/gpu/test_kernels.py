@@ -230,6 +230,7 @@ def test_model_through_the_kernels_matches_the_torch_path(kernels_everywhere, pr
     fast_tokens, fast_logits = greedy_logits(loaded, prompt, 6, stop_at_eos=False)
     kernels.set_enabled(False)
     model.experts = LocalExperts(cfg, groups)  # the experts choose their kernels when built
+    assert model.choose_kernels() is False  # and so does the model: once, not per call
     tokens, logits = greedy_logits(loaded, prompt, 6, stop_at_eos=False)
     assert fast_tokens == tokens
     torch.testing.assert_close(fast_logits, logits, atol=1e-4, rtol=1e-4)
