@@ -96,7 +96,12 @@ class StepPath:
         down = d.liveness.down()
         live = {w: d.workers[w] for w in d.placement.workers if w != LOCAL and w not in down}
         usable = self.carrier.sync(live)
-        self.route = RouteTable(d.cfg, d.placement, usable, d.liveness.version)
+        route = RouteTable(d.cfg, d.placement, usable, d.liveness.version)
+        if self.route is not None and self.route.signature() == route.signature():
+            # the same routing: keep the table, so its device maps (read by captured steps) stay put
+            self.route.epoch, self.route.version = route.epoch, route.version
+        else:
+            self.route = route
 
     def begin_step(self, counts: list[int]) -> None:
         counts = [int(c) for c in counts]

@@ -44,7 +44,9 @@ class RouteTable:
         return len(self.slots) == 1 and not self.unrouted
 
     def signature(self) -> tuple:
-        return (self.epoch, tuple(self.slots), tuple(self.owner_g), self.groups_of)
+        """What routing through this table depends on (not the epoch number: a republished map
+        routes the same way)."""
+        return (tuple(self.slots), tuple(self.live), tuple(self.groups_of))
 
     def owner(self, device: torch.device) -> torch.Tensor:
         """[G] slot per group on `device` (-1: split or unrouted), made once per table (before any
