@@ -121,38 +121,6 @@ def _steady(stack) -> None:
     wait_until(lambda: ctl(stack, "consistency") == [], 60, "a consistent placement")
 
 
-@pytest.mark.parametrize("per_step", ["lane", "stream"])
-def test_per_step_carrier_under_scale_migrate_and_a_kill(stack, expected, per_step):
-    _steady(stack)
-    if ctl(stack, "status")["devices"] != 2:
-        assert ctl(stack, "scale", 2)["phase"] == "done"
-    replica = Replica(stack, per_step=per_step)
-    try:
-        with Streams(replica, 6) as load:
-            load.wait_for(6)
-            steps = [ctl(stack, "scale", 3)] if per_step == "lane" else []  # the stream: migrate and kill only
-            load.wait_for(3)
-            p = ctl(stack, "placement")
-            holder = p["holders"][0][0]
-            other = next(w for hs in p["holders"] for w in hs if w != holder)
-            steps.append(ctl(stack, "migrate", 0, other))
-            load.wait_for(3)
-            if per_step == "lane":
-                steps.append(ctl(stack, "scale", 2))
-                load.wait_for(3)
-            victim = sorted(w for hs in ctl(stack, "placement")["holders"] for w in hs)[-1]
-            handle = ray.get_actor(f"moge-expert-{victim}", namespace=stack.namespace)
-            ray.kill(handle, no_restart=True)
-            load.wait_for(12)
-        assert [s["phase"] for s in steps] == ["done"] * len(steps), steps
-        load.check(expected)
-        m = replica.er.experts.metrics()
-        assert replica.er.epoch >= steps[-1]["epoch"] and m["graph_replays"] == 0  # CPU: eager steps
-    finally:
-        replica.close()
-    _steady(stack)
-
-
 @pytest.mark.parametrize("pairing", [("off", True, "lane", False), ("off", False, "lane", True)],
                          ids=["percall-pp+lane", "percall+lane-pp"])
 def test_a_hung_worker_costs_every_stream_at_most_one_deadline(stack, expected, pairing):
@@ -199,4 +167,36 @@ def test_a_hung_worker_costs_every_stream_at_most_one_deadline(stack, expected, 
     finally:
         for replica in replicas:
             replica.close()
+    _steady(stack)
+
+
+@pytest.mark.parametrize("per_step", ["stream", "lane"])  # after the stops: a kill ends each
+def test_per_step_carrier_under_scale_migrate_and_a_kill(stack, expected, per_step):
+    _steady(stack)
+    if ctl(stack, "status")["devices"] != 2:
+        assert ctl(stack, "scale", 2)["phase"] == "done"
+    replica = Replica(stack, per_step=per_step)
+    try:
+        with Streams(replica, 6) as load:
+            load.wait_for(6)
+            steps = [ctl(stack, "scale", 3)] if per_step == "lane" else []  # the stream: migrate and kill only
+            load.wait_for(3)
+            p = ctl(stack, "placement")
+            holder = p["holders"][0][0]
+            other = next(w for hs in p["holders"] for w in hs if w != holder)
+            steps.append(ctl(stack, "migrate", 0, other))
+            load.wait_for(3)
+            if per_step == "lane":
+                steps.append(ctl(stack, "scale", 2))
+                load.wait_for(3)
+            victim = sorted(w for hs in ctl(stack, "placement")["holders"] for w in hs)[-1]
+            handle = ray.get_actor(f"moge-expert-{victim}", namespace=stack.namespace)
+            ray.kill(handle, no_restart=True)
+            load.wait_for(12)
+        assert [s["phase"] for s in steps] == ["done"] * len(steps), steps
+        load.check(expected)
+        m = replica.er.experts.metrics()
+        assert replica.er.epoch >= steps[-1]["epoch"] and m["graph_replays"] == 0  # CPU: eager steps
+    finally:
+        replica.close()
     _steady(stack)
