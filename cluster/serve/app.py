@@ -72,8 +72,8 @@ class AttentionReplica:
         self.metrics = ReplicaMetrics(self.served.name, self.engine.stats, self.served.max_model_len)
         if self.replica.elastic is not None:
             self.replica.elastic.attach(self.engine, self.metrics)
-        elif self.replica.parts.remote is not None:
-            self.metrics.watch_experts(self.replica.parts.remote)
+        elif self.replica.parts.experts is not None:
+            self.metrics.watch_experts(self.replica.parts.experts)
         self.front = OpenAIServer(self.engine, self.served, self.config.server, self.metrics)
         log.info("attention replica serving %s (context %d, experts %s)", self.served.name,
                  self.served.max_model_len, self.replica.parts.plan.describe())
