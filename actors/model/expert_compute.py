@@ -75,6 +75,11 @@ class ExpertCompute(ABC):
 
     # ---- the rest of a replica's life ----------------------------------------------------------
 
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of expert weights held in this process (the KV budget subtracts them)."""
+        return 0
+
     def metrics(self, reset: bool = False) -> dict:
         return {}
 

@@ -215,6 +215,11 @@ class Dispatcher(ExpertCompute):
     # ---- metrics and teardown ------------------------------------------------------------------------
 
     @property
+    def nbytes(self) -> int:
+        """The replica's own groups (the local holder); the failover copy loads only on demand."""
+        return self.local.nbytes if self.local is not None else 0
+
+    @property
     def retries(self) -> int:
         return self.failover.retries
 
