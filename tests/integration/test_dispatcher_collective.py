@@ -7,12 +7,9 @@ through scale 2 -> 3 and a migration, 0 failed requests, the single-process mode
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
-from cluster.config import MogeConfig
-from tests.integration.test_dispatcher_elastic import Replica, Streams, _steady, expected  # noqa: F401
+from tests.integration.test_dispatcher_elastic import Replica, Streams, _steady, expected, start_stack  # noqa: F401
 from tests.integration.test_elastic import ctl
 
 pytestmark = pytest.mark.integration
@@ -20,17 +17,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def stack(ray_local, tmp_path_factory):
-    from cluster.elastic.stack import start_elastic
-
-    config = MogeConfig.load(
-        env={},
-        model={"source": "preset:tiny-moge", "device": "cpu", "dtype": "float32"},
-        engine={"max_num_seqs": 16, "num_kv_blocks": 256},
-        data_plane={"transport": "collective", "num_workers": 2, "worker_num_cpus": 0.25, "advertise_host": "127.0.0.1"},
-        elastic={"key_prefix": f"collective-{uuid.uuid4().hex[:6]}",
-                 "policy": {"name": "none", "min_devices": 1, "max_devices": 3, "period_s": 0.5}},
-    )
-    s = start_elastic(config, redis_data_dir=str(tmp_path_factory.mktemp("redis")))
+    s = start_stack("collective", 3, tmp_path_factory)
     try:
         yield s
     finally:

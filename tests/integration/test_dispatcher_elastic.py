@@ -36,19 +36,24 @@ STALL_LIMIT_S = 2.0
 STOP_REQUESTS = 2 * STREAMS  # requests each replica finishes while the worker is stopped
 
 
-@pytest.fixture(scope="module")
-def stack(ray_local, tmp_path_factory):
+def start_stack(transport: str, max_devices: int, tmp_path_factory):
+    """The elastic control plane (redis-server, controller, 2 workers over `transport`), tiny-moge on CPU."""
     from cluster.elastic.stack import start_elastic
 
     config = MogeConfig.load(
         env={},
         model={"source": "preset:tiny-moge", "device": "cpu", "dtype": "float32"},
         engine={"max_num_seqs": 16, "num_kv_blocks": 256},
-        data_plane={"transport": "grpc", "num_workers": 2, "worker_num_cpus": 0.25},
-        elastic={"key_prefix": f"dispatcher-{uuid.uuid4().hex[:6]}",
-                 "policy": {"name": "none", "min_devices": 1, "max_devices": 4, "period_s": 0.5}},
+        data_plane={"transport": transport, "num_workers": 2, "worker_num_cpus": 0.25, "advertise_host": "127.0.0.1"},
+        elastic={"key_prefix": f"dispatcher-{transport}-{uuid.uuid4().hex[:6]}",
+                 "policy": {"name": "none", "min_devices": 1, "max_devices": max_devices, "period_s": 0.5}},
     )
-    s = start_elastic(config, redis_data_dir=str(tmp_path_factory.mktemp("redis")))
+    return start_elastic(config, redis_data_dir=str(tmp_path_factory.mktemp("redis")))
+
+
+@pytest.fixture(scope="module")
+def stack(ray_local, tmp_path_factory):
+    s = start_stack("grpc", 4, tmp_path_factory)
     try:
         yield s
     finally:

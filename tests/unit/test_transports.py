@@ -14,21 +14,11 @@ from actors.model.presets import get_preset
 from actors.experts.dispatch.dispatcher import Dispatcher
 from actors.experts.carriers.base import TransportError, WorkerRef
 from actors.experts.carriers.factory import make_carrier
+from tests.unit.test_remote_experts import routing
 
 CFG = get_preset("tiny-moge")
 SPEC = {"source": "preset:tiny-moge", "dtype": "float32", "device": "cpu", "seed": 0}
 OPTS = {"host": "127.0.0.1"}
-
-
-def routing(cfg, t, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(t, cfg.hidden_size, generator=g)
-    if cfg.family == "moge":
-        eg = cfg.experts_per_group
-        ids = torch.stack([torch.randint(0, eg, (t,), generator=g) + k * eg for k in range(cfg.n_groups)], 1)
-    else:
-        ids = torch.stack([torch.randperm(cfg.n_experts, generator=g)[: cfg.top_k] for _ in range(t)])
-    return x, ids, torch.rand(ids.shape, generator=g)
 
 
 def moge_routing(t, seed=0):
