@@ -60,14 +60,16 @@ class ReplicaWorkers:
         endpoints = ray.get([handles[w].endpoint.remote() for w in workers], timeout=ready_timeout_s)
         return {w: WorkerRef(w, handle=handles[w], endpoint=e) for w, e in zip(workers, endpoints)}
 
-    def replace(self, worker_id: str, groups: tuple[int, ...]) -> WorkerRef:
+    def replace(self, worker_id: str, groups: tuple[int, ...], failed: WorkerRef | None = None) -> WorkerRef:
         """A live worker under `worker_id` holding `groups`: the same actor if it answers a ping
-        at once, else a new one. A hung actor (SIGSTOP, a wedged device) is killed rather than
-        waited for; the dead actor's name frees up shortly after it dies, hence the retries."""
+        at once, else a new one. The actor whose calls failed (`failed`), when it does not answer,
+        is hung (SIGSTOP, a wedged device): killed rather than waited for. Another actor under the
+        name (a replacement someone else started) is waited for. The dead actor's name frees up
+        shortly after it dies, hence the retries."""
         error: Exception | None = None
         for attempt in range(REPLACE_ATTEMPTS):
             try:
-                handle = self._live_or_fresh(worker_id)
+                handle = self._live_or_fresh(worker_id, failed)
                 ray.get(handle.load_groups.remote(list(groups)), timeout=READY_TIMEOUT_S)
                 ray.get(handle.warmup.remote(), timeout=READY_TIMEOUT_S)
                 log.warning("expert worker %s replaced (groups %s)", worker_id, list(groups))
@@ -77,14 +79,15 @@ class ReplicaWorkers:
                 time.sleep(0.2 * 2**attempt)
         raise RuntimeError(f"could not replace expert worker {worker_id}: {error}") from error
 
-    def _live_or_fresh(self, worker_id: str):
+    def _live_or_fresh(self, worker_id: str, failed: WorkerRef | None):
         try:
             handle = self.fleet.handle(worker_id)
         except ValueError:
             handle = None
         if handle is not None:
+            hung = failed is not None and failed.handle == handle  # the very actor whose calls failed
             try:
-                ray.get(handle.ping.remote(), timeout=HUNG_PING_S)
+                ray.get(handle.ping.remote(), timeout=HUNG_PING_S if hung else READY_TIMEOUT_S)
                 return handle
             except ray.exceptions.GetTimeoutError:
                 log.warning("expert worker %s does not answer: killed, a new one takes its place", worker_id)

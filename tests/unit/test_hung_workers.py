@@ -81,7 +81,7 @@ def test_the_replacement_runs_in_the_background_and_the_worker_is_used_again():
     replaced = threading.Event()
     box = {}
 
-    def replacer(worker_id, groups):
+    def replacer(worker_id, groups, failed=None):
         box["worker"].resume.set()  # the controller / replacement brought it back
         replaced.set()
         return WorkerRef(worker_id, local=box["worker"])

@@ -113,7 +113,7 @@ def test_sole_holder_failure_uses_the_replacement():
     workers = make_workers(MOGE, ["a", "b"])
     replaced = []
 
-    def replacer(worker_id, groups):
+    def replacer(worker_id, groups, failed=None):
         fresh = FlakyWorker(worker_id, SPEC)
         fresh.load_groups(list(groups))
         replaced.append((worker_id, groups))
@@ -135,7 +135,7 @@ def test_a_staged_epoch_rescues_a_step_waiting_for_a_replacement():
     workers = make_workers(MOGE, ["a", "b"])
     entered, release = threading.Event(), threading.Event()
 
-    def replacer(worker_id, groups):  # no device free: blocks until the test lets it fail
+    def replacer(worker_id, groups, failed=None):  # no device free: blocks until the test lets it fail
         entered.set()
         release.wait(30)
         raise RuntimeError("no device for a replacement")

@@ -147,7 +147,7 @@ def test_a_lane_dying_mid_step_reruns_its_groups_on_the_replacement(monkeypatch)
 
     monkeypatch.setattr(GroupCompute, "partials", dying)
 
-    def replacer(worker_id, groups):
+    def replacer(worker_id, groups, failed=None):
         worker = ExpertWorker(worker_id, SPEC, transport_options={"host": "127.0.0.1"})
         worker.load_groups(list(groups))
         spare[worker_id] = worker

@@ -12,7 +12,8 @@ A group whose call failed (or whose link failed mid-step) goes, in this order, t
 The local fallback never loads weights on the step thread: loads run on their own thread, started
 at start-up for every group when it is warm, else for a worker's groups the moment it is marked
 down, so a retry waits at most for a load already under way. The replacement (`replacer`) is a
-function of the cluster's (cluster/replica/workers.py): it must not wait on a hung actor.
+function of the cluster's (cluster/replica/workers.py): told which ref's calls failed, it kills that
+actor rather than wait on it.
 
 Shape legend: T' = rows of the call, D = hidden, K = slots per token, n = groups.
 """
@@ -32,8 +33,9 @@ from actors.experts.local_holder import LOCAL
 log = logging.getLogger(__name__)
 
 FALLBACK = "<fallback>"  # the pseudo-holder of groups computed by the local fallback (never in a placement)
-# replacer(worker_id, groups) -> a WorkerRef holding `groups`, ready to be connected
-Replacer = Callable[[str, tuple[int, ...]], WorkerRef]
+# replacer(worker_id, groups, failed) -> a WorkerRef holding `groups`, ready to be connected;
+# `failed`: the ref whose calls failed (a replacer tells that actor apart from a newer one)
+Replacer = Callable[[str, tuple[int, ...], WorkerRef | None], WorkerRef]
 
 
 class ExpertCallFailed(RuntimeError):
@@ -206,6 +208,6 @@ class Failover:
         """A replacement of `worker_id` holding its groups, connected under the same id."""
         if self.replacer is None:
             raise ExpertCallFailed(f"worker {worker_id}: every holder failed and no replacer is configured")
-        ref = self.replacer(worker_id, self.d.placement.groups_of(worker_id))
+        ref = self.replacer(worker_id, self.d.placement.groups_of(worker_id), self.d.workers.get(worker_id))
         self.d.replaced(ref)
         return worker_id
