@@ -196,7 +196,8 @@ class Failover:
         def replace() -> None:
             try:
                 self._replace(worker_id)
-            except Exception as exc:  # noqa: BLE001 - the controller's repair may win instead
+            except BaseException as exc:  # noqa: BLE001 - the controller's repair may win instead (or
+                # the process is shutting Ray down under this thread)
                 log.warning("background replacement of %s failed: %s", worker_id, exc)
             finally:
                 with self._lock:
