@@ -91,10 +91,22 @@ class DataPlaneSection(_Section):
     worker_num_cpus: float = Field(1, ge=0)
     worker_num_gpus: float = Field(0, ge=0, description="1 per worker on GPUs; <1 to share")
     worker_resources: dict[str, float] = Field(default_factory=dict, description='e.g. {"NPU": 1}')
-    ping_pong: bool = True
-    step_lane: bool = Field(False, description="per-step protocol over one communicator per (replica, slot, worker): "
-                            "nccl between GPUs (gloo on CPU), the transport above only for failover")
+    ping_pong: bool | Literal["auto"] = Field(
+        "auto", description="two micro-batches per step so one's attention overlaps the other's remote experts; "
+        "auto = on only for the (device kind, carrier) pairs where it was measured to pay (cluster/replica/plan.py)")
+    per_step: Literal["off", "lane", "stream"] = Field(
+        "off", description="carry whole steps (one header per step, one message per layer and worker): lane = one "
+        "communicator per (replica, worker), nccl between GPUs (gloo on CPU); stream = one bidirectional gRPC "
+        "stream per (replica, worker) (transport grpc). The transport above then only carries failover calls")
+    step_lane: bool = Field(False, description="older name of per_step: lane")
+    warm_fallback: bool | None = Field(
+        None, description="the replica's failover copy of the experts (read from the checkpoint) is loaded at start "
+        "instead of when a worker first fails; default: on CPU replicas")
     call_timeout_s: float = Field(30, gt=0, description="deadline of one expert call")
+    hang_deadline_factor: float = Field(
+        5, gt=1, description="a call not answered within this many times the slowest of the last 64 replies "
+        "(at least hang_deadline_min_s) counts its worker as hung: its groups fail over")
+    hang_deadline_min_s: float = Field(1.0, gt=0, description="the floor of that deadline")
     grpc_max_message_bytes: int = Field(256 << 20, ge=1 << 20)
     grpc_tls_cert: str | None = None
     grpc_tls_key: str | None = None
@@ -126,7 +138,7 @@ class ElasticSection(_Section):
     key_prefix: str = "moge"
     metrics_interval_s: float = Field(1, gt=0)
     migration_source: Literal["device", "object_store", "peer", "checkpoint"] = Field(
-        "peer", description="where a migration target loads a group, first choice of a fallback chain: "
+        "object_store", description="where a migration target loads a group, first choice of a fallback chain: "
         "device = the holder's tensors over nccl/hccl (gloo on CPU) straight into the target's buffers, "
         "then the object store, then the checkpoint; object_store (alias peer) = the holder's raw buffers "
         "through Ray's object store, then the checkpoint; checkpoint = the safetensors / preset only")
@@ -144,6 +156,25 @@ class ElasticSection(_Section):
     policy: PolicySection = Field(default_factory=PolicySection)
 
 
+def unsupported(transport: str, per_step: str, local_groups: bool, ping_pong) -> str | None:
+    """Why a data-plane combination is refused (docs/architecture.md, "Carriers and holders"), or None."""
+    if per_step != "off" and local_groups:
+        # a step link runs a worker's whole step; groups computed in the replica's own process have
+        # no worker at the far end, so their every layer would take the per-call path inside the step
+        return (f"data_plane.per_step: {per_step} cannot be combined with elastic.local_groups: a step link only "
+                "reaches expert workers, not groups the replica holds in process; turn one of them off")
+    if transport == "inprocess":
+        if per_step != "off":
+            return f"data_plane.per_step: {per_step} needs expert workers: set data_plane.transport to grpc or collective"
+        if ping_pong is True:
+            return "data_plane.ping_pong overlaps remote experts: with data_plane.transport inprocess there are none"
+        if local_groups:
+            return "elastic.local_groups needs expert workers to grow onto: set data_plane.transport to grpc or collective"
+    if per_step == "stream" and transport != "grpc":
+        return f"data_plane.per_step: stream is a gRPC stream: it needs data_plane.transport grpc, not {transport}"
+    return None
+
+
 class MogeConfig(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     engine: EngineSection = Field(default_factory=EngineSection)
@@ -158,12 +189,15 @@ class MogeConfig(_Section):
             raise ValueError(f"elastic.policy.min_devices ({p.min_devices}) > max_devices ({p.max_devices})")
         if self.server.min_replicas > self.server.max_replicas:
             raise ValueError("server.min_replicas > server.max_replicas")
-        if self.data_plane.step_lane and self.elastic.local_groups:
-            # a lane runs a worker's whole step; groups computed in the replica's own process have
-            # no worker at the far end, so their every layer would take the per-call retry path
-            raise ValueError("data_plane.step_lane cannot be combined with elastic.local_groups: the step "
-                             "lane only reaches expert workers, not groups the replica holds in process; "
-                             "turn one of them off")
+        dp = self.data_plane
+        if dp.step_lane:
+            if dp.per_step not in ("off", "lane"):
+                raise ValueError("data_plane.step_lane (the older name of per_step: lane) contradicts "
+                                 f"data_plane.per_step: {dp.per_step}")
+            dp.per_step = "lane"
+        refused = unsupported(dp.transport, dp.per_step, self.elastic.local_groups, dp.ping_pong)
+        if refused:
+            raise ValueError(refused)
         if self.model.quantization == "fp8" and self.data_plane.transport != "inprocess":
             raise ValueError("model.quantization fp8 applies to in-process experts only: expert workers hold "
                              "their groups in model.dtype (FP8 groups do not migrate yet); use data_plane."

@@ -1,7 +1,7 @@
 """From plain settings to a running LLMEngine: load the model, size the KV cache, build.
 
 The engine takes dataclasses, never the pydantic configuration (that stays at the edge:
-cluster/serve/replica_engine.py converts it). KV budget, first that is set: num_kv_blocks;
+cluster/replica/assemble.py converts it). KV budget, first that is set: num_kv_blocks;
 kv_cache_bytes; kv_cache_fraction of the device memory free after the weights are loaded; else, on
 an accelerator, the whole device as vLLM's gpu_memory_utilization does it:
 
@@ -114,8 +114,7 @@ def loaded_bytes(loaded: LoadedModel) -> int:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             n += t.numel() * t.element_size()
-    experts = getattr(loaded.model, "experts", None)
-    return n + int(getattr(experts, "nbytes", 0) or 0)
+    return n + loaded.model.experts.nbytes
 
 
 @torch.no_grad()

@@ -78,7 +78,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.model, self.cfg, spec.num_kv_blocks, spec.block_size, ping_pong=spec.ping_pong,
             cuda_graphs=spec.cuda_graphs, max_num_seqs=spec.max_num_seqs, max_model_len=spec.max_model_len,
-            graph_memory_mb=spec.cuda_graph_memory_mb, max_num_batched_tokens=spec.max_num_batched_tokens,
+            cuda_graph_memory_mb=spec.cuda_graph_memory_mb, max_num_batched_tokens=spec.max_num_batched_tokens,
         )
         self.kv = self.runner.kv
         self.blocks = BlockManager(spec.num_kv_blocks, spec.block_size, spec.enable_prefix_caching)

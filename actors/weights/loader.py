@@ -27,7 +27,8 @@ import torch
 
 from actors.device import resolve_device, resolve_dtype
 from actors.model.expert_compute import ExpertCompute
-from actors.model.experts import ExpertGroupWeights, LocalExperts
+from actors.model.experts import ExpertGroupWeights
+from actors.model.local_experts import LocalExperts
 from actors.model.model import MoGEModel
 from actors.model.config import ModelConfig
 from actors.model.presets import get_preset
@@ -155,6 +156,7 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], experts: Exper
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.requires_grad_(False)
+    model.choose_kernels()  # fused or torch, decided once the weights are where they will run
     return model.eval()
 
 

@@ -158,7 +158,7 @@ class LocalCluster:
             self._owns_ray = True
         config = self.config
         if elastic_enabled(config) and self.control_plane:
-            from cluster.serve.data_plane import WORKER_NAMESPACE
+            from cluster.replica.workers import WORKER_NAMESPACE
 
             self.stack = start_elastic(config, namespace=WORKER_NAMESPACE,
                                        bootstrap_timeout_s=max(1.0, deadline - time.monotonic()))

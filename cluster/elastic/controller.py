@@ -25,7 +25,7 @@ import ray
 
 from actors.experts.local_holder import LOCAL
 from actors.experts.placement import Placement, groups_of, plan_groups
-from actors.experts.worker import model_config_of
+from actors.experts.worker.spec import model_config_of
 from cluster.config import MogeConfig
 from cluster.elastic.control.operations import BadRequest, ControllerBusy, Operations
 from cluster.elastic.control.ports import RayPorts

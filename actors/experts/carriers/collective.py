@@ -1,9 +1,9 @@
-"""Collective transport: torch.distributed point-to-point, one small process group per
+"""Collective carrier (per call): torch.distributed point-to-point, one small process group per
 (attention replica, expert worker) pair, never the global default group.
 
 Why pairs: a worker joining or leaving only creates or drops its own groups; every other
 replica<->worker pair keeps its communicator. Rendezvous: each worker hosts a TCPStore on a port
-the OS picks on its node and advertises (node IP from Ray, port) through ExpertWorker.endpoint();
+the OS picks on its node address (pairs.bound_store) and advertises (node IP from Ray, port) through ExpertWorker.endpoint();
 a replica asks the worker (Ray call `accept_peer`) to join a group under a fresh prefix, then joins
 it itself as rank 0 (the worker is rank 1). Before any call, both sides prove they hold the
 cluster secret inside the new control group (actors/experts/transport/rendezvous_auth.py): the
@@ -33,8 +33,9 @@ import torch
 import torch.distributed as dist
 
 from actors.device import collective_backend
-from actors.experts.transport.base import ExpertTransport, TransportError, WorkerRef
-from actors.experts.transport.rendezvous_auth import prove
+from actors.experts.carriers.base import Carrier, TransportError, WorkerRef
+from actors.experts.carriers.pairs import abort_group, bound_store, make_group
+from actors.experts.carriers.rendezvous_auth import prove
 
 OP_CALL, OP_CLOSE = 1, 2
 STATUS_OK, STATUS_ERROR = 0, 1
@@ -51,39 +52,6 @@ def _td(seconds: float) -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
-def abort_group(pg) -> None:
-    """Tear down a device communicator (gloo groups go with their sockets; NCCL/HCCL ones must be
-    aborted or they leak). Errors from a finished or broken communicator are expected here."""
-    for method in ("abort", "shutdown"):
-        fn = getattr(pg, method, None)
-        if fn is not None:
-            try:
-                fn()
-            except Exception:  # noqa: BLE001 - tearing down a broken communicator
-                pass
-            return
-
-
-def _make_group(backend: str, store, rank: int, timeout: datetime.timedelta):
-    """A standalone 2-rank ProcessGroup object (not registered as the default group)."""
-    if backend == "gloo":
-        return dist.ProcessGroupGloo(store, rank, 2, timeout)
-    if backend == "nccl":
-        opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = timeout
-        return dist.ProcessGroupNCCL(store, rank, 2, opts)
-    if backend == "hccl":
-        try:
-            import torch_npu  # noqa: F401
-            from torch_npu._C._distributed_c10d import ProcessGroupHCCL
-        except ImportError as exc:
-            raise RuntimeError("the hccl backend needs torch_npu") from exc
-        opts = ProcessGroupHCCL.Options()
-        opts._timeout = timeout
-        return ProcessGroupHCCL(store, rank, 2, opts)
-    raise ValueError(f"unknown collective backend {backend!r}")
-
-
 class _Pair:
     """Both lanes of one replica<->worker pair, from one side. `peer` is the other side's rank."""
 
@@ -91,12 +59,12 @@ class _Pair:
                  secret: str | None = None, proof_timeout=None) -> None:
         self.peer = 1 - rank
         self.device = device if backend != "gloo" else torch.device("cpu")
-        self.control = _make_group("gloo", dist.PrefixStore(f"{pair_id}/control", store), rank, timeout)
+        self.control = make_group("gloo", dist.PrefixStore(f"{pair_id}/control", store), rank, timeout)
         prove(self.control, rank, "cpu", proof_timeout or timeout, secret)  # before the data lane or any call
         if backend == "gloo":
             self.data = self.control
         else:
-            self.data = _make_group(backend, dist.PrefixStore(f"{pair_id}/data", store), rank, timeout)
+            self.data = make_group(backend, dist.PrefixStore(f"{pair_id}/data", store), rank, timeout)
 
     def send_ctl(self, t: torch.Tensor) -> None:
         self.control.send([t.contiguous()], self.peer, 0).wait()
@@ -132,7 +100,7 @@ class CollectiveServer:
         self.backend = options.get("backend") or collective_backend(worker.device.type)
         self.connect_timeout = _td(float(options.get("connect_timeout_s", 60)))
         self.secret = options.get("auth_token")  # None: the process's (rendezvous_auth)
-        self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=self.connect_timeout)
+        self.store = bound_store(host, self.connect_timeout)
         self._threads: dict[str, threading.Thread] = {}
 
     def address(self) -> dict:
@@ -246,7 +214,7 @@ class RemoteError(RuntimeError):
     """The worker answered with an error (e.g. it does not hold a group); the pair stays usable."""
 
 
-class CollectiveTransport(ExpertTransport):
+class CollectiveCarrier(Carrier):
     name = "collective"
 
     def __init__(

@@ -21,7 +21,7 @@ from actors.device import resolve_device, resolve_dtype, sync_stream
 from actors.experts.group_sources import chain_of, fetch_groups
 from actors.experts.local_holder import LOCAL, LocalHolder
 from actors.experts.placement import Placement
-from actors.experts.worker import _node_ip, groups_from_source
+from actors.experts.worker.spec import groups_from_source, node_ip
 from actors.model.config import ModelConfig
 from actors.model.experts import ExpertGroupWeights
 from cluster.config import MogeConfig
@@ -42,7 +42,7 @@ class ReplicaGroups:
     def start(self, placement: Placement) -> LocalHolder:
         groups = list(placement.groups_of(LOCAL))
         loaded = groups_from_source(self.spec, self.cfg, groups, self.dtype, self.device) if groups else {}
-        self.holder = LocalHolder(self.cfg, self.device, self.dtype, loaded, copy_host=_node_ip())
+        self.holder = LocalHolder(self.cfg, self.device, self.dtype, loaded, copy_host=node_ip())
         try:
             self.store.set_copy_endpoint(self.replica_id, self.holder.copy_endpoint())
         except Exception as e:  # noqa: BLE001 - Redis down: workers load from the checkpoint instead

@@ -5,8 +5,11 @@ them for whichever attention replica calls. No request state (invariant 4): a ca
 The class is plain Python so it runs in-process (tests, single device); in a cluster it is a Ray
 actor pinned to one accelerator by `worker_options` (Ray sets CUDA_VISIBLE_DEVICES /
 ASCEND_RT_VISIBLE_DEVICES, so the worker's device is always index 0 of what it sees). Control
-(load/drop/stats) goes through Ray actor calls; per-layer compute through the configured transport,
-whose server this object starts in its own process.
+(load/drop/stats) goes through Ray actor calls; per-layer compute through the configured carrier,
+whose server this object starts in its own process, and the step lane's server when a replica
+opens a lane. Both reach this object through its public surface only (compute, holding, record,
+device, cfg); its held groups are one GroupCompute (actors/model/group_compute.py), replaced
+whole by every load and drop, so a step in flight keeps the snapshot it started with.
 
 Shape legend: T = tokens of the call, D = hidden, k = expert slots per token, n = groups in the call,
 Eg = experts per group.
@@ -14,25 +17,23 @@ Eg = experts per group.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
-from collections import deque
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from actors.device import resolve_device, resolve_dtype, sync_stream, visible_devices_env
-from actors.model.experts import ExpertGroupWeights, group_forward
-from actors.model.config import ModelConfig
-from actors.model.presets import get_preset
-from actors.experts.transport.base import GroupNotHeld
-from actors.experts.transport.codec import to_host_buffer
+from actors.experts.carriers.base import GroupNotHeld
+from actors.experts.carriers.codec import to_host_buffer
+from actors.experts.worker.meter import Meter
+from actors.experts.worker.spec import export_weights, groups_from_source, model_config_of, node_ip
+from actors.model.experts import ExpertGroupWeights
+from actors.model.group_compute import GroupCompute
 
-PRESET_PREFIX = "preset:"
-STATS_WINDOW_S = 10.0  # tokens/s and busy fraction are reported over this sliding window
-
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_CALL_TOKENS = 1 << 16
 
@@ -40,108 +41,6 @@ DEFAULT_MAX_CALL_TOKENS = 1 << 16
 class CallRejected(ValueError):
     """A call outside what this worker accepts (shapes, bounds, duplicate groups): the caller's fault.
     Checked before any compute, so a malformed or hostile request costs no device time."""
-
-
-def model_config_of(spec: dict) -> ModelConfig:
-    """The ModelConfig a model_spec describes (only config.json is read for a directory)."""
-    source = spec["source"]
-    if source.startswith(PRESET_PREFIX):
-        cfg = get_preset(source[len(PRESET_PREFIX):])
-    else:
-        from actors.weights.checkpoint import read_config
-
-        cfg = read_config(Path(source))
-    n_groups = spec.get("n_groups")
-    return cfg.with_groups(n_groups) if n_groups else cfg
-
-
-def worker_options(
-    device_kind: str,
-    num_gpus: float = 1,
-    num_cpus: float = 1,
-    resources: dict[str, float] | None = None,
-    name: str | None = None,
-    namespace: str | None = None,
-    max_concurrency: int = 8,
-) -> dict[str, Any]:
-    """Ray `.options(...)` that pin one worker to one device of `device_kind`.
-
-    cuda: num_gpus (1 = a whole GPU; <1 shares one, for small GPUs and tests).
-    npu:  resources={"NPU": num_gpus}; Ray's NPU accelerator manager sets ASCEND_RT_VISIBLE_DEVICES.
-    cpu:  a CPU slot of num_cpus (fractions let tests pack several workers on a 2-core machine).
-    max_concurrency > 1 so ping/stats answer while a group loads; compute is thread-safe.
-    """
-    if device_kind not in ("cuda", "npu", "cpu"):
-        raise ValueError(f"unknown device kind {device_kind!r}; expected cuda, npu or cpu")
-    opts: dict[str, Any] = {"num_cpus": num_cpus, "max_concurrency": max_concurrency, "max_restarts": 0}
-    extra = dict(resources or {})
-    if device_kind == "cuda":
-        if num_gpus <= 0:
-            raise ValueError("a cuda expert worker needs num_gpus > 0")
-        opts["num_gpus"] = num_gpus
-    elif device_kind == "npu":
-        extra.setdefault("NPU", num_gpus if num_gpus > 0 else 1)
-    if extra:
-        opts["resources"] = extra
-    if name is not None:
-        opts.update(name=name, get_if_exists=True, lifetime="detached")
-        if namespace is not None:
-            opts["namespace"] = namespace
-    return opts
-
-
-def _node_ip() -> str:
-    try:
-        import ray
-
-        if ray.is_initialized():
-            return ray.util.get_node_ip_address()
-    except Exception:  # noqa: BLE001 - no Ray: a single host
-        pass
-    return "127.0.0.1"
-
-
-class _Meter:
-    """Per-worker counters behind one lock (compute runs on several transport threads)."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self.clock = clock
-        self.lock = threading.Lock()
-        self.calls = 0
-        self.tokens = 0
-        self.busy_s = 0.0
-        self.group_tokens: dict[int, int] = {}
-        self.window: deque[tuple[float, int, float]] = deque()  # (end time, tokens, seconds)
-        self.last_latency_s = 0.0
-
-    def record(self, groups: list[int], tokens_per_group: list[int], seconds: float) -> None:
-        now = self.clock()
-        total = sum(tokens_per_group)
-        with self.lock:
-            self.calls += 1
-            self.tokens += total
-            self.busy_s += seconds
-            self.last_latency_s = seconds
-            for g, n in zip(groups, tokens_per_group):
-                self.group_tokens[g] = self.group_tokens.get(g, 0) + n
-            self.window.append((now, total, seconds))
-            while self.window and self.window[0][0] < now - STATS_WINDOW_S:
-                self.window.popleft()
-
-    def snapshot(self) -> dict:
-        now = self.clock()
-        with self.lock:
-            recent = [w for w in self.window if w[0] >= now - STATS_WINDOW_S]
-            span = min(STATS_WINDOW_S, max(now - recent[0][0] + recent[0][2], 1e-9)) if recent else STATS_WINDOW_S
-            return {
-                "calls": self.calls,
-                "tokens": self.tokens,
-                "busy_s": self.busy_s,
-                "tokens_per_s": sum(w[1] for w in recent) / span if recent else 0.0,
-                "busy_fraction": min(1.0, sum(w[2] for w in recent) / span) if recent else 0.0,
-                "step_latency_s": self.last_latency_s,
-                "group_tokens": dict(self.group_tokens),
-            }
 
 
 class ExpertWorker:
@@ -159,16 +58,16 @@ class ExpertWorker:
         self.device = resolve_device(self.spec.get("device", "auto"))
         self.dtype = resolve_dtype(self.spec.get("dtype", "auto"), self.device)
         self.seed = int(self.spec.get("seed", 0))
-        self._groups: dict[int, ExpertGroupWeights] = {}  # replaced, never mutated: compute reads a snapshot
+        self._compute = GroupCompute(self.cfg, {})  # replaced, never mutated: a step reads a snapshot
         self._load_lock = threading.Lock()
-        self._meter = _Meter(clock)
+        self._meter = Meter(clock)
         self.transport = transport
         options = dict(transport_options or {})
         if options.get("auth_token"):
-            from actors.experts.transport.rendezvous_auth import set_process_secret
+            from actors.experts.carriers.rendezvous_auth import set_process_secret
 
             set_process_secret(options["auth_token"])  # collective pairs, step lanes, group copies
-        self.host = options.get("host") or _node_ip()
+        self.host = options.get("host") or node_ip()
         self.max_call_tokens = int(options.get("max_call_tokens") or DEFAULT_MAX_CALL_TOKENS)
         self.max_reply_bytes = int(options.get("max_message_bytes") or (256 << 20))
         self._server = self._start_server(transport, options)
@@ -180,11 +79,11 @@ class ExpertWorker:
 
     def _start_server(self, transport: str, options: dict):
         if transport == "grpc":
-            from actors.experts.transport.grpc import GrpcExpertServer
+            from actors.experts.carriers.grpc_server import GrpcExpertServer
 
             return GrpcExpertServer(self, self.host, options)
         if transport == "collective":
-            from actors.experts.transport.collective import CollectiveServer
+            from actors.experts.carriers.collective import CollectiveServer
 
             return CollectiveServer(self, self.host, options)
         if transport == "inprocess":
@@ -197,11 +96,9 @@ class ExpertWorker:
         from actors.experts.group_copy import GroupCopyServer
 
         try:
-            return GroupCopyServer(lambda: self._groups, self.device, self.host)
+            return GroupCopyServer(lambda: self._compute.groups, self.device, self.host)
         except Exception as exc:  # noqa: BLE001
-            import logging
-
-            logging.getLogger(__name__).warning("no device copy lane on %s: %s", self.worker_id, exc)
+            log.warning("no device copy lane on %s: %s", self.worker_id, exc)
             return None
 
     def endpoint(self) -> dict:
@@ -221,11 +118,11 @@ class ExpertWorker:
         return self._server.accept(pair_id)
 
     def accept_lane(self, lane_id: str, backend: str | None = None) -> dict:
-        """Step lane (actors/experts/worker_lane.py): open this worker's side of one replica slot's
-        lane, whatever the per-call transport. -> {"host", "port", "backend", "rank"}."""
+        """Step lane (actors/experts/lane/worker_lane.py): open this worker's side of one replica's
+        lane, whatever the per-call carrier. -> {"host", "port", "backend", "rank"}."""
         with self._lanes_lock:
             if self._lanes is None:
-                from actors.experts.worker_lane import LaneServer
+                from actors.experts.lane.worker_lane import LaneServer
 
                 self._lanes = LaneServer(self, self.host)
         return self._lanes.accept(lane_id, backend)
@@ -259,7 +156,8 @@ class ExpertWorker:
         if chain is None:
             chain = ["object_store"] if peer is not None else ["checkpoint"]
         with self._load_lock:
-            wanted = [g for g in groups if g not in self._groups]
+            held = self._compute.groups
+            wanted = [g for g in groups if g not in held]
             start = time.perf_counter()
             attempts: list[dict] = []
             if not wanted:
@@ -269,7 +167,8 @@ class ExpertWorker:
                     wanted, tuple(chain), self.cfg, self.dtype, self.device, self._from_source,
                     peer_copy=peer_copy, peer_handle=peer, timeout_s=timeout_s)
             sync_stream(self.device)  # never the whole device: idle step lanes (device.sync_stream)
-            self._groups = {**self._groups, **loaded}
+            if loaded:
+                self._hold({**held, **loaded})
         return {
             "groups": sorted(loaded),
             "bytes": sum(w.nbytes for w in loaded.values()),
@@ -301,7 +200,7 @@ class ExpertWorker:
 
     def export_groups(self, groups: list[int]) -> dict[int, dict]:
         """CPU copies of held groups for a peer: {g: {"group", "first_expert", "w13": {layer: t}, "w2": ...}}."""
-        held = self._groups
+        held = self._compute.groups
         groups = [int(g) for g in groups]
         if len(set(groups)) != len(groups) or len(groups) > self.cfg.n_groups:
             raise CallRejected(f"group ids must be unique and at most {self.cfg.n_groups}: {groups[:16]}")
@@ -312,19 +211,40 @@ class ExpertWorker:
 
     def drop_groups(self, groups: list[int]) -> dict:
         with self._load_lock:
-            dropped = [g for g in groups if g in self._groups]
-            self._groups = {g: w for g, w in self._groups.items() if g not in dropped}
+            held = self._compute.groups
+            dropped = [g for g in groups if g in held]
+            if dropped:
+                self._hold({g: w for g, w in held.items() if g not in dropped})
         # empty_cache frees with cudaFree, which waits for the whole device: not while step lanes
         # keep receives posted (the allocator reuses the cached blocks for the next load anyway)
         if self.device.type == "cuda" and not (self._lanes is not None and self._lanes.stats()["lanes"]):
             torch.cuda.empty_cache()
         return {"groups": sorted(dropped)}
 
+    def _hold(self, groups: dict[int, ExpertGroupWeights]) -> None:
+        """The new held set as one GroupCompute (restacked: consecutive groups share one tensor per
+        layer; the old snapshot keeps its own stacks for the steps still reading it)."""
+        copies = {g: ExpertGroupWeights(w.group, w.first_expert, dict(w.w13), dict(w.w2)) for g, w in groups.items()}
+        nbytes = sum(w.nbytes for w in copies.values())
+        # a restack copies the held bytes once more for a moment: only with room for it
+        room = self.device.type != "cuda" or torch.cuda.mem_get_info(self.device)[0] > 1.2 * nbytes
+        compute = GroupCompute(self.cfg, copies, stack=room)
+        sync_stream(self.device)  # the restack's copies ran on this thread's stream: publish once there
+        self._compute = compute
+
+    def holding(self) -> GroupCompute:
+        """The held groups' compute, a snapshot (the step lane reads one per step)."""
+        return self._compute
+
+    def record(self, groups: list[int], tokens_per_group: list[int], seconds: float) -> None:
+        """Meter a step served outside `compute` (the step lane's)."""
+        self._meter.record(groups, tokens_per_group, seconds)
+
     def held_groups(self) -> list[int]:
-        return sorted(self._groups)
+        return list(self._compute.held)
 
     def bytes_held(self) -> int:
-        return sum(w.nbytes for w in self._groups.values())
+        return self._compute.nbytes
 
     # ---- compute ---------------------------------------------------------------------------------
 
@@ -334,39 +254,42 @@ class ExpertWorker:
         layer: int,
         group_ids: list[int],
         x: torch.Tensor,  # [T, D]
-        ids: torch.Tensor,  # [T, k] int64 global expert ids; slots of other groups (or -1) ignored
-        weights: torch.Tensor,  # [T, k] float32
+        ids: torch.Tensor,  # [T, K] int64 global expert ids; slots of other groups (or -1) ignored
+        weights: torch.Tensor,  # [T, K] float32
+        whole: bool = False,
     ) -> torch.Tensor:
         """-> [n, T, D] in x.dtype: partial[i] = Σ_k w · E(x) over group_ids[i]'s experts. Partials
-        are not summed here so the replica adds them in group order, as LocalExperts does."""
-        held = self._groups
-        missing = [g for g in group_ids if g not in held]
+        are not summed here so the replica adds them in group order, as every combine does; with
+        `whole` (group_ids is every group of the model) their sum [T, D], added in that order here."""
+        compute = self._compute
+        missing = [g for g in group_ids if g not in compute.groups]
         if missing:
-            raise GroupNotHeld(f"worker {self.worker_id} does not hold groups {missing} (holds {sorted(held)})")
-        self.check_call(held, layer, group_ids, x, ids, weights)
+            raise GroupNotHeld(f"worker {self.worker_id} does not hold groups {missing} (holds {list(compute.held)})")
+        self.check_call(compute, layer, group_ids, x, ids, weights, whole)
         start = time.perf_counter()
         x = x.to(self.device, self.dtype)
         ids = ids.to(self.device)
         weights = weights.to(self.device, torch.float32)
-        out = torch.empty((len(group_ids), *x.shape), dtype=x.dtype, device=self.device)
-        eg = self.cfg.experts_per_group
-        tokens: list[int] = []
-        for i, g in enumerate(group_ids):
-            w = held[g]
-            local = ids - w.first_expert
-            out[i] = group_forward(w.w13[layer], w.w2[layer], x, local, weights)
-            tokens.append(int(((local >= 0) & (local < eg)).any(1).sum()))  # host sync, like the copy-out
+        if whole:
+            out = compute.combined(layer, x, ids, weights)
+        else:
+            out = compute.partials(layer, x, ids, weights, group_ids)
+        hit = (ids // self.cfg.experts_per_group).unsqueeze(-1) == torch.tensor(group_ids, device=ids.device)
+        tokens = hit.any(1).sum(0).tolist()  # [n]: the call's one host sync, like the copy-out
         sync_stream(self.device)
         self._meter.record(list(group_ids), tokens, time.perf_counter() - start)
         return out
 
-    def check_call(self, held: dict, layer: int, group_ids: list[int], x: torch.Tensor, ids: torch.Tensor,
-                   weights: torch.Tensor) -> None:
-        """CallRejected unless the call is one a replica would send: unique held groups, a MoE layer
-        they have, x [T, hidden] floating, ids / weights [T, k] with k <= top_k, T and the reply
-        (n * T * hidden elements) within this worker's limits."""
+    def check_call(self, compute: GroupCompute, layer: int, group_ids: list[int], x: torch.Tensor,
+                   ids: torch.Tensor, weights: torch.Tensor, whole: bool = False) -> None:
+        """CallRejected unless the call is one a replica would send: unique held groups (every group
+        of the model when `whole`), a MoE layer they have, x [T, hidden] floating, ids / weights
+        [T, k] with k <= top_k (MoGE: k = top_k), T and the reply within this worker's limits."""
+        held = compute.groups
         if len(set(group_ids)) != len(group_ids):
             raise CallRejected(f"duplicate group ids in {list(group_ids)[:16]}")
+        if whole and sorted(group_ids) != list(range(self.cfg.n_groups)):
+            raise CallRejected("a whole-step reply sums every group of the model")
         if any(layer not in held[g].w13 for g in group_ids):
             raise CallRejected(f"layer {layer} is not a MoE layer of the held groups")
         hidden = self.cfg.hidden_size
@@ -380,6 +303,9 @@ class ExpertWorker:
                 raise CallRejected(f"{name} must be [{t}, k <= {self.cfg.top_k}], got {list(tensor.shape)}")
         if ids.dtype not in (torch.int64, torch.int32) or ids.shape != weights.shape or not weights.is_floating_point():
             raise CallRejected("ids must be integer and weights floating, of the same shape")
+        layout = compute.slots.check(ids)
+        if layout is not None:
+            raise CallRejected(layout)
         reply = len(group_ids) * t * hidden * torch.empty((), dtype=self.dtype).element_size()
         if reply > self.max_reply_bytes:
             raise CallRejected(f"the reply would be {reply} bytes; the limit is {self.max_reply_bytes}")
@@ -397,16 +323,19 @@ class ExpertWorker:
 
         start = time.perf_counter()
         d = self.cfg.hidden_size
-        groups = dict(sorted(self._groups.items())) or self._dummy_group()
-        for g, w in groups.items():
-            for t in (2, GEMV_MAX_TOKENS + 1):
-                x = torch.zeros(t, d, dtype=self.dtype, device=self.device)
-                ids = torch.full((t, 1), w.first_expert, dtype=torch.long, device=self.device)
-                wts = torch.ones(t, 1, dtype=torch.float32, device=self.device)
-                for layer in (w.w13 if t == 2 else list(w.w13)[:1]):
-                    group_forward(w.w13[layer], w.w2[layer], x, ids - w.first_expert, wts)
+        compute = self._compute if self._compute.held else GroupCompute(self.cfg, self._dummy_group())
+        for t in (2, GEMV_MAX_TOKENS + 1):
+            x = torch.zeros(t, d, dtype=self.dtype, device=self.device)
+            ids = torch.cat([torch.full((t, self.cfg.k_per_group if self.cfg.family == "moge" else 1),
+                                        w.first_expert, dtype=torch.long, device=self.device)
+                             for w in compute.groups.values()], 1)
+            ids = torch.nn.functional.pad(ids, (0, self.cfg.top_k - ids.shape[1]), value=-1)
+            wts = torch.ones(ids.shape, dtype=torch.float32, device=self.device)
+            layers = list(next(iter(compute.groups.values())).w13)
+            for layer in (layers if t == 2 else layers[:1]):
+                compute.partials(layer, x, ids, wts)
         sync_stream(self.device)
-        return {"seconds": time.perf_counter() - start, "groups": sorted(self._groups)}
+        return {"seconds": time.perf_counter() - start, "groups": self.held_groups()}
 
     def _dummy_group(self) -> dict[int, ExpertGroupWeights]:
         layer = next((i for i in range(self.cfg.num_layers) if self.cfg.is_moe_layer(i)), None)
@@ -466,26 +395,3 @@ class ExpertWorker:
         if self._server is not None:
             self._server.stop()
             self._server = None
-
-
-def groups_from_source(spec: dict, cfg: ModelConfig, groups: list[int], dtype: torch.dtype,
-                       device: torch.device) -> dict[int, ExpertGroupWeights]:
-    """`groups` from the checkpoint (memory-mapped safetensors) or regenerated from the preset."""
-    source = spec["source"]
-    if source.startswith(PRESET_PREFIX):
-        from actors.weights.loader import random_expert_groups
-
-        return random_expert_groups(cfg, groups, int(spec.get("seed", 0)), dtype, device)
-    from actors.weights.checkpoint import load_expert_groups
-
-    return load_expert_groups(Path(source), cfg, groups, dtype, device)
-
-
-def export_weights(w: ExpertGroupWeights) -> dict:
-    cpu = lambda t: t.detach().to("cpu")  # noqa: E731 - the object store and gRPC both want host memory
-    return {
-        "group": w.group,
-        "first_expert": w.first_expert,
-        "w13": {layer: cpu(t) for layer, t in w.w13.items()},
-        "w2": {layer: cpu(t) for layer, t in w.w2.items()},
-    }

@@ -1,9 +1,10 @@
-"""The expert worker's side of the step lane (wire format: transport/step_wire.py).
+"""The expert worker's side of the step lane (wire format: wire.py; replica side: step_lane.py).
 
 One thread per lane, i.e. per attention replica (both ping-pong micro-batches share it: the header
 announces them and the loop interleaves their layers in the replica's order): it waits for a step
-header, then runs the whole step's layer loop itself — recv packet -> compute the held groups for that
-layer -> send the partial — with no Python request per layer and no host copy. On CUDA with the
+header, then runs the whole step's layer loop itself — recv packet -> the lane's groups' partials
+for that layer (GroupCompute, the same arithmetic as every holder) -> send them back — with no
+Python request per layer and no host copy. On CUDA with the
 nccl backend the loop of one bucket is captured once as a CUDA graph with the point-to-point
 operations inside it (the first step of a bucket runs eagerly: it warms kernels and the
 communicator), so a step costs one header read and one graph replay on the host.
@@ -34,11 +35,10 @@ import torch
 import torch.distributed as dist
 
 from actors.device import collective_backend
-from actors.experts.transport.collective import _make_group, abort_group
-from actors.experts.transport.rendezvous_auth import prove
-from actors.experts.transport.step_wire import DTYPES, HEADER_LEN, OP_CLOSE, OP_HELLO, OP_STEP, new_packet
-from actors.model import kernels
-from actors.model.experts import group_forward, slot_outputs
+from actors.experts.carriers.pairs import abort_group, bound_store, make_group
+from actors.experts.carriers.rendezvous_auth import prove
+from actors.experts.lane.capture import capture_on
+from actors.experts.lane.wire import HEADER_LEN, OP_CLOSE, OP_HELLO, OP_STEP, new_packet, parse_header
 
 log = logging.getLogger(__name__)
 
@@ -47,99 +47,13 @@ PROOF_TIMEOUT = datetime.timedelta(seconds=60)  # a joiner must prove the secret
 GRAPHS_ENV = "MOGE_LANE_GRAPHS"  # "0": lanes stay eager (a fallback switch for a device run)
 
 
-def capture_on(stream, fn):
-    """A CUDA graph of fn() captured on `stream` (thread-local capture mode).
-
-    Not torch.cuda.graph(): its __enter__ synchronizes the whole device and empties the cache
-    (cudaFree syncs the device too). A worker's idle lanes each keep an NCCL receive for their
-    next header posted on the device, and that receive only completes when the replica sends the
-    next step, which it does only after this step's replies, so a device-wide sync here would wait
-    forever. The caller synchronizes `stream` before capturing (warm-up ran on it)."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.device(stream.device), torch.cuda.stream(stream):
-        graph.capture_begin(capture_error_mode="thread_local")
-        try:
-            fn()
-        except BaseException:
-            try:
-                graph.capture_end()
-            except Exception:  # noqa: BLE001 - the capture is invalid already; report fn's error
-                pass
-            raise
-        graph.capture_end()
-    return graph
-
-
-_STACK_LOCK = threading.Lock()
-
-
-def stacked_groups(worker, groups: dict):
-    """layer -> (w13, w2) of the held groups stacked, when they are consecutive and the device has
-    room for the copy (CUDA only): one sort and one grouped-matmul pair per layer instead of one
-    per group, and exactly LocalExperts' stacked kernels (same sums as the monolithic engine).
-    Cached per groups snapshot; None = compute group by group."""
-    with _STACK_LOCK:
-        cached = getattr(worker, "_lane_stack", None)
-        if cached is not None and cached[0] is groups:
-            return cached[1]
-        stacked = None
-        ids = sorted(groups)
-        nbytes = sum(w.nbytes for w in groups.values())
-        if (worker.device.type == "cuda" and len(ids) > 1 and ids == list(range(ids[0], ids[0] + len(ids)))
-                and torch.cuda.mem_get_info(worker.device)[0] > 1.5 * nbytes):
-            stacked = {layer: (torch.cat([groups[g].w13[layer] for g in ids]),
-                               torch.cat([groups[g].w2[layer] for g in ids]))
-                       for layer in groups[ids[0]].w13}
-            # the copies ran on this thread's stream; other lanes read the cache from their own
-            # streams (and graphs capture the addresses): publish only once the bytes are there
-            torch.cuda.current_stream(worker.device).synchronize()
-        worker._lane_stack = (groups, stacked)
-        return stacked
-
-
-def held_partial(cfg, groups: dict, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                 reply_dtype: torch.dtype, stacked: dict | None = None) -> torch.Tensor:
-    """[Tb, D] in reply_dtype: Σ over held groups (ascending) of that group's partial cast to
-    x.dtype, summed in float32 — LocalExperts' arithmetic, so one worker holding every group
-    reproduces the single-process result bit for bit. Masked slots (id -1) compute nothing."""
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    kg = cfg.k_per_group
-    if stacked is not None and layer in stacked and kernels.fused(x):  # LocalExperts' fused kernels
-        from actors.model.kernels.moe import fused_moe
-
-        first = min(groups)
-        return fused_moe(x, *stacked[layer], ids - groups[first].first_expert, weights, cfg.experts_per_group,
-                         len(groups), out_dtype=torch.float32).to(reply_dtype)
-    if stacked is not None and layer in stacked:
-        first = min(groups)
-        slots = slot_outputs(*stacked[layer], x, ids - groups[first].first_expert, weights)  # [Tb, K, D] f32
-        slot_group = ids // cfg.experts_per_group
-        for g in sorted(groups):
-            if cfg.family == "moge":
-                partial = slots[:, g * kg : (g + 1) * kg].sum(dim=1)
-            else:
-                partial = (slots * (slot_group == g).unsqueeze(-1)).sum(dim=1)
-            out += partial.to(x.dtype).float()
-        return out.to(reply_dtype)
-    for g in sorted(groups):
-        w = groups[g]
-        if layer not in w.w13:
-            continue
-        gi, gw = ids, weights
-        if cfg.family == "moge":  # MoGE slots come ordered by group: pass only this group's
-            gi, gw = ids[:, g * kg : (g + 1) * kg], weights[:, g * kg : (g + 1) * kg]
-        out += group_forward(w.w13[layer], w.w2[layer], x, gi - w.first_expert, gw).float()
-    return out.to(reply_dtype)
-
-
 class LaneServer:
     """Hosts the lanes' rendezvous store in the worker process and one thread per lane."""
 
     def __init__(self, worker, host: str, connect_timeout_s: float = 60.0) -> None:
-        self.worker = worker
+        self.worker = worker  # its public surface: cfg, device, holding(), record()
         self.host = host
-        self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
-                                   timeout=datetime.timedelta(seconds=connect_timeout_s))
+        self.store = bound_store(host, datetime.timedelta(seconds=connect_timeout_s))
         self._lanes: dict[str, WorkerLane] = {}
         self._retired = {"steps": 0, "graph_replays": 0, "wall_s": 0.0}
         self._lock = threading.Lock()
@@ -209,7 +123,7 @@ class WorkerLane:
         if cuda:
             torch.cuda.set_device(self.compute_device)
         try:
-            self.pg = _make_group(self.backend, dist.PrefixStore(self.lane_id, self.store), 1, IDLE_TIMEOUT)
+            self.pg = make_group(self.backend, dist.PrefixStore(self.lane_id, self.store), 1, IDLE_TIMEOUT)
             prove(self.pg, 1, self.wire_device, PROOF_TIMEOUT)  # a joiner without the cluster secret gets nothing
         except Exception:  # noqa: BLE001 - the replica gave up joining, or could not prove the secret
             self.abort()
@@ -238,23 +152,25 @@ class WorkerLane:
     def _step(self, h: list[int]) -> None:
         start = time.perf_counter()
         self.steps += 1  # counted when the header arrives
-        _, epoch, n_layers, tb, t_real, x_code, reply_code, d, k, tb2, t_real2 = h[:11]
-        x_dtype, reply_dtype = DTYPES[x_code], DTYPES[reply_code]
-        # micro-batch buckets in the replica's dispatch order (ping-pong: A then B at every layer)
-        buckets = (tb, tb2) if tb2 > 0 else (tb,)
-        key = (buckets, n_layers, x_dtype, reply_dtype, d, k)
-        groups = self.worker._groups  # a snapshot: loads/drops replace the dict, never mutate it
+        _, step = parse_header(h)
+        # one GroupCompute snapshot per step: loads and drops replace it, never mutate it
+        compute = self.worker.holding()
+        missing = [g for g in step.groups if g not in compute.groups]
+        if missing:  # a placement this worker does not hold: end the lane, the replica fails over
+            raise RuntimeError(f"lane {self.lane_id}: asked for groups {missing} it does not hold")
         cfg = self.worker.cfg
-        layers = [layer for layer in range(cfg.num_layers) if cfg.is_moe_layer(layer)][:n_layers]
+        layers = [layer for layer in range(cfg.num_layers) if cfg.is_moe_layer(layer)][: step.n_layers]
+        # micro-batch buckets in the replica's dispatch order (ping-pong: A then B at every layer)
+        key = (step.rows, step.n_layers, step.x_dtype, step.d, step.k, step.groups, step.whole)
         entry = self._graphs.get(key)
-        if entry is not None and entry[2] is groups:
+        if entry is not None and entry[2] is compute:
             entry[0].replay()
             self.replays += 1
         else:
-            self._loop(layers, key, groups)
-            if self._capturable(x_dtype) and key in self._seen and self.capture_error is None:
+            self._layer_ops(layers, step, compute, self._buffers(step))
+            if self._capturable(step.x_dtype) and key in self._seen and self.capture_error is None:
                 try:
-                    self._graphs[key] = self._capture(layers, key, groups)
+                    self._graphs[key] = self._capture(layers, step, compute)
                 except Exception as exc:  # noqa: BLE001 - captured ops never ran: the lane stays in step, eager
                     self.capture_error = repr(exc)
                     log.warning("lane %s: CUDA graph capture failed, staying eager: %s", self.lane_id, exc)
@@ -263,34 +179,33 @@ class WorkerLane:
             self.stream.synchronize()
         seconds = time.perf_counter() - start
         self.wall_s += seconds
-        held = sorted(groups)
-        self.worker._meter.record(held, [t_real + t_real2] * len(held), seconds)
+        self.worker.record(list(step.groups), [sum(step.counts)] * len(step.groups), seconds)
 
-    def _buffers(self, key) -> list[tuple]:
+    def _buffers(self, step) -> list[tuple]:
         """(packet, reply) per micro-batch: the two must not share, their ops are in flight together."""
-        buckets, n_layers, x_dtype, reply_dtype, d, k = key
-        return [(new_packet(tb, d, k, x_dtype, self.wire_device),
-                 torch.empty(tb, d, dtype=reply_dtype, device=self.wire_device)) for tb in buckets]
+        out = []
+        for tb in step.rows:
+            shape = (tb, step.d) if step.whole else (len(step.groups), tb, step.d)
+            out.append((new_packet(tb, step.d, step.k, step.x_dtype, self.wire_device),
+                        torch.empty(shape, dtype=step.x_dtype, device=self.wire_device)))
+        return out
 
-    def _loop(self, layers, key, groups) -> None:
-        """The step's layer loop (eager, or being captured)."""
-        self._layer_ops(layers, key, groups, self._buffers(key))
-
-    def _layer_ops(self, layers, key, groups, bufs) -> None:
-        """Per MoE layer, per micro-batch in dispatch order: recv packet, compute, send partial —
-        exactly the order the replica posts them (send A_l, recv A_l, send B_l, recv B_l), so one
-        communicator carries both micro-batches without any cross-communicator ordering hazard."""
-        reply_dtype = key[3]
-        cfg = self.worker.cfg
+    def _layer_ops(self, layers, step, compute, bufs) -> None:
+        """Per MoE layer, per micro-batch in dispatch order: recv packet, compute, send the
+        partials — exactly the order the replica posts them (send A_l, recv A_l, send B_l,
+        recv B_l), so one communicator carries both micro-batches without any cross-communicator
+        ordering hazard."""
         dev = self.compute_device
-        stacked = stacked_groups(self.worker, groups)
         for layer in layers:
             for packet, reply in bufs:
                 self.pg.recv([packet.buf], 0, 1).wait()
                 x = packet.x.to(dev)
                 ids = packet.ids.to(dev, torch.int64)
                 wts = packet.weights.to(dev)
-                y = held_partial(cfg, groups, layer, x, ids, wts, reply_dtype, stacked)
+                if step.whole:
+                    y = compute.combined(layer, x, ids, wts)
+                else:
+                    y = compute.partials(layer, x, ids, wts, step.groups)
                 reply.copy_(y)
                 self.pg.send([reply], 0, 2).wait()
 
@@ -299,11 +214,11 @@ class WorkerLane:
         return (self.backend == "nccl" and self.compute_device.type == "cuda" and x_dtype == torch.bfloat16
                 and os.environ.get(GRAPHS_ENV, "1") != "0")
 
-    def _capture(self, layers, key, groups):
-        bufs = self._buffers(key)  # static buffers, allocated (and zeroed) before the capture
+    def _capture(self, layers, step, compute):
+        bufs = self._buffers(step)  # static buffers, allocated (and zeroed) before the capture
         self.stream.synchronize()  # the eager step just run on this stream is the warm-up
-        graph = capture_on(self.stream, lambda: self._layer_ops(layers, key, groups, bufs))
-        return graph, bufs, groups
+        graph = capture_on(self.stream, lambda: self._layer_ops(layers, step, compute, bufs))
+        return graph, bufs, compute
 
     def abort(self) -> None:
         pg, self.pg = self.pg, None
@@ -321,12 +236,11 @@ class _null:
 
 def time_lane_compute(worker, t: int, iters: int = 10) -> dict:
     """Diagnostics for the benchmark: seconds per step of the held groups' compute over every MoE
-    layer for t tokens, (a) as the lane runs it (held_partial) and (b) through LocalExperts'
-    stacked path (what the monolithic engine runs), both captured in a CUDA graph on CUDA."""
-    from actors.model.experts import ExpertGroupWeights, LocalExperts
-
+    layer for t tokens, (a) as a lane of a several-lane step runs it (per-group partials) and (b) as
+    a lane serving every group does (their sum: what the monolithic engine runs), both captured in
+    a CUDA graph on CUDA."""
     cfg, dev, dtype = worker.cfg, worker.device, worker.dtype
-    groups = worker._groups
+    compute = worker.holding()
     layers = [layer for layer in range(cfg.num_layers) if cfg.is_moe_layer(layer)]
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(t, cfg.hidden_size, generator=gen).to(dev, dtype)
@@ -337,12 +251,9 @@ def time_lane_compute(worker, t: int, iters: int = 10) -> dict:
     else:
         ids = torch.stack([torch.randperm(cfg.n_experts, generator=gen)[: cfg.top_k] for _ in range(t)])
     ids, wts = ids.to(dev), torch.rand(ids.shape, generator=gen).to(dev)
-    copies = {g: ExpertGroupWeights(w.group, w.first_expert, dict(w.w13), dict(w.w2)) for g, w in groups.items()}
-    local = LocalExperts(cfg, copies)
     fns = {
-        "lane_s": lambda: [held_partial(cfg, groups, layer, x, ids, wts, dtype, stacked_groups(worker, groups))
-                           for layer in layers],
-        "local_s": lambda: [local.dispatch(layer, x, ids, wts).wait() for layer in layers],
+        "lane_s": lambda: [compute.partials(layer, x, ids, wts) for layer in layers],
+        "local_s": lambda: [compute.combined(layer, x, ids, wts) for layer in layers],
     }
     out = {}
     # stream-level syncs only: the worker's idle lanes keep NCCL header receives posted on this
@@ -350,13 +261,13 @@ def time_lane_compute(worker, t: int, iters: int = 10) -> dict:
     # replica's next step, and the replica is waiting for this call (see capture_on)
     s = torch.cuda.Stream(dev) if dev.type == "cuda" else None
     if s is not None:
-        s.wait_stream(torch.cuda.current_stream(dev))  # inputs and LocalExperts' stacks were made there
+        s.wait_stream(torch.cuda.current_stream(dev))  # the inputs were made there
     ctx = (lambda: torch.cuda.stream(s)) if s is not None else _null
     sync = s.synchronize if s is not None else (lambda: None)
     with torch.no_grad(), (torch.cuda.device(dev) if s is not None else _null()):
         for name, fn in fns.items():
             with ctx():
-                fn()  # warm-up (and the stacked copy) on the capture stream
+                fn()  # warm-up on the capture stream
             sync()
             run = fn
             if s is not None and dtype == torch.bfloat16:

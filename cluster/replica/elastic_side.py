@@ -1,8 +1,8 @@
-"""An attention replica's side of the elastic cluster: its RemoteExperts built from the placement
-in Redis, the epoch listener that swaps placements at step boundaries, and the metrics reporter.
+"""An attention replica's side of the elastic cluster: its Dispatcher built from the placement in
+Redis, the epoch listener that swaps placements at step boundaries, and the metrics reporter.
 
     er = ElasticReplica.connect(config, replica_id)          # before the engine is built
-    engine, loaded = build_engine(config, experts=er.experts)   # cluster/serve/replica_engine.py
+    engine, loaded = build_engine(config, experts=er.experts)   # cluster/replica/assemble.py
     async_engine = AsyncEngine(engine)
     er.attach(async_engine, metrics)                          # after
     ...
@@ -19,18 +19,20 @@ import time
 import uuid
 from typing import Any
 
-from actors.experts.worker import model_config_of
+from actors.experts.dispatch.dispatcher import Dispatcher
+from actors.experts.local_holder import LOCAL
 from actors.experts.placement import Placement
-from actors.experts.remote_experts import RemoteExperts
+from actors.experts.worker.spec import model_config_of
 from cluster.config import MogeConfig
-from cluster.serve.data_plane import WORKER_NAMESPACE, DataPlane, client_transport, local_fallback, with_step_lane
 from cluster.elastic.epoch_listener import EpochListener
 from cluster.elastic.metrics_reporter import ReplicaReporter
 from cluster.elastic.redis_server import connect
 from cluster.elastic.store import ElasticStore
 from cluster.elastic.worker_fleet import WorkerFleet, model_spec
-from cluster.elastic.replica_local import ReplicaGroups
-from actors.experts.local_holder import LOCAL
+from cluster.replica.dispatcher import build_dispatcher
+from cluster.replica.local_groups import ReplicaGroups
+from cluster.replica.plan import ReplicaPlan
+from cluster.replica.workers import WORKER_NAMESPACE, ReplicaWorkers
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ def _placement_at_start(store: ElasticStore, namespace: str | None, timeout_s: f
 
 class ElasticReplica:
     def __init__(self, config: MogeConfig, replica_id: str, store: ElasticStore, fleet: WorkerFleet,
-                 experts: RemoteExperts, local: Any = None) -> None:
+                 experts: Dispatcher, local: Any = None) -> None:
         self.config = config
         self.replica_id = replica_id
         self.store = store
@@ -85,10 +87,8 @@ class ElasticReplica:
 
     @classmethod
     def connect(cls, config: MogeConfig, replica_id: str | None = None, namespace: str | None = WORKER_NAMESPACE,
-                start_timeout_s: float = 120.0) -> "ElasticReplica":
-        from actors.device import resolve_device
-
-        el, dp = config.elastic, config.data_plane
+                start_timeout_s: float = 120.0, plan: ReplicaPlan | None = None) -> "ElasticReplica":
+        el = config.elastic
         rid = replica_id or replica_id_from_serve()
         store = ElasticStore(connect(el.redis_url, el.redis_password, socket_timeout_s=2.0), el.key_prefix)
         try:
@@ -97,16 +97,12 @@ class ElasticReplica:
             log.warning("could not register replica %s in Redis: %s", rid, e)
         placement = _placement_at_start(store, namespace, start_timeout_s)
         fleet = WorkerFleet(config, namespace)
-        device = resolve_device(config.model.device)
-        transport = client_transport(config, device, rid)
         refs = {w: fleet.ref(w) for w in placement.workers if w != LOCAL}
         cfg = model_config_of(model_spec(config))
         local = ReplicaGroups(config, cfg, store, fleet, rid) if el.local_groups else None
         holder = local.start(placement) if local is not None else None
-        experts = RemoteExperts(cfg, transport, placement, refs, replacer=DataPlane(config, fleet).replace,
-                                wait_timeout_s=2 * dp.call_timeout_s, local=holder,
-                                local_fallback=local_fallback(config, device))
-        experts = with_step_lane(config, experts, device, rid)
+        experts = build_dispatcher(config, cfg, placement, refs, ReplicaWorkers(config, fleet).replace, rid,
+                                   local=holder, plan=plan)
         return cls(config, rid, store, fleet, experts, local)
 
     def _prepare(self, placement: Placement) -> None:

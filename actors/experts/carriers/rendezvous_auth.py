@@ -74,3 +74,14 @@ def prove(pg, rank: int, device: torch.device | str = "cpu", timeout: datetime.t
     _turn(pg, rank, torch.tensor(list(answer), dtype=torch.uint8, device=device), got, timeout)
     if not hmac.compare_digest(bytes(got.cpu().tolist()), _tag(key, 1 - rank, mine)):
         raise RendezvousRefused("the peer of this process group does not hold the cluster secret")
+
+
+def sign(label: str, payload: bytes, secret: str | bytes | None = None) -> str:
+    """A hex HMAC-SHA256 of `payload` under the cluster secret, for a request written into a
+    store anyone may read (the group copy's): the holder acts on nothing that does not verify."""
+    key = (_bytes(secret) if secret is not None else _process_secret) or b""
+    return hmac.new(key, _LABEL + label.encode() + b"|" + payload, hashlib.sha256).hexdigest()
+
+
+def verify(label: str, payload: bytes, tag: object, secret: str | bytes | None = None) -> bool:
+    return isinstance(tag, str) and hmac.compare_digest(tag, sign(label, payload, secret))

@@ -1,4 +1,4 @@
-"""Tensors <-> raw bytes with dtype and shape, for transports that move bytes (gRPC).
+"""Tensors <-> raw bytes with dtype and shape, for carriers that move bytes (gRPC).
 
 The bytes are the tensor's own memory (row-major, native little-endian), so bfloat16 and other
 dtypes numpy lacks travel unchanged. Decoding copies once into a fresh, writable tensor.

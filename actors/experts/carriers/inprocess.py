@@ -1,6 +1,6 @@
-"""In-process transport: workers are ExpertWorker objects in this process (single device, tests).
+"""In-process carrier (per call): workers are ExpertWorker objects in this process (single device, tests).
 
-Calls run on a small thread pool so `call` is as asynchronous as the remote transports and the
+Calls run on a small thread pool so `call` is as asynchronous as the remote carriers and the
 dispatch/combine code is exercised the same way.
 """
 
@@ -10,10 +10,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from actors.experts.transport.base import ExpertTransport, TransportError, WorkerRef
+from actors.experts.carriers.base import Carrier, TransportError, WorkerRef
 
 
-class InProcessTransport(ExpertTransport):
+class InProcessCarrier(Carrier):
     name = "inprocess"
 
     def __init__(self, max_threads: int = 4, **_: object) -> None:
@@ -22,7 +22,7 @@ class InProcessTransport(ExpertTransport):
 
     def connect(self, worker: WorkerRef) -> None:
         if worker.local is None:
-            raise TransportError(f"in-process transport needs the ExpertWorker object of {worker.worker_id}")
+            raise TransportError(f"in-process carrier needs the ExpertWorker object of {worker.worker_id}")
         self._workers[worker.worker_id] = worker.local
 
     def disconnect(self, worker_id: str) -> None:
