@@ -33,7 +33,7 @@ from cluster.serve.errors import (BodyTooLarge, ErrorBoundary, InvalidRequest, M
                                   install_handlers)
 from cluster.serve.metrics import CONTENT_TYPE, ReplicaMetrics
 from cluster.serve.openapi_doc import body_schema, install_request_schemas, parse_request, report_ignored
-from cluster.serve.middleware.request_guard import GuardLimits, RequestGuard
+from cluster.serve.middleware.request_guard import GuardLimits, RequestGuard, post_route_matcher
 
 KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics",
                 "/admin/status", "/admin/scale", "/admin/migrate", "/tokenize", "/detokenize",
@@ -698,7 +698,8 @@ def build_http_app(
     install_request_schemas(app)
     # Outermost last: counting sees the 401s that auth answers itself and every 500 (ErrorBoundary);
     # the guard runs after auth, so an unauthenticated client's body is never read.
-    app.add_middleware(RequestGuard, limits=limits or GuardLimits(max_body_bytes=limit))
+    app.add_middleware(RequestGuard, limits=limits or GuardLimits(max_body_bytes=limit),
+                       takes_body=post_route_matcher(app.routes))
     app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(server.settings.api_keys), own_keys_prefixes=own_keys)
     app.add_middleware(ErrorBoundary)
     app.add_middleware(RouteMetricsMiddleware, metrics=server.metrics)

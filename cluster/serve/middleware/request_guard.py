@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -60,9 +61,12 @@ class GuardLimits:
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, limits: GuardLimits) -> None:
+    def __init__(self, app: ASGIApp, limits: GuardLimits, takes_body: Callable[[str], bool] | None = None) -> None:
+        """`takes_body(path)`: whether a POST route exists there (`post_route_matcher`); a POST
+        anywhere else goes to the app unread, which answers 405 (GET routes) or 404, not 415."""
         self.app = app
         self.limits = limits
+        self.takes_body = takes_body
         self.in_flight = 0  # sequences of admitted, unfinished requests (this event loop only)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -90,7 +94,7 @@ class RequestGuard:
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route_path(scope)
-        if scope.get("method") != "POST":
+        if scope.get("method") != "POST" or (self.takes_body is not None and not self.takes_body(path)):
             await self.app(scope, receive, send)
             return
         if not _is_json(header(scope, b"content-type")):
@@ -134,6 +138,12 @@ class RequestGuard:
         except TimeoutError:
             raise RequestTimeout(
                 f"The request body was not received within {self.limits.body_read_timeout_s:g}s") from None
+
+
+def post_route_matcher(routes: list) -> Callable[[str], bool]:
+    """path -> whether one of these (Starlette) routes answers POST there."""
+    posts = [r for r in routes if "POST" in (getattr(r, "methods", None) or ())]
+    return lambda path: any(r.path_regex.match(path) for r in posts)
 
 
 def sequences_of(body: bytes) -> int:
