@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from actors.device import memory_free
 from actors.engine.engine import EngineSpec, LLMEngine
+from actors.engine.sampling.grammar import GrammarLimits
 from actors.model.expert_compute import ExpertCompute
 from actors.model.kv_cache import bytes_per_block
 from actors.weights.loader import LoadedModel, load_model
@@ -45,6 +46,7 @@ class EngineSettings:
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True
     cuda_graph_memory_mb: int = 4096
+    grammar: GrammarLimits = GrammarLimits()
 
 
 def kv_block_budget(settings: EngineSettings, loaded: LoadedModel, max_model_len: int) -> int:
@@ -85,5 +87,6 @@ def build_engine(
         enable_prefix_caching=settings.enable_prefix_caching,
         cuda_graphs=settings.cuda_graphs,
         cuda_graph_memory_mb=settings.cuda_graph_memory_mb,
+        grammar=settings.grammar,
     )
     return LLMEngine(loaded, spec), loaded

@@ -21,7 +21,7 @@ from actors.engine.block_manager import BlockManager
 from actors.engine.detokenizer import IncrementalDetokenizer
 from actors.engine.request_rejected import RequestRejected
 from actors.engine.sampler import Sampler
-from actors.engine.sampling.grammar import GrammarCompiler
+from actors.engine.sampling.grammar import GrammarCompiler, GrammarLimits
 from actors.engine.sampling.logprobs import TokenLogprob, prompt_logprobs
 from actors.engine.sampling.slots import SlotTable
 from actors.engine.sampling_params import SamplingParams
@@ -43,6 +43,7 @@ class EngineSpec:
     enable_prefix_caching: bool = True  # share full KV blocks of identical prefixes between requests
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (CUDA, in-process experts)
     cuda_graph_memory_mb: int = 4096  # device memory the captured graphs may take
+    grammar: GrammarLimits = GrammarLimits()  # size, compile time and threads of structured output
 
 
 @dataclass
@@ -95,7 +96,7 @@ class LLMEngine:
         self.slots = SlotTable(spec.max_num_seqs, self.cfg.vocab_size, self.runner.device)
         self.sampler = Sampler(self.slots)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.cfg.eos_token_ids)
-        self.grammars = GrammarCompiler(self.tokenizer, self.cfg.vocab_size, sorted(self.eos_token_ids))
+        self.grammars = GrammarCompiler(self.tokenizer, self.cfg.vocab_size, sorted(self.eos_token_ids), spec.grammar)
         self._seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self._tokens_generated = 0

@@ -15,14 +15,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from tqdm import tqdm
 
 from actors.weights import names as wn
 from actors.model.experts import ExpertGroupWeights
 from actors.weights.hf_config import read_config  # noqa: F401  (re-exported: checkpoint.read_config)
 from actors.model.config import ModelConfig
-
-_PROGRESS_AFTER_S = 2.0  # a progress bar only for loads slow enough to wonder about
+from actors.weights.progress import LoadProgress
 
 
 class CheckpointError(ValueError):
@@ -78,8 +76,8 @@ class CheckpointReader:
         return t
 
 
-def _progress(total: int, desc: str) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="tensor", delay=_PROGRESS_AFTER_S, leave=False)
+def _progress(total: int, desc: str) -> LoadProgress:
+    return LoadProgress(total, desc)
 
 
 def attention_part_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.engine.build import EngineSettings, LoadSpec
+from actors.engine.sampling.grammar import GrammarLimits
 from actors.engine.build import build_engine as build_from_settings
 from actors.engine.engine import LLMEngine
 from actors.weights.loader import LoadedModel
@@ -36,13 +37,18 @@ def engine_settings(config: MogeConfig, ping_pong: bool = False) -> EngineSettin
         enable_prefix_caching=e.enable_prefix_caching,
         cuda_graphs=e.cuda_graphs,
         cuda_graph_memory_mb=e.cuda_graph_memory_mb,
+        grammar=GrammarLimits(max_bytes=e.grammar_max_bytes, compile_timeout_s=e.grammar_compile_timeout_s,
+                              workers=e.grammar_workers),
     )
 
 
 def build_engine(config: MogeConfig, experts=None) -> tuple[LLMEngine, LoadedModel]:
-    """The engine with local experts, or with `experts` (remote: ping-pong as configured)."""
+    """The engine with local experts, or with `experts` (remote: ping-pong as configured); its
+    grammar library warmed, so the first structured-output request compiles only its own grammar."""
     ping_pong = experts is not None and config.data_plane.ping_pong
-    return build_from_settings(load_spec(config), engine_settings(config, ping_pong), experts)
+    engine, loaded = build_from_settings(load_spec(config), engine_settings(config, ping_pong), experts)
+    engine.grammars.warm()
+    return engine, loaded
 
 
 def engine_mode(config: MogeConfig) -> str:
