@@ -12,13 +12,12 @@ process over a fake engine in unit tests. What this file decides:
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.engine.request_rejected import RequestRejected
@@ -38,6 +37,8 @@ from cluster.serve.errors import (BodyTooLarge, ErrorBoundary, InvalidRequest, M
 from cluster.serve.metrics import CONTENT_TYPE, ReplicaMetrics
 from cluster.serve.openapi_doc import body_schema, install_request_schemas, parse_request, report_ignored
 from cluster.serve.middleware.request_guard import GuardLimits, RequestGuard, post_route_matcher
+from cluster.serve.responses.routes import install_responses
+from cluster.serve.streaming import ClosingStreamingResponse, _merge
 
 KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics",
                 "/admin/status", "/admin/scale", "/admin/migrate", "/tokenize", "/detokenize",
@@ -589,59 +590,6 @@ class _ChatChunks:
         return self._chunk([], usage)
 
 
-async def _merge(gens: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
-    """Interleave several engine streams as (index, output), in arrival order.
-
-    Closing the merged stream (client gone, error) cancels every pump task; cancellation raises
-    inside each engine generator, whose cleanup aborts its request.
-    """
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-    done = object()
-
-    async def pump(i: int, gen: AsyncIterator[Any]) -> None:
-        try:
-            async for out in gen:
-                queue.put_nowait((i, out))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
-            queue.put_nowait((i, exc))
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-        finally:
-            queue.put_nowait((i, done))
-            aclose = getattr(gen, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class ClosingStreamingResponse(StreamingResponse):
-    """Starlette stops iterating a body when the client disconnects but never closes it; closing
-    here runs the generator's cleanup (engine abort) now instead of at garbage collection."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-
 # ---------------------------------------------------------------------------------------- app
 
 
@@ -714,6 +662,8 @@ def build_http_app(
     async def chat_completions(request: Request) -> Response:
         req, ignored = parse_request(p.ChatCompletionRequest, await read_body(request, limit))
         return report_ignored(await server.chat(req), ignored)
+
+    install_responses(app, server, read_body)
 
     @app.get("/v1/models", response_model=p.ModelList)
     async def models() -> Response:

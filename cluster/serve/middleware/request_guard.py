@@ -34,7 +34,7 @@ from cluster.serve.errors import (
 )
 from cluster.serve.middleware.scope import header, route_path
 
-GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
+GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses"})
 ADMIN_PREFIX = "/admin"
 
 
