@@ -338,6 +338,12 @@ class ChatCompletionRequest(_SamplingFields):
         return self.tools_active and (self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice))
 
     @property
+    def calls_parallel(self) -> bool:
+        """More than one tool call may come back: parallel_tool_calls, and no named tool_choice (a
+        named function is called exactly once, as vLLM does)."""
+        return self.parallel_tool_calls and not isinstance(self.tool_choice, NamedToolChoice)
+
+    @property
     def completion_limit(self) -> int | None:
         """max_completion_tokens is the newer name of max_tokens and wins when both are given."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

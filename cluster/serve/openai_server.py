@@ -143,7 +143,7 @@ class OpenAIServer:
         choices, k, tools = await self.chat_plan(req)
         rid = p.new_id("chatcmpl")
         if req.stream:
-            chunks = _ChatChunks(rid, self.model.name, self, k, tools, req.parallel_tool_calls)
+            chunks = _ChatChunks(rid, self.model.name, self, k, tools, req.calls_parallel)
             return await self._stream(rid, req, choices, chunks)
         outs = await self.collect(rid, choices)
         return JSONResponse(
@@ -164,7 +164,7 @@ class OpenAIServer:
         prompts = [self._prompt_ids(text, "messages", chat=True)]
         if req.forced_tools:
             named = req.tool_choice.function.name if isinstance(req.tool_choice, p.NamedToolChoice) else None
-            grammar = forced_call_grammar(req.tools, named, req.parallel_tool_calls, self.tool_format, self.model.tokenizer)
+            grammar = forced_call_grammar(req.tools, named, req.calls_parallel, self.tool_format, self.model.tokenizer)
         else:
             grammar = output_grammar(req)
         grammar = await self.compiled(grammar)
@@ -193,7 +193,7 @@ class OpenAIServer:
     def _chat_choice(self, c: _Choice, o: "_Result", k: int | None, tools: set[str] | None,
                      req: p.ChatCompletionRequest) -> p.ChatChoice:
         with_ids = req.return_token_ids
-        content, calls = self.tool_calls(o.text, tools, req.parallel_tool_calls)
+        content, calls = self.tool_calls(o.text, tools, req.calls_parallel)
         message = p.AssistantMessage(
             content=content,
             tool_calls=[p.ToolCall(id=t.id, function=p.ToolCallFunction(name=t.name, arguments=t.arguments))

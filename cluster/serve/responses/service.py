@@ -116,7 +116,7 @@ class _Turn:
     def finish(self, text: str, finish_reason: str | None, prompt: int, completion: int, cached: int,
                logprobs: list) -> None:
         """The whole answer -> output items, status, usage; stored if asked."""
-        content, calls = self.service.server.tool_calls(text, self.tools, self.chat.parallel_tool_calls)
+        content, calls = self.service.server.tool_calls(text, self.tools, self.chat.calls_parallel)
         items: list[OutputMessage | FunctionCall] = []
         if content or not calls:
             items.append(OutputMessage(content=[OutputText(text=content or "", logprobs=self._logprobs(logprobs))]))
@@ -152,7 +152,7 @@ class _Turn:
     async def _events(self, outputs: AsyncIterator[tuple[int, Any]], first: Any, prompt: int) -> AsyncIterator[bytes]:
         sse = _Events()
         r = self.response
-        parser = StreamingToolParser(self.tools, self.service.server.tool_format, self.chat.parallel_tool_calls) \
+        parser = StreamingToolParser(self.tools, self.service.server.tool_format, self.chat.calls_parallel) \
             if self.tools is not None else None
         message: _OpenMessage | None = None
         pending = ""  # whitespace before anything else: kept unless calls are all there is
