@@ -35,7 +35,7 @@ from cluster.config import ServerSection
 from cluster.serve.errors import (BodyTooLarge, ErrorBoundary, InvalidRequest, ModelNotFound, as_api_error,
                                   install_handlers)
 from cluster.serve.metrics import CONTENT_TYPE, ReplicaMetrics
-from cluster.serve.openapi_doc import body_schema, install_request_schemas, parse_request, report_ignored
+from cluster.serve.openapi_doc import body_schema, install_docs_ui, install_request_schemas, parse_request, report_ignored
 from cluster.serve.middleware.request_guard import GuardLimits, RequestGuard, post_route_matcher
 from cluster.serve.responses.routes import install_responses
 from cluster.serve.streaming import ClosingStreamingResponse, _merge
@@ -643,8 +643,9 @@ def build_http_app(
     `ready`: -> {"ready": bool, ...details} for /ready (degraded while a group has no live holder).
     `limits`: body deadline, admission and total deadline (cluster/serve/middleware/request_guard.py)."""
     app = FastAPI(title="moge-serve", summary="OpenAI-compatible API of one attention replica",
-                  version="1", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+                  version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     install_handlers(app)
+    install_docs_ui(app)
     own_keys: tuple[str, ...] = ()
     if admin is not None:
         app.include_router(admin)
