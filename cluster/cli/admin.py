@@ -147,10 +147,24 @@ def _with_phases(args: argparse.Namespace, run: Callable[[], tuple[int, Any]]) -
     result: list[tuple[int, Any]] = []
     worker = threading.Thread(target=lambda: result.append(run()), daemon=True)
     worker.start()
-    if not args.json:
-        follow_phases(lambda: _status_once(args), worker.is_alive, sys.stdout)
+    seen = follow_phases(lambda: _status_once(args), worker.is_alive, sys.stdout) if not args.json else []
     worker.join()
-    return result[0] if result else (0, None)
+    code, data = result[0] if result else (0, None)
+    if not args.json and isinstance(data, dict):
+        print_rest_of_timeline(data, seen, sys.stdout)
+    return code, data
+
+
+def print_rest_of_timeline(result: dict, seen: list[str], out) -> None:
+    """The phases too quick to be seen by polling, from the operation's own timeline."""
+    t = result.get("timeline") or {}
+    t0 = t.get("decision")
+    if t0 is None:
+        return
+    for phase, at in sorted(t.items(), key=lambda kv: kv[1]):
+        if phase in ("decision", "worker_ready") or phase in seen:
+            continue
+        print(f"  {result.get('kind')} {phase}  +{at - t0:.1f}s", file=out, flush=True)
 
 
 def _status_once(args: argparse.Namespace) -> dict | None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -104,6 +105,21 @@ def keep_ray_logs(root: str | None) -> str | None:
     shutil.copytree(logs, dest, dirs_exist_ok=True, ignore_dangling_symlinks=True,
                     ignore=shutil.ignore_patterns("*.sock"))
     return dest
+
+
+_ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception)\b: .+$")
+
+
+def first_replica_error(logs_dir: str) -> str | None:
+    """The exception a replica died of, from Serve's logs (the last `...Error: message` line that is
+    not Ray's own wrapper), so a failed start can say why without the user opening files."""
+    found = None
+    for log in sorted(Path(logs_dir, "serve").glob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            line = line.strip()
+            if _ERROR_LINE.match(line) and not line.startswith("RuntimeError: Traceback"):
+                found = line
+    return found
 
 
 def start_ray(num_cpus: int) -> str:

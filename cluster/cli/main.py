@@ -211,6 +211,11 @@ def serve_command(args: argparse.Namespace) -> int:
     finally:
         logs = cluster.stop(keep_logs=failed)
         if logs is not None:
+            from cluster.cli.local_cluster import first_replica_error
+
+            cause = first_replica_error(logs)
+            if cause:
+                print(f"  replica error: {cause}", file=sys.stderr)
             print(f"  logs kept in {logs} (replica logs: {logs}/serve/, worker errors: {logs}/worker-*.err)",
                   file=sys.stderr)
 

@@ -18,7 +18,7 @@ import pytest
 
 from actors.weights.progress import PROGRESS_FILE_ENV, LoadProgress
 from cluster.cli import admin
-from cluster.cli.local_cluster import REPO_ROOT, keep_ray_logs
+from cluster.cli.local_cluster import REPO_ROOT, first_replica_error, keep_ray_logs
 from cluster.cli.main import build_parser, check_port, check_redis, package_version
 from cluster.cli.progress import LoadBars
 from cluster.config import MogeConfig
@@ -122,6 +122,15 @@ def test_phases_are_printed_as_they_change():
     assert re.findall(r"scale (\w+)  \+([\d.]+)s", out.getvalue()) == [("loading", "1.0"), ("published", "2.0")]
 
 
+def test_phases_too_quick_to_poll_come_from_the_operations_timeline():
+    out = io.StringIO()
+    result = {"kind": "scale", "timeline": {"decision": 10.0, "worker_ready": 12.0, "planned": 12.1, "loading": 12.2,
+                                            "publishing": 12.4, "done": 12.5}}
+    admin.print_rest_of_timeline(result, ["starting_workers", "loading"], out)
+    assert re.findall(r"scale (\w+)  \+([\d.]+)s", out.getvalue()) == [
+        ("planned", "2.1"), ("publishing", "2.4"), ("done", "2.5")]
+
+
 class _Tty(io.StringIO):
     def isatty(self):
         return True
@@ -147,11 +156,15 @@ def test_a_failed_start_keeps_the_logs_outside_the_removed_ray_dir(tmp_path):
     root = tmp_path / "moge-ray-x"
     session = root / "session_2026"
     (session / "logs" / "serve").mkdir(parents=True)
-    (session / "logs" / "serve" / "replica.log").write_text("boom")
+    (session / "logs" / "serve" / "replica.log").write_text(
+        "INFO starting\nRuntimeError: Traceback (most recent call last):\n"
+        "actors.weights.hf_config.UnsupportedModelError: model_type 'llama' is not supported\n")
     (root / "session_latest").symlink_to(session)
     kept = keep_ray_logs(str(root))
     try:
-        assert (Path(kept) / "serve" / "replica.log").read_text() == "boom"
+        assert "UnsupportedModelError" in (Path(kept) / "serve" / "replica.log").read_text()
+        assert first_replica_error(kept) == (
+            "actors.weights.hf_config.UnsupportedModelError: model_type 'llama' is not supported")
         assert keep_ray_logs(str(tmp_path / "nothing")) is None
     finally:
         subprocess.run(["rm", "-rf", kept], check=True)

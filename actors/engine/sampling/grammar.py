@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ import torch
 
 from actors.engine.request_rejected import RequestRejected
 
+log = logging.getLogger(__name__)
 COMPACT_JSON = {"whitespace_flexible": False}  # one canonical spacing: fewer tokens, no whitespace runs
 
 
@@ -120,6 +122,12 @@ class GrammarCompiler:
 
     @property
     def ll_tokenizer(self):
+        try:
+            return self._tokenizer_view()
+        except ValueError as e:  # e.g. EOS outside the vocabulary: no grammar can be built for it
+            raise RequestRejected(f"structured output is not available for this model's tokenizer: {e}") from e
+
+    def _tokenizer_view(self):
         with self._lock:
             if self._ll is None:
                 import llguidance
@@ -136,9 +144,13 @@ class GrammarCompiler:
 
     def warm(self) -> None:
         """Pay at start-up what the first constrained request would: the import, the tokenizer view,
-        the mask executor, and one grammar compiled and masked."""
-        compiled = self.compile(GrammarSpec("json_object"))
-        self.fill_masks([(0, compiled.matcher())], 1, torch.device("cpu"))
+        the mask executor, and one grammar compiled and masked. A tokenizer llguidance cannot take
+        leaves the server up: its constrained requests get that reason as a 400."""
+        try:
+            compiled = self.compile(GrammarSpec("json_object"))
+            self.fill_masks([(0, compiled.matcher())], 1, torch.device("cpu"))
+        except RequestRejected as e:
+            log.warning("structured output is unavailable for this model: %s", e)
 
     def submit(self, spec: GrammarSpec) -> concurrent.futures.Future:
         """Compile on a worker thread; the future holds the CompiledGrammar or a RequestRejected."""
