@@ -707,7 +707,7 @@ def build_http_app(
     # Outermost last: counting sees the 401s that auth answers itself and every 500 (ErrorBoundary);
     # the guard runs after auth, so an unauthenticated client's body is never read.
     app.add_middleware(RequestGuard, limits=limits or GuardLimits(max_body_bytes=limit),
-                       takes_body=post_route_matcher(app.routes))
+                       takes_body=post_route_matcher(app.router))
     app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(server.settings.api_keys), own_keys_prefixes=own_keys)
     app.add_middleware(ErrorBoundary)
     app.add_middleware(RouteMetricsMiddleware, metrics=server.metrics)

@@ -61,8 +61,8 @@ class GuardLimits:
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, limits: GuardLimits, takes_body: Callable[[str], bool] | None = None) -> None:
-        """`takes_body(path)`: whether a POST route exists there (`post_route_matcher`); a POST
+    def __init__(self, app: ASGIApp, limits: GuardLimits, takes_body: Callable[[Scope], bool] | None = None) -> None:
+        """`takes_body(scope)`: whether a route answers this POST (`post_route_matcher`); a POST
         anywhere else goes to the app unread, which answers 405 (GET routes) or 404, not 415."""
         self.app = app
         self.limits = limits
@@ -94,7 +94,7 @@ class RequestGuard:
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route_path(scope)
-        if scope.get("method") != "POST" or (self.takes_body is not None and not self.takes_body(path)):
+        if scope.get("method") != "POST" or (self.takes_body is not None and not self.takes_body(scope)):
             await self.app(scope, receive, send)
             return
         if not _is_json(header(scope, b"content-type")):
@@ -140,10 +140,12 @@ class RequestGuard:
                 f"The request body was not received within {self.limits.body_read_timeout_s:g}s") from None
 
 
-def post_route_matcher(routes: list) -> Callable[[str], bool]:
-    """path -> whether one of these (Starlette) routes answers POST there."""
-    posts = [r for r in routes if "POST" in (getattr(r, "methods", None) or ())]
-    return lambda path: any(r.path_regex.match(path) for r in posts)
+def post_route_matcher(router) -> Callable[[Scope], bool]:
+    """scope -> whether one of the router's routes (included routers too) fully matches it, method
+    included: Starlette's own matching, so route prefixes and path parameters count as they route."""
+    from starlette.routing import Match
+
+    return lambda scope: any(route.matches(scope)[0] == Match.FULL for route in router.routes)
 
 
 def sequences_of(body: bytes) -> int:
