@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402  (schem
 
 BUDGET_S = 60.0
 EXAMPLES = 25
-CAPS = {"max_tokens": 4, "max_completion_tokens": 4, "n": 2, "best_of": 2, "top_logprobs": 2, "logprobs": 2}
+CAPS = {"max_tokens": 4, "max_completion_tokens": 4, "max_output_tokens": 4, "n": 2, "best_of": 2, "top_logprobs": 2, "logprobs": 2}
 
 
 def cap(body):

@@ -122,9 +122,9 @@ class _Turn:
             items.append(OutputMessage(content=[OutputText(text=content or "", logprobs=self._logprobs(logprobs))]))
         items += self._calls(calls)
         self.response.output = items
-        self._close(finish_reason, prompt, completion, cached)
+        self._close(finish_reason, prompt, completion, cached, count=False)  # collect() counted them
 
-    def _close(self, finish_reason: str | None, prompt: int, completion: int, cached: int) -> None:
+    def _close(self, finish_reason: str | None, prompt: int, completion: int, cached: int, count: bool = True) -> None:
         r = self.response
         r.usage = Usage(input_tokens=prompt, input_tokens_details=InputTokensDetails(cached_tokens=cached),
                         output_tokens=completion, total_tokens=prompt + completion)
@@ -134,7 +134,8 @@ class _Turn:
                 item.status = "incomplete"
         else:
             r.status = "completed"
-        self.service.server.metrics.count_tokens(prompt, completion)
+        if count:
+            self.service.server.metrics.count_tokens(prompt, completion)
         if self.req.store:
             self.service.store.put(r, self.conversation + output_messages(r.output))
 
