@@ -10,6 +10,7 @@ Shape legend: T = tokens in the step, B = sequences in the step, M = widest bloc
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 from dataclasses import dataclass
@@ -155,6 +156,8 @@ class LLMEngine:
             matcher=None if params.grammar is None else self.grammars.matcher(params.grammar),
             prompt_logprobs=None if params.prompt_logprobs is None else [None],
         )
+        if seq.matcher is not None:
+            seq.grammar_mask = self.grammars.prefetch(seq.matcher)
         self._seqs[request_id] = seq
         self.scheduler.add(seq)
 
@@ -203,6 +206,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
         if not scheduled:
+            self._wait_for_grammar_masks()
             return []
         scoring = self._prompt_rows(scheduled)  # [(seq, flat row, target token)] for prompt logprobs
         logits, extra = self.runner.execute(scheduled, [r for _, r, _ in scoring])  # [B, V], [E, V]
@@ -242,8 +246,10 @@ class LLMEngine:
             return outputs
         rows, seqs = [r for r, _ in kept], [s for _, s in kept]
         row_logits = logits if len(rows) == len(scheduled) else logits[rows]
-        constrained = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
-        allowed = self.grammars.fill_masks(constrained, len(seqs), row_logits.device) if constrained else None
+        # masks were computed on grammar threads; a sequence admitted in this very step may still
+        # wait for its first one (the scheduler holds back the rest until theirs are done)
+        constrained = [(i, s.grammar_mask.result()) for i, s in enumerate(seqs) if s.matcher is not None]
+        allowed = self.grammars.masks_of(constrained, len(seqs), row_logits.device) if constrained else None
         slot_ids = torch.tensor([s.slot for s in seqs], dtype=torch.long).to(row_logits.device, non_blocking=True)
         flags = [self.slots.flags[s.slot] for s in seqs]
         try:
@@ -265,6 +271,13 @@ class LLMEngine:
             lp = None if logprobs is None or seq.params.logprobs is None else _token_logprob(tok, logprobs[j], seq.params.logprobs)
             outputs.append(self._append_token(seq, tok, lp))
         return outputs
+
+    def _wait_for_grammar_masks(self, timeout_s: float = 0.01) -> None:
+        """Nothing could run because every runnable sequence waits for its grammar mask: wait a
+        little for one (bounded, so the caller's step-boundary hooks keep running) instead of spinning."""
+        pending = [s.grammar_mask for s in self.scheduler.running if not s.grammar_ready()]
+        if pending:
+            concurrent.futures.wait(pending, timeout=timeout_s, return_when=concurrent.futures.FIRST_COMPLETED)
 
     def _sample_one(self, row_logits, slot_ids, flags, allowed, i: int):
         """Row i alone: (tokens, logprobs) of a one-row step, or the exception it raises."""
@@ -329,10 +342,16 @@ class LLMEngine:
         text = seq.detokenizer.step(token)
         if seq.detokenizer.stopped:
             return self._finish(seq, "stop", token, text)
-        if seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()):
+        if seq.matcher is not None and seq.matcher.is_error():  # e.g. the parser's limits: never a cut answer
+            return self._fail(seq, RequestRejected(
+                f"the output grammar could not continue after {seq.num_completion_tokens} tokens: "
+                f"{seq.matcher.get_error().splitlines()[0][:300]}"))
+        if seq.matcher is not None and seq.matcher.is_stopped():
             return self._finish(seq, "stop", token, text + seq.detokenizer.flush())
         if seq.num_tokens >= seq.max_total_tokens:
             return self._finish(seq, "length", token, text + seq.detokenizer.flush())
+        if seq.matcher is not None:
+            seq.grammar_mask = self.grammars.prefetch(seq.matcher)
         return self._output(seq, [token], text)
 
     def _finish(self, seq: Sequence, reason: str, token: int | None, text: str) -> RequestOutput:

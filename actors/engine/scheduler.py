@@ -68,6 +68,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if not seq.grammar_ready():  # its grammar mask is still being computed: the rest go on
+                i += 1
+                continue
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.blocks.can_allocate(seq, n):
                 victim = self.running[-1]  # the newest; never one already scheduled (index < i)

@@ -39,6 +39,7 @@ import torch
 from actors.engine.request_rejected import RequestRejected
 
 log = logging.getLogger(__name__)
+MAX_ITEMS_IN_ROW = 50_000
 COMPACT_JSON = {"whitespace_flexible": False}  # one canonical spacing: fewer tokens, no whitespace runs
 
 
@@ -118,6 +119,7 @@ class GrammarCompiler:
         self._ll = None
         self._executor = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._mask_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._cache: OrderedDict[GrammarSpec, CompiledGrammar] = OrderedDict()
 
     @property
@@ -187,7 +189,10 @@ class GrammarCompiler:
             source = spec.source()
         except ValueError as e:
             raise RequestRejected(f"invalid grammar: {e}") from e
-        template = llguidance.LLMatcher(self.ll_tokenizer, source, log_level=0)  # drops the GIL while it builds
+        # drops the GIL while it builds; a wider row than llguidance's default (2,000 items) lets an
+        # object with thousands of optional keys compile (its masks are computed off the step thread)
+        limits = llguidance.LLParserLimits(max_items_in_row=MAX_ITEMS_IN_ROW)
+        template = llguidance.LLMatcher(self.ll_tokenizer, source, log_level=0, limits=limits)
         if template.is_error():
             raise RequestRejected(f"invalid {spec.kind.replace('_', ' ')}: {template.get_error()}")
         template.compute_bitmask()  # builds the lazy lexer here, not in the first step's mask
@@ -201,6 +206,28 @@ class GrammarCompiler:
     def matcher(self, grammar: "GrammarSpec | CompiledGrammar"):
         compiled = grammar if isinstance(grammar, CompiledGrammar) else self.compile(grammar)
         return compiled.matcher()
+
+    def prefetch(self, matcher: Any) -> concurrent.futures.Future:
+        """The matcher's next-token mask as a [V/32] int32 row, computed on a grammar-mask thread
+        (llguidance drops the GIL): the first mask at a new grammar state can take a second (a
+        lexer over thousands of keys is built lazily), which must not be a step's time."""
+        with self._lock:
+            if self._mask_pool is None:
+                self._mask_pool = concurrent.futures.ThreadPoolExecutor(self.limits.workers, thread_name_prefix="grammar-mask")
+        return self._mask_pool.submit(self._mask_row, matcher)
+
+    def _mask_row(self, matcher: Any) -> torch.Tensor:
+        row = torch.empty((self.vocab_size + 31) // 32, dtype=torch.int32)
+        matcher.unsafe_compute_mask_ptr(row.data_ptr(), row.numel() * 4)
+        return row
+
+    def masks_of(self, rows: list[tuple[int, torch.Tensor]], batch: int, device: torch.device) -> torch.Tensor:
+        """[B, V] bool allowed-token mask on `device` from prefetched rows [(row, [V/32] int32)];
+        every other row all True. One host->device copy."""
+        bitmask = torch.full((batch, (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        for i, row in rows:
+            bitmask[i] = row
+        return unpack_bitmask(bitmask.to(device, non_blocking=True), self.vocab_size)
 
     def fill_masks(self, rows: list[tuple[int, Any]], batch: int, device: torch.device) -> torch.Tensor:
         """[B, V] bool allowed-token mask on `device`: rows [(row, matcher)] from their matchers,
@@ -216,8 +243,9 @@ class GrammarCompiler:
         return unpack_bitmask(bitmask.to(device, non_blocking=True), self.vocab_size)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pool, self._mask_pool):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
