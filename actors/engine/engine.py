@@ -13,13 +13,13 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from actors.engine.block_manager import BlockManager
-from actors.engine.detokenizer import IncrementalDetokenizer
 from actors.engine.request_rejected import RequestRejected
 from actors.engine.sampler import Sampler
 from actors.engine.sampling.grammar import GrammarCompiler, GrammarLimits
@@ -27,6 +27,8 @@ from actors.engine.sampling.logprobs import TokenLogprob, prompt_logprobs
 from actors.engine.sampling.slots import SlotTable
 from actors.engine.sampling_params import SamplingParams
 from actors.engine.model_runner import ModelRunner
+from actors.engine.output.request_output import RequestOutput
+from actors.engine.output.text_stream import TextStream
 from actors.engine.scheduler import Scheduler
 from actors.engine.sequence import Sequence
 
@@ -45,23 +47,6 @@ class EngineSpec:
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (CUDA, in-process experts)
     cuda_graph_memory_mb: int = 4096  # device memory the captured graphs may take
     grammar: GrammarLimits = GrammarLimits()  # size, compile time and threads of structured output
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: str | None  # 'stop' | 'length' | 'abort' | None while running
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    # per new token when the request asked for logprobs (raw model log-probabilities)
-    logprobs: list[TokenLogprob] | None = None
-    # once, in the first output, when it asked for prompt_logprobs: None for the first prompt token
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    error: BaseException | None = None  # set when this request alone failed inside a step
 
 
 @dataclass
@@ -102,6 +87,10 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self._tokens_generated = 0
         self._steps = 0
+        # step() makes the text (stop strings end requests here) for offline use; the async engine
+        # turns this off and makes it per stream, off the step thread
+        self.make_text = True
+        self.clock = time.monotonic  # timestamps in outputs (queue, prefill); same clock as the HTTP front
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -150,9 +139,7 @@ class LLMEngine:
             params=params,
             max_total_tokens=len(prompt) + max_tokens,
             arrival=next(self._arrivals),
-            detokenizer=IncrementalDetokenizer(
-                self.tokenizer, prompt, params.stop, params.skip_special_tokens, params.include_stop_str_in_output
-            ),
+            text_stream=TextStream(self.tokenizer, prompt, params) if self.make_text else None,
             matcher=None if params.grammar is None else self.grammars.matcher(params.grammar),
             prompt_logprobs=None if params.prompt_logprobs is None else [None],
         )
@@ -168,7 +155,7 @@ class LLMEngine:
             return None
         self.scheduler.finish(seq, "abort")
         self._release_slot(seq)
-        return self._output(seq, [], "")
+        return self._output(seq, [])
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -208,6 +195,7 @@ class LLMEngine:
         if not scheduled:
             self._wait_for_grammar_masks()
             return []
+        self._mark_scheduled(scheduled.seqs)
         scoring = self._prompt_rows(scheduled)  # [(seq, flat row, target token)] for prompt logprobs
         logits, extra = self.runner.execute(scheduled, [r for _, r, _ in scoring])  # [B, V], [E, V]
         self._steps += 1
@@ -225,7 +213,7 @@ class LLMEngine:
         for r in sampling:
             seq = scheduled.seqs[r]
             if seq.num_tokens >= seq.max_total_tokens:  # max_tokens 0: the prompt was only scored
-                outputs.append(self._finish(seq, "length", None, seq.detokenizer.flush()))
+                outputs.append(self._text(seq, self._finish(seq, "length", None)))
             else:
                 seqs.append((r, seq))
         if not seqs:
@@ -292,7 +280,7 @@ class LLMEngine:
         self.scheduler.finish(seq, "abort")
         self._release_slot(seq)
         self._seqs.pop(seq.request_id, None)
-        out = self._output(seq, [], "")
+        out = self._output(seq, [])
         out.error = error
         return out
 
@@ -329,39 +317,61 @@ class LLMEngine:
             self.slots.release(seq.slot)
             seq.slot = None
 
+    def _mark_scheduled(self, seqs: list[Sequence]) -> None:
+        """Queue time ends when a step first runs a request (a preempted one keeps its first time)."""
+        now = None
+        for seq in seqs:
+            if seq.scheduled_at is None:
+                seq.scheduled_at = now = now or self.clock()
+
     def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
         seq.token_ids.append(token)
         params = seq.params
+        if seq.first_token_at is None:
+            seq.first_token_at = self.clock()
         if logprob is not None:
             seq.pending_logprobs.append(logprob)
         if seq.matcher is not None:
             seq.matcher.consume_token(token)
         if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
             # the stop token counts as a completion token but is not part of the text
-            return self._finish(seq, "stop", token, seq.detokenizer.flush())
-        text = seq.detokenizer.step(token)
-        if seq.detokenizer.stopped:
-            return self._finish(seq, "stop", token, text)
-        if seq.matcher is not None and seq.matcher.is_error():  # e.g. the parser's limits: never a cut answer
+            out = self._finish(seq, "stop", token)
+            out.ends_with_stop_token = True
+        elif seq.matcher is not None and seq.matcher.is_error():  # e.g. the parser's limits: never a cut answer
             return self._fail(seq, RequestRejected(
                 f"the output grammar could not continue after {seq.num_completion_tokens} tokens: "
                 f"{seq.matcher.get_error().splitlines()[0][:300]}"))
-        if seq.matcher is not None and seq.matcher.is_stopped():
-            return self._finish(seq, "stop", token, text + seq.detokenizer.flush())
-        if seq.num_tokens >= seq.max_total_tokens:
-            return self._finish(seq, "length", token, text + seq.detokenizer.flush())
-        if seq.matcher is not None:
+        elif seq.matcher is not None and seq.matcher.is_stopped():
+            out = self._finish(seq, "stop", token)
+        elif seq.num_tokens >= seq.max_total_tokens:
+            out = self._finish(seq, "length", token)
+        else:
+            out = self._output(seq, [token])
+        out = self._text(seq, out)
+        if not out.finished and seq.matcher is not None:
             seq.grammar_mask = self.grammars.prefetch(seq.matcher)
-        return self._output(seq, [token], text)
+        return out
 
-    def _finish(self, seq: Sequence, reason: str, token: int | None, text: str) -> RequestOutput:
+    def _text(self, seq: Sequence, out: RequestOutput) -> RequestOutput:
+        """With make_text: the output's text; a stop string that ends the request finishes it here."""
+        if seq.text_stream is None:
+            return out
+        running = not out.finished
+        seq.text_stream.apply(out)
+        if running and out.finished:
+            self.scheduler.finish(seq, "stop")
+            self._release_slot(seq)
+            del self._seqs[seq.request_id]
+        return out
+
+    def _finish(self, seq: Sequence, reason: str, token: int | None) -> RequestOutput:
         self.scheduler.finish(seq, reason)
         self._release_slot(seq)
         del self._seqs[seq.request_id]
-        return self._output(seq, [] if token is None else [token], text)
+        return self._output(seq, [] if token is None else [token])
 
-    @staticmethod
-    def _output(seq: Sequence, new_ids: list[int], text: str) -> RequestOutput:
+    def _output(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
+        """Token ids and state; the text is left to the request's TextStream."""
         logprobs, seq.pending_logprobs = (seq.pending_logprobs or None), []
         prompt_lps = None
         if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
@@ -369,7 +379,7 @@ class LLMEngine:
         return RequestOutput(
             request_id=seq.request_id,
             new_token_ids=new_ids,
-            new_text=text,
+            new_text="",
             finished=seq.finished,
             finish_reason=seq.finish_reason,
             prompt_tokens=seq.num_prompt_tokens,
@@ -377,6 +387,9 @@ class LLMEngine:
             cached_tokens=seq.num_cached_tokens or 0,
             logprobs=logprobs,
             prompt_logprobs=prompt_lps,
+            scheduled_at=seq.scheduled_at,
+            first_token_at=seq.first_token_at,
+            produced_at=self.clock(),
         )
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 from typing import Any
 
-from actors.engine.detokenizer import IncrementalDetokenizer
 from actors.engine.sampling_params import SamplingParams
 
 
@@ -31,7 +30,7 @@ class Sequence:
     params: SamplingParams
     max_total_tokens: int  # prompt + completion cap (max_tokens, bounded by the context length)
     arrival: int  # admission order: FCFS and "newest is preempted first"
-    detokenizer: IncrementalDetokenizer
+    text_stream: Any = None  # TextStream (actors/engine/output/text_stream.py) when the engine makes the text
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)  # physical KV block ids, in order
@@ -50,6 +49,8 @@ class Sequence:
     prompt_logprobs: list | None = None  # TokenLogprob per prompt token (None first) when asked for
     prompt_logprobs_sent: bool = False
     pending_logprobs: list = field(default_factory=list)  # TokenLogprobs not yet handed out
+    scheduled_at: float | None = None  # monotonic time a step first ran it (queue time ends)
+    first_token_at: float | None = None  # monotonic time its first token was sampled
 
     @property
     def needs_prompt_logits(self) -> bool:

@@ -1,5 +1,6 @@
-"""Streaming helpers shared by the generation routes: several engine streams merged into one, and
-a streaming response that closes its body (aborting the engine requests) when the client leaves."""
+"""Streaming helpers shared by the generation routes: several engine streams merged into one (what
+waits when the consumer comes back folds into one output per choice), and a streaming response that
+closes its body (aborting the engine requests) when the client leaves."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ from typing import Any, AsyncIterator
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from actors.engine.output.request_output import coalesce
+
 
 async def _merge(gens: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
-    """Interleave several engine streams as (index, output), in arrival order.
+    """Interleave several engine streams as (index, output), in arrival order; what is already
+    waiting when the consumer comes back folds into one output per index (a slow client gets one
+    chunk per choice, not one per token).
 
     Closing the merged stream (client gone, error) cancels every pump task; cancellation raises
     inside each engine generator, whose cleanup aborts its request.
@@ -37,13 +42,23 @@ async def _merge(gens: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any
     try:
         remaining = len(tasks)
         while remaining:
-            i, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
+            waiting = [await queue.get()]
+            while not queue.empty():
+                waiting.append(queue.get_nowait())
+            outputs: dict[int, list[Any]] = {}
+            error = None
+            for i, item in waiting:
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    error = item
+                    break
+                else:
+                    outputs.setdefault(i, []).append(item)
+            for i, outs in outputs.items():
+                yield i, coalesce(outs)
+            if error is not None:
+                raise error
     finally:
         for t in tasks:
             t.cancel()

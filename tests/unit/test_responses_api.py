@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from cluster.config import MogeConfig
-from cluster.serve.metrics import ReplicaMetrics
+from cluster.serve.metrics.replica import ReplicaMetrics
 from cluster.serve.openai_server import OpenAIServer, ServedModel, build_http_app
 from cluster.serve.responses.protocol import ResponseObject
 from cluster.serve.responses.store import ResponseStore

@@ -8,6 +8,7 @@ from typing import Callable, Awaitable
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from cluster.serve.middleware.scope import arrival_of
 from cluster.serve.openapi_doc import body_schema, parse_request, report_ignored
 from cluster.serve.responses.protocol import ResponseObject, ResponsesRequest
 from cluster.serve.responses.service import ResponsesService
@@ -24,7 +25,7 @@ def install_responses(app: FastAPI, server, read_body: Callable[[Request, int], 
               responses={200: {"model": ResponseObject, "description": "the response, or an SSE stream of Responses events"}})
     async def create_response(request: Request) -> Response:
         req, ignored = parse_request(ResponsesRequest, await read_body(request, limit))
-        return report_ignored(await service.create(req), ignored)
+        return report_ignored(await service.create(req, arrival_of(request.scope)), ignored)
 
     @app.get("/v1/responses/{response_id}", response_model=ResponseObject)
     async def retrieve_response(response_id: str) -> Response:

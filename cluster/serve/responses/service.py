@@ -44,7 +44,8 @@ class ResponsesService:
 
     # ------------------------------------------------------------------------------ routes
 
-    async def create(self, req: ResponsesRequest) -> Response:
+    async def create(self, req: ResponsesRequest, arrival: float | None = None) -> Response:
+        """`arrival`: when the request reached this replica (where its latency metrics start)."""
         history: list[dict[str, Any]] = []
         if req.previous_response_id is not None:
             prev = self.store.get(req.previous_response_id)
@@ -64,8 +65,8 @@ class ResponsesService:
         )
         turn = _Turn(self, req, response, chat, k, tools, history + input_messages(req.input))
         if req.stream:
-            return await turn.stream(self.server.outputs(response.id, choices), len(choices[0].prompt_ids))
-        (result,) = await self.server.collect(response.id, choices)
+            return await turn.stream(self.server.outputs(response.id, choices), len(choices[0].prompt_ids), arrival)
+        (result,) = await self.server.collect(response.id, choices, arrival)
         turn.finish(result.text, result.finish_reason, len(choices[0].prompt_ids), len(result.token_ids),
                     result.cached_tokens, result.logprobs)
         return JSONResponse(response.model_dump(mode="json"))
@@ -141,16 +142,17 @@ class _Turn:
 
     # ------------------------------------------------------------------------------ streaming
 
-    async def stream(self, outputs: AsyncIterator[tuple[int, Any]], prompt: int) -> Response:
+    async def stream(self, outputs: AsyncIterator[tuple[int, Any]], prompt: int, arrival: float | None) -> Response:
         try:
             first = await anext(outputs, None)
         except BaseException:
             await outputs.aclose()
             raise
-        return ClosingStreamingResponse(self._events(outputs, first, prompt), media_type="text/event-stream",
+        return ClosingStreamingResponse(self._events(outputs, first, prompt, arrival), media_type="text/event-stream",
                                         headers={"Cache-Control": "no-cache"})
 
-    async def _events(self, outputs: AsyncIterator[tuple[int, Any]], first: Any, prompt: int) -> AsyncIterator[bytes]:
+    async def _events(self, outputs: AsyncIterator[tuple[int, Any]], first: Any, prompt: int,
+                      arrival: float | None) -> AsyncIterator[bytes]:
         sse = _Events()
         r = self.response
         parser = StreamingToolParser(self.tools, self.service.server.tool_format, self.chat.calls_parallel) \
@@ -158,7 +160,8 @@ class _Turn:
         message: _OpenMessage | None = None
         pending = ""  # whitespace before anything else: kept unless calls are all there is
         completion, cached, finish = 0, 0, None
-        timer = self.service.server.metrics.token_timer()
+        timer = self.service.server.metrics.request_timer(arrival)
+        failed = False
         try:
             yield sse("response.created", response=r.model_dump(mode="json"))
             yield sse("response.in_progress", response=r.model_dump(mode="json"))
@@ -166,7 +169,7 @@ class _Turn:
             while item is not None:
                 _, out = item
                 completion += len(out.new_token_ids)
-                timer.tokens(len(out.new_token_ids))
+                timer.observe(out)
                 cached = getattr(out, "cached_tokens", 0)
                 text, calls = out.new_text, []
                 if parser is not None:
@@ -213,6 +216,7 @@ class _Turn:
             kind = "response.incomplete" if r.status == "incomplete" else "response.completed"
             yield sse(kind, response=r.model_dump(mode="json"))
         except Exception as exc:  # the stream has started: report in-band, then end it
+            failed = True
             err = as_api_error(exc)
             self.service.server.metrics.count_stream_error(err.status)
             r.status, r.error = "failed", ResponseError(code=err.code or err.type, message=err.message)
@@ -220,6 +224,7 @@ class _Turn:
             yield sse("response.failed", response=r.model_dump(mode="json"))
         finally:
             await outputs.aclose()
+            timer.close(error=failed)  # a client gone mid-stream ends here too
 
 
 class _Events:
