@@ -55,7 +55,7 @@ def test_no_generated_request_gets_a_5xx(moge_server):
                 for name, value in (case.path_parameters or {}).items():
                     url = url.replace("{" + name + "}", str(value))
                 kwargs = {"params": case.query} if case.query else {}
-                if method == "POST":
+                if method == "POST" and type(case.body).__name__ != "NotSet":  # bodiless POSTs (cancel) send none
                     kwargs["json"] = cap(case.body)
                 r = client.request(method, url, **kwargs)
                 if r.status_code >= 500:
