@@ -76,14 +76,15 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def redis_servers(port_arg: str) -> list[int]:
+def redis_servers(port: str) -> list[int]:
+    """Live redis-server processes on this port (it rewrites its title to `redis-server host:port`)."""
     found = []
     for cmd in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             text = cmd.read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "redis-server" in text and port_arg in text and alive(int(cmd.parent.name)):
+        if "redis-server" in text and (f":{port}" in text or f"--port {port}" in text) and alive(int(cmd.parent.name)):
             found.append(int(cmd.parent.name))
     return found
 
@@ -165,14 +166,14 @@ def test_moge_serve_elastic_status_while_starting_scale_with_phases_then_ctrl_c(
         tree = descendants(proc.pid)
         redis = [pid for pid, cmd in tree.items() if "redis-server" in cmd]
         assert len(redis) == 1
-        port_arg = re.search(r"--port (\d+)", tree[redis[0]]).group(0)
+        redis_port = re.search(r"(?:--port |:)(\d+)", tree[redis[0]]).group(1)
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         assert proc.wait(timeout=120) == 0
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and (any(alive(p) for p in tree) or redis_servers(port_arg)):
+        while time.monotonic() < deadline and (any(alive(p) for p in tree) or redis_servers(redis_port)):
             time.sleep(0.2)
         assert not [tree[p] for p in tree if alive(p)]
-        assert redis_servers(port_arg) == []
+        assert redis_servers(redis_port) == []
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
