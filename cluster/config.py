@@ -48,7 +48,8 @@ class EngineSection(_Section):
         512 << 10, ge=1024, description="largest JSON schema / grammar a request may constrain its output with (400 beyond)")
     grammar_compile_timeout_s: float = Field(
         10, gt=0, description="a grammar must compile within this, off the step thread (400 beyond)")
-    grammar_workers: int = Field(2, ge=1, description="threads that compile grammars (llguidance drops the GIL)")
+    grammar_workers: int = Field(1, ge=1, description="threads that compile grammars, and threads that compute masks ahead "
+                                 "(llguidance drops the GIL); more make big grammars faster and take CPU from the steps")
 
 
 class ServerSection(_Section):

@@ -87,13 +87,17 @@ class Scheduler:
 
         # after a preemption the cache is full: admitting now would only preempt again
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            # the first waiting sequence that could sample now: one whose grammar mask is still being
+            # computed waits for it here, not in the step (the others keep their order)
+            seq = next((s for s in self.waiting if s.grammar_ready()), None)
+            if seq is None:
+                break
             hit = self.blocks.cached_prefix(seq)  # waiting sequences hold no blocks
             n = min(seq.num_tokens - len(hit) * self.blocks.block_size, budget)
             spare = self.watermark_blocks if self.running else 0
             if self.blocks.admission_cost(seq, hit, n) + spare > self.blocks.num_free_blocks:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.blocks.admit(seq, hit, n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -73,7 +73,7 @@ class GrammarSpec:
 class GrammarLimits:
     max_bytes: int = 512 << 10  # of the spec's text (schema JSON or Lark)
     compile_timeout_s: float = 10.0  # AsyncEngine.compile_grammar's budget
-    workers: int = 2  # compile threads
+    workers: int = 1  # compile threads, and as many mask threads
     cached: int = 64  # compiled grammars kept (least recently used dropped)
 
 
