@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from actors.device import h2d
 from actors.engine.block_manager import BlockManager
 from actors.engine.request_rejected import RequestRejected
 from actors.engine.sampler import Sampler
@@ -30,7 +31,8 @@ from actors.engine.model_runner import ModelRunner
 from actors.engine.output.request_output import RequestOutput
 from actors.engine.output.text_stream import TextStream
 from actors.engine.scheduler import Scheduler
-from actors.engine.sequence import Sequence
+from actors.engine.sequence import PENDING, Sequence
+from actors.engine.steps.launched import LaunchedStep
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,10 @@ class EngineSpec:
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (CUDA, in-process experts)
     cuda_graph_memory_mb: int = 4096  # device memory the captured graphs may take
     grammar: GrammarLimits = GrammarLimits()  # size, compile time and threads of structured output
+    async_scheduling: bool | None = None  # launch step N + 1 before step N's tokens reach the host (None: on CUDA)
+    # a step with prompt chunks costs at most this times a full decode step (start-up profile of the
+    # captured graphs sets the per-step token cap; 0 or no graphs: max_num_batched_tokens alone)
+    step_cost_ratio: float = 1.5
 
 
 @dataclass
@@ -74,11 +80,19 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.model, self.cfg, spec.num_kv_blocks, spec.block_size, ping_pong=spec.ping_pong,
             cuda_graphs=spec.cuda_graphs, max_num_seqs=spec.max_num_seqs, max_model_len=spec.max_model_len,
-            graph_memory_mb=spec.cuda_graph_memory_mb,
+            graph_memory_mb=spec.cuda_graph_memory_mb, max_num_batched_tokens=spec.max_num_batched_tokens,
         )
         self.kv = self.runner.kv
         self.blocks = BlockManager(spec.num_kv_blocks, spec.block_size, spec.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, spec.max_num_seqs, spec.max_num_batched_tokens)
+        self.step_costs = None  # what a captured step costs by tokens (the scheduler's token cap)
+        graphs = self.runner.graphs
+        if graphs is not None and graphs.mixed and spec.step_cost_ratio > 0:
+            from actors.engine.graphs.step_cost import profile_step_costs
+
+            self.step_costs = profile_step_costs(graphs, spec.step_cost_ratio)
+            if self.step_costs is not None:
+                self.scheduler.step_token_cap = self.step_costs.cap
         self.slots = SlotTable(spec.max_num_seqs, self.cfg.vocab_size, self.runner.device)
         self.sampler = Sampler(self.slots)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.cfg.eos_token_ids)
@@ -87,6 +101,11 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self._tokens_generated = 0
         self._steps = 0
+        # async scheduling (None: on CUDA): the step launched last, completed by the next step()
+        self.async_scheduling = (self.runner.device.type == "cuda" if spec.async_scheduling is None
+                                 else spec.async_scheduling)
+        self._inflight: LaunchedStep | None = None
+        self._sync_requests: set[str] = set()  # requests whose steps cannot overlap (grammar, prompt scoring)
         # step() makes the text (stop strings end requests here) for offline use; the async engine
         # turns this off and makes it per stream, off the step thread
         self.make_text = True
@@ -146,19 +165,22 @@ class LLMEngine:
         if seq.matcher is not None:
             seq.grammar_mask = self.grammars.prefetch(seq.matcher)
         self._seqs[request_id] = seq
+        if seq.matcher is not None or seq.prompt_logprobs is not None:
+            self._sync_requests.add(request_id)  # its next step needs this one's tokens on the host
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Drop a request wherever it is and free its KV blocks; None if it is not known."""
-        seq = self._seqs.pop(request_id, None)
+        seq = self._seqs.get(request_id)
         if seq is None:
             return None
+        self._forget(seq)
         self.scheduler.finish(seq, "abort")
         self._release_slot(seq)
         return self._output(seq, [])
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def run_to_completion(self, max_steps: int = 10_000) -> dict[str, list[int]]:
         """Step until nothing is left (bounded): new token ids per request id, in order. For
@@ -191,11 +213,40 @@ class LLMEngine:
     # ---- one step ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One step: schedule, run the model, sample. With async scheduling (CUDA by default) the step
+        launched here completes in the next call — its tokens reach the host while the device runs
+        the step after it, whose decode rows read those tokens on the device — so the outputs
+        returned are those of the previous step. A sequence that finished in step N was already
+        scheduled in step N + 1: that one row is computed and dropped. Steps with grammar-
+        constrained or prompt-scoring requests run synchronously (their next step needs the host to
+        have seen the tokens)."""
+        outputs: list[RequestOutput] = []
+        overlap = self._can_overlap()
+        if self._inflight is not None and not overlap:
+            outputs += self._complete(self._inflight)
+            self._inflight = None
         scheduled = self.scheduler.schedule()
-        if not scheduled:
+        if scheduled:
+            self._mark_scheduled(scheduled.seqs)
+        elif self._inflight is None:  # every runnable sequence waits for its grammar mask
             self._wait_for_grammar_masks()
-            return []
-        self._mark_scheduled(scheduled.seqs)
+        launched = self._launch(scheduled) if scheduled else None
+        if self._inflight is not None:  # step N's results, while the device runs step N + 1
+            outputs += self._complete(self._inflight)
+            self._inflight = None
+        if launched is not None:
+            if overlap and launched.per_row is None:
+                self._inflight = launched
+            else:
+                outputs += self._complete(launched)
+        return outputs
+
+    def _can_overlap(self) -> bool:
+        return self.async_scheduling and not self._sync_requests
+
+    def _launch(self, scheduled) -> LaunchedStep:
+        """Run the model and queue the sampling on the device; advance the host state as if the
+        sampled tokens were known (they sit in token_ids as PENDING until `_complete`)."""
         scoring = self._prompt_rows(scheduled)  # [(seq, flat row, target token)] for prompt logprobs
         logits, extra = self.runner.execute(scheduled, [r for _, r, _ in scoring])  # [B, V], [E, V]
         self._steps += 1
@@ -208,56 +259,74 @@ class LLMEngine:
                 sampling.append(row)
         if scoring:
             self._add_prompt_logprobs(scoring, extra)
-        outputs: list[RequestOutput] = []
-        seqs = []
+        step = LaunchedStep()
+        kept = []
         for r in sampling:
             seq = scheduled.seqs[r]
             if seq.num_tokens >= seq.max_total_tokens:  # max_tokens 0: the prompt was only scored
-                outputs.append(self._text(seq, self._finish(seq, "length", None)))
-            else:
-                seqs.append((r, seq))
-        if not seqs:
-            return outputs
-        rows = [r for r, _ in seqs]
-        seqs = [s for _, s in seqs]
-        kept = []
-        for r, seq in zip(rows, seqs):
+                step.outputs.append(self._text(seq, self._finish(seq, "length", None)))
+                continue
             if seq.slot is None:
                 try:
                     seq.slot = self.slots.acquire(seq.params, seq.token_ids, seq.num_prompt_tokens, self._stop_ids(seq))
                 except Exception as exc:  # noqa: BLE001 - this request's own values: only it fails
                     log.exception("request %s: its sampling parameters failed at admission to a slot", seq.request_id)
-                    outputs.append(self._fail(seq, exc))
+                    step.outputs.append(self._fail(seq, exc))
                     continue
             kept.append((r, seq))
         if not kept:
-            return outputs
+            return step
         rows, seqs = [r for r, _ in kept], [s for _, s in kept]
-        row_logits = logits if len(rows) == len(scheduled) else logits[rows]
+        device = logits.device
+        row_logits = logits if len(rows) == len(scheduled) else logits[h2d(torch.tensor(rows), device)]
         # masks were computed on grammar threads; a sequence admitted in this very step may still
         # wait for its first one (the scheduler holds back the rest until theirs are done)
         constrained = [(i, s.grammar_mask.result()) for i, s in enumerate(seqs) if s.matcher is not None]
-        allowed = self.grammars.masks_of(constrained, len(seqs), row_logits.device) if constrained else None
-        slot_ids = torch.tensor([s.slot for s in seqs], dtype=torch.long).to(row_logits.device, non_blocking=True)
+        allowed = self.grammars.masks_of(constrained, len(seqs), device) if constrained else None
+        slot_ids = h2d(torch.tensor([s.slot for s in seqs], dtype=torch.long), device)
         flags = [self.slots.flags[s.slot] for s in seqs]
+        step.seqs = seqs
         try:
-            results = [self.sampler(row_logits, slot_ids, flags, allowed).to_host()]
-            per_row = False
+            sampled = self.sampler(row_logits, slot_ids, flags, allowed)
+            self.runner.publish(sampled.tokens)
+            step.results = sampled.start_copy()
         except Exception:  # noqa: BLE001 - find the rows to blame instead of failing the batch
             log.exception("sampling a batch of %d failed; re-sampling row by row", len(seqs))
-            results = [self._sample_one(row_logits, slot_ids, flags, allowed, i) for i in range(len(seqs))]
-            per_row = True
-        for i, seq in enumerate(seqs):
-            result = results[i] if per_row else results[0]
-            if isinstance(result, BaseException):
-                outputs.append(self._fail(seq, result))
+            step.per_row = [self._sample_one(row_logits, slot_ids, flags, allowed, i) for i in range(len(seqs))]
+            step.index = [None] * len(seqs)
+            return step
+        for i, seq in enumerate(seqs):  # the next step may feed these tokens before they are known here
+            seq.token_ids.append(PENDING)
+            seq.pending_row = i
+        step.index = [s.num_tokens - 1 for s in seqs]
+        return step
+
+    def _complete(self, step: LaunchedStep) -> list[RequestOutput]:
+        """A launched step's tokens into their sequences: stop checks, text, outputs."""
+        outputs = step.outputs
+        if not step.seqs:
+            return outputs
+        tokens, logprobs = step.results.get() if step.results is not None else (None, None)
+        for i, seq in enumerate(step.seqs):
+            if step.per_row is not None:
+                result = step.per_row[i]
+                if isinstance(result, BaseException):
+                    outputs.append(self._fail(seq, result))
+                    continue
+                (tok,), lps = result
+                row_lp = None if lps is None else lps[0]
+            else:
+                tok = tokens[i]
+                row_lp = None if logprobs is None else logprobs[i]
+            if seq.finished:  # finished or aborted while this step was in flight: a dropped row
                 continue
-            tokens, logprobs = result
-            j = 0 if per_row else i
-            tok = tokens[j]
             self._tokens_generated += 1
-            lp = None if logprobs is None or seq.params.logprobs is None else _token_logprob(tok, logprobs[j], seq.params.logprobs)
-            outputs.append(self._append_token(seq, tok, lp))
+            lp = None if row_lp is None or seq.params.logprobs is None else _token_logprob(tok, row_lp, seq.params.logprobs)
+            try:
+                outputs.append(self._accept_token(seq, step.index[i], tok, lp))
+            except Exception as exc:  # noqa: BLE001 - e.g. its text stream: only this request fails
+                log.exception("request %s: handling its sampled token failed", seq.request_id)
+                outputs.append(self._fail(seq, exc))
         return outputs
 
     def _wait_for_grammar_masks(self, timeout_s: float = 0.01) -> None:
@@ -279,7 +348,7 @@ class LLMEngine:
         """Finish one request whose sampling failed; its output carries the error."""
         self.scheduler.finish(seq, "abort")
         self._release_slot(seq)
-        self._seqs.pop(seq.request_id, None)
+        self._forget(seq)
         out = self._output(seq, [])
         out.error = error
         return out
@@ -324,8 +393,17 @@ class LLMEngine:
             if seq.scheduled_at is None:
                 seq.scheduled_at = now = now or self.clock()
 
-    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
-        seq.token_ids.append(token)
+    def _accept_token(self, seq: Sequence, index: int | None, token: int,
+                      logprob: TokenLogprob | None = None) -> RequestOutput:
+        """The token sampled for position `index` of the sequence (its PENDING placeholder; None:
+        append it)."""
+        if index is None:
+            seq.token_ids.append(token)
+            index = seq.num_tokens - 1
+        else:
+            seq.token_ids[index] = token
+            if index == seq.num_tokens - 1:
+                seq.pending_row = None
         params = seq.params
         if seq.first_token_at is None:
             seq.first_token_at = self.clock()
@@ -343,7 +421,7 @@ class LLMEngine:
                 f"{seq.matcher.get_error().splitlines()[0][:300]}"))
         elif seq.matcher is not None and seq.matcher.is_stopped():
             out = self._finish(seq, "stop", token)
-        elif seq.num_tokens >= seq.max_total_tokens:
+        elif index + 1 >= seq.max_total_tokens:
             out = self._finish(seq, "length", token)
         else:
             out = self._output(seq, [token])
@@ -359,16 +437,24 @@ class LLMEngine:
         running = not out.finished
         seq.text_stream.apply(out)
         if running and out.finished:
-            self.scheduler.finish(seq, "stop")
-            self._release_slot(seq)
-            del self._seqs[seq.request_id]
+            self._retire(seq, "stop")
         return out
 
     def _finish(self, seq: Sequence, reason: str, token: int | None) -> RequestOutput:
+        self._retire(seq, reason)
+        return self._output(seq, [] if token is None else [token])
+
+    def _retire(self, seq: Sequence, reason: str) -> None:
+        """Out of the scheduler, its slot and the engine's books; a token sampled past the end (async
+        scheduling: already launched) is dropped."""
         self.scheduler.finish(seq, reason)
         self._release_slot(seq)
-        del self._seqs[seq.request_id]
-        return self._output(seq, [] if token is None else [token])
+        self._forget(seq)
+        del seq.token_ids[len(seq.token_ids) - seq.num_pending:]
+
+    def _forget(self, seq: Sequence) -> None:
+        self._seqs.pop(seq.request_id, None)
+        self._sync_requests.discard(seq.request_id)
 
     def _output(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
         """Token ids and state; the text is left to the request's TextStream."""
@@ -383,7 +469,7 @@ class LLMEngine:
             finished=seq.finished,
             finish_reason=seq.finish_reason,
             prompt_tokens=seq.num_prompt_tokens,
-            completion_tokens=seq.num_completion_tokens,
+            completion_tokens=seq.num_completion_tokens - seq.num_pending,
             cached_tokens=seq.num_cached_tokens or 0,
             logprobs=logprobs,
             prompt_logprobs=prompt_lps,
