@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import logging
 import socket
 import subprocess
@@ -97,7 +98,7 @@ class EmbeddedRedis:
         # (process group): a terminal's Ctrl-C goes to the foreground group only, so it reaches the
         # server process, which stops Redis last, not redis-server itself mid-shutdown.
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=_die_with_parent)
         self._wait_ready(timeout_s)
         return self
 
@@ -170,6 +171,17 @@ class EmbeddedRedis:
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the process that started it dies (Linux), so a
+    redis-server in its own session never outlives a `moge serve` that was killed outright."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def connect(url: str | None, password: str | None = None, *, socket_timeout_s: float = 5.0) -> redis.Redis:
