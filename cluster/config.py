@@ -51,6 +51,14 @@ class EngineSection(_Section):
         "CUDA graphs, the KV cache in the rest), as vLLM's; a fractional replica_num_gpus scales it; CPU: 0.3 of free memory")
     num_kv_blocks: int | None = Field(None, ge=1, description="overrides the byte budget (tests)")
     enable_prefix_caching: bool = Field(True, description="reuse the KV of prompt prefixes seen before")
+    cuda_graphs: bool = Field(True, description="decode through CUDA graphs (CUDA; in-process experts or the step lane); false = eager")
+    cuda_graph_memory_mb: int = Field(4096, ge=0, description="device memory the decode graphs may take")
+    grammar_max_bytes: int = Field(
+        512 << 10, ge=1024, description="largest JSON schema / grammar a request may constrain its output with (400 beyond)")
+    grammar_compile_timeout_s: float = Field(
+        10, gt=0, description="a grammar must compile within this, off the step thread (400 beyond)")
+    grammar_workers: int = Field(1, ge=1, description="threads that compile grammars, and threads that compute masks ahead "
+                                 "(llguidance drops the GIL); more make big grammars faster and take CPU from the steps")
     cuda_graphs: bool = Field(True, description="steps through CUDA graphs (CUDA; in-process experts: decode and mixed steps, the step lane: decode steps); false = eager")
     cuda_graph_memory_mb: int = Field(4096, ge=0, description="device memory the step graphs may take")
     async_scheduling: bool | None = Field(
@@ -76,7 +84,16 @@ class ServerSection(_Section):
         128, ge=8, description="Serve slots beyond the admitted generation requests, for /health, /metrics "
         "and clients still sending their body")
     max_n: int = Field(8, ge=1, description="cap on n (choices per request)")
-    max_tokens_default: int = Field(256, ge=1)
+    max_tokens_default: int | None = Field(
+        None, ge=1, description="cap on the completion of a request that omits max_tokens; None = until the "
+        "context ends (as OpenAI and vLLM do)")
+    tool_call_parser: Literal["auto", "hermes", "mistral", "pangu"] = Field(
+        "auto", description="tool-call format; auto = from the checkpoint's chat template and family "
+        "(cluster/serve/tools/formats.py)")
+    responses_max_stored: int = Field(
+        1024, ge=0, description="/v1/responses kept per replica for GET and previous_response_id "
+        "(least recently used dropped first); 0 = store nothing")
+    responses_max_stored_bytes: int = Field(64 << 20, ge=0, description="bound on the stored responses' size")
     num_replicas: int | Literal["auto"] = 1
     min_replicas: int = Field(1, ge=1)
     max_replicas: int = Field(4, ge=1)

@@ -23,6 +23,7 @@ import torch
 
 from actors.device import memory_free, memory_total, synchronize
 from actors.engine.engine import EngineSpec, LLMEngine
+from actors.engine.sampling.grammar import GrammarLimits
 from actors.model.expert_compute import ExpertCompute
 from actors.model.kv_cache import PagedKVCache, bytes_per_block
 from actors.model.step_batch import StepBatch
@@ -62,6 +63,7 @@ class EngineSettings:
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True
     cuda_graph_memory_mb: int = 4096
+    grammar: GrammarLimits = GrammarLimits()
     async_scheduling: bool | None = None
     step_cost_ratio: float = 1.5
 
@@ -185,6 +187,7 @@ def build_engine(
         enable_prefix_caching=settings.enable_prefix_caching,
         cuda_graphs=settings.cuda_graphs,
         cuda_graph_memory_mb=settings.cuda_graph_memory_mb,
+        grammar=settings.grammar,
         async_scheduling=settings.async_scheduling,
         step_cost_ratio=settings.step_cost_ratio,
     )

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from tqdm import tqdm
 
 from actors.weights import names as wn
 from actors.weights import quantization as q
@@ -25,8 +24,7 @@ from actors.model.quant.blocks import BLOCK, FP8, BlockFp8, cdiv, quantize, scal
 from actors.model.quant.linear import is_fp8_weight, scale_name
 from actors.weights.hf_config import read_config, read_config_dict  # noqa: F401  (re-exported: checkpoint.read_config)
 from actors.model.config import ModelConfig
-
-_PROGRESS_AFTER_S = 2.0  # a progress bar only for loads slow enough to wonder about
+from actors.weights.progress import LoadProgress
 
 
 class CheckpointError(ValueError):
@@ -82,8 +80,8 @@ class CheckpointReader:
         return t
 
 
-def _progress(total: int, desc: str) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="tensor", delay=_PROGRESS_AFTER_S, leave=False)
+def _progress(total: int, desc: str) -> LoadProgress:
+    return LoadProgress(total, desc)
 
 
 def attention_part_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:

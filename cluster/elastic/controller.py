@@ -183,8 +183,11 @@ class ElasticController:
     # ---- reading ------------------------------------------------------------------------------
 
     def status(self) -> dict:
-        return status(self.inventory, self.section, self.n_groups, self.ports.replica_ttl_s,
-                      self._last_decision, self._last_error, self.started_at)
+        out = status(self.inventory, self.section, self.n_groups, self.ports.replica_ttl_s,
+                     self._last_decision, self._last_error, self.started_at)
+        if out["operation"] is None and self.ops.preparing is not None:  # not journaled yet
+            out["operation"] = dict(self.ops.preparing)
+        return out
 
     def consistency(self) -> list[str]:
         return consistency(self.inventory)

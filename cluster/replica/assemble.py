@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from actors.engine.build import EngineSettings, LoadSpec
+from actors.engine.sampling.grammar import GrammarLimits
 from actors.engine.build import build_engine as build_from_settings
 from actors.engine.engine import LLMEngine
 from actors.experts.dispatch.dispatcher import Dispatcher
@@ -43,15 +44,20 @@ def engine_settings(config: MogeConfig, ping_pong: bool = False) -> EngineSettin
         enable_prefix_caching=e.enable_prefix_caching,
         cuda_graphs=e.cuda_graphs,
         cuda_graph_memory_mb=e.cuda_graph_memory_mb,
+        grammar=GrammarLimits(max_bytes=e.grammar_max_bytes, compile_timeout_s=e.grammar_compile_timeout_s,
+                              workers=e.grammar_workers),
         async_scheduling=e.async_scheduling,
         step_cost_ratio=e.step_cost_ratio,
     )
 
 
 def build_engine(config: MogeConfig, experts=None, plan: ReplicaPlan | None = None) -> tuple[LLMEngine, LoadedModel]:
-    """The engine with local experts, or with `experts` (a Dispatcher: ping-pong as planned)."""
+    """The engine with local experts, or with `experts` (a Dispatcher: ping-pong as planned); its
+    grammar library warmed, so the first structured-output request compiles only its own grammar."""
     ping_pong = experts is not None and (plan or plan_of(config)).ping_pong
-    return build_from_settings(load_spec(config), engine_settings(config, ping_pong), experts)
+    engine, loaded = build_from_settings(load_spec(config), engine_settings(config, ping_pong), experts)
+    engine.grammars.warm()
+    return engine, loaded
 
 
 @dataclass

@@ -58,7 +58,7 @@ def start_engine(config: MogeConfig) -> ReplicaEngine:
 
     parts = assemble(config)
     served = ServedModel(name=parts.loaded.name, tokenizer=parts.loaded.tokenizer,
-                         max_model_len=parts.engine.spec.max_model_len)
+                         max_model_len=parts.engine.spec.max_model_len, family=parts.loaded.cfg.family)
     return ReplicaEngine(AsyncEngine(parts.engine), served, parts)
 
 
