@@ -1,7 +1,7 @@
 """From plain settings to a running LLMEngine: load the model, size the KV cache, build.
 
 The engine takes dataclasses, never the pydantic configuration (that stays at the edge:
-cluster/serve/replica_engine.py converts it). KV budget, first that is set: num_kv_blocks;
+cluster/replica/assemble.py converts it). KV budget, first that is set: num_kv_blocks;
 kv_cache_bytes; kv_cache_fraction of the device memory free after the weights are loaded; else, on
 an accelerator, the whole device as vLLM's gpu_memory_utilization does it:
 
@@ -23,6 +23,7 @@ import torch
 
 from actors.device import memory_free, memory_total, synchronize
 from actors.engine.engine import EngineSpec, LLMEngine
+from actors.engine.sampling.grammar import GrammarLimits
 from actors.model.expert_compute import ExpertCompute
 from actors.model.kv_cache import PagedKVCache, bytes_per_block
 from actors.model.step_batch import StepBatch
@@ -44,6 +45,7 @@ class LoadSpec:
     seed: int = 0
     name: str | None = None
     max_model_len: int | None = None  # default: the model's
+    quantization: str = "auto"  # auto | none | fp8 (actors/weights/quantization.py)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class EngineSettings:
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True
     cuda_graph_memory_mb: int = 4096
+    grammar: GrammarLimits = GrammarLimits()
     async_scheduling: bool | None = None
     step_cost_ratio: float = 1.5
 
@@ -113,8 +116,7 @@ def loaded_bytes(loaded: LoadedModel) -> int:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             n += t.numel() * t.element_size()
-    experts = getattr(loaded.model, "experts", None)
-    return n + int(getattr(experts, "nbytes", 0) or 0)
+    return n + loaded.model.experts.nbytes
 
 
 @torch.no_grad()
@@ -170,7 +172,8 @@ def build_engine(
 ) -> tuple[LLMEngine, LoadedModel]:
     """`experts`: an ExpertCompute to use instead of local experts (remote expert workers)."""
     loaded = load_model(
-        load.source, load.dtype, load.device, n_groups=load.n_groups, seed=load.seed, experts=experts, name=load.name
+        load.source, load.dtype, load.device, n_groups=load.n_groups, seed=load.seed, experts=experts, name=load.name,
+        quantization=load.quantization,
     )
     max_model_len = load.max_model_len or loaded.cfg.max_position_embeddings
     blocks, reserved = kv_block_budget(settings, loaded, max_model_len)
@@ -184,6 +187,7 @@ def build_engine(
         enable_prefix_caching=settings.enable_prefix_caching,
         cuda_graphs=settings.cuda_graphs,
         cuda_graph_memory_mb=settings.cuda_graph_memory_mb,
+        grammar=settings.grammar,
         async_scheduling=settings.async_scheduling,
         step_cost_ratio=settings.step_cost_ratio,
     )

@@ -4,7 +4,7 @@ replicas, the server half, as two Ray Serve deployments.
 `app_builder({"config": <MogeConfig dict>})` is the Serve application builder, usable from Python
 (`serve.run(app_builder(...))`) and from a Serve config file (`import_path:
 cluster.serve.app:app_builder`). Each attention replica builds its engine once, in `start_engine`,
-the single place that decides how the model is put together (cluster/serve/replica_engine.py), and
+the single place that decides how the model is put together (cluster/replica/assemble.py), and
 answers through async-generator methods: `generate` for the ingress (pieces: bytes plus the engine
 outputs behind them, cluster/serve/ingress/pieces.py) and, as a Ray Serve LLM server class
 (`LLMConfig(server_cls=AttentionReplica)`), Ray's `chat` / `completions` / `tokenize` /
@@ -29,7 +29,7 @@ from cluster.security.serving_secrets import seal, unseal
 from cluster.serve.ingress.pieces import Piece, RequestContext
 from cluster.serve.metrics.replica import ReplicaMetrics
 from cluster.serve.openai_server import OpenAIServer, ServedModel
-from cluster.serve.replica_engine import ReplicaParts, assemble
+from cluster.replica.assemble import ReplicaParts, assemble
 from cluster.serve.serve_options import deployment_options, ingress_options
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,12 @@ class ReplicaEngine:
 
 
 def start_engine(config: MogeConfig) -> ReplicaEngine:
-    """Assemble this replica's engine (cluster/serve/replica_engine.py) and start its step thread."""
+    """Assemble this replica's engine (cluster/replica/assemble.py) and start its step thread."""
     from actors.engine.async_engine import AsyncEngine
 
     parts = assemble(config)
     served = ServedModel(name=parts.loaded.name, tokenizer=parts.loaded.tokenizer,
-                         max_model_len=parts.engine.spec.max_model_len)
+                         max_model_len=parts.engine.spec.max_model_len, family=parts.loaded.cfg.family)
     return ReplicaEngine(AsyncEngine(parts.engine), served, parts)
 
 
@@ -86,13 +86,13 @@ class AttentionReplica:
         self.metrics = ReplicaMetrics(self.served.name, self.engine.stats, self.served.max_model_len, part="engine")
         if self.replica.elastic is not None:
             self.replica.elastic.attach(self.engine, self.metrics)
-        elif self.replica.parts.remote is not None:
-            self.metrics.watch_experts(self.replica.parts.remote)
+        elif self.replica.parts.experts is not None:
+            self.metrics.watch_experts(self.replica.parts.experts)
         self._channel = None  # piece channel connections, by ingress (opened on first use)
         admitted = self.config.engine.max_num_seqs + self.config.server.max_waiting_requests
         self.server = OpenAIServer(self.engine, self.served, self.config.server, self.metrics, max_in_flight=admitted)
         log.info("attention replica serving %s (context %d, experts %s)", self.served.name,
-                 self.served.max_model_len, self.replica.mode)
+                 self.served.max_model_len, self.replica.parts.plan.describe())
 
     # ---- for the ingress (cluster/serve/ingress/backend.py ServeBackend) ------------------------
 
@@ -131,11 +131,11 @@ class AttentionReplica:
 
     async def ready(self) -> dict:
         """Degraded while an expert group has no live holder (its calls wait for a failover)."""
-        elastic = self.replica.elastic
-        if elastic is None:
+        experts = self.replica.parts.experts
+        if experts is None:
             return {"ready": self.engine.is_alive()}
-        unserved = elastic.experts.groups_without_live_holder()
-        return {"ready": not unserved, "groups_without_live_holder": unserved, "epoch": elastic.epoch}
+        unserved = experts.groups_without_live_holder()
+        return {"ready": not unserved, "groups_without_live_holder": unserved, "epoch": experts.epoch}
 
     async def check_health(self) -> None:
         """Serve's periodic probe: a dead step thread makes Serve replace this replica."""

@@ -16,24 +16,30 @@ engine in unit tests. What this file decides:
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import json
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Iterator, Protocol
 
-from actors.engine.output.request_output import coalesce
 from actors.engine.request_rejected import RequestRejected
 from actors.engine.sampling_params import SamplingParams
 from cluster.serve import openai_protocol as p
 from cluster.serve.openai_params import (
     TokenText, chat_logprobs, check_vocab, completion_logprobs, first_prompt_entry, output_grammar, sampling_params,
+    vllm_prompt_logprobs,
 )
-from cluster.serve.tools import StreamingToolParser, forced_call_grammar, parse_tool_calls, tools_system_prompt
+from cluster.serve.responses.protocol import ResponseRef, ResponsesRequest
+from cluster.serve.responses.service import ResponsesService
+from cluster.serve.responses.store import ResponseStore
+from cluster.serve.streaming import merge_batches
+from cluster.serve.tools.formats import choose_format, keeps_special_tokens, tools_system_prompt
+from cluster.serve.tools.grammar import forced_call_grammar
+from cluster.serve.tools.parsing import StreamingToolParser, parse_tool_calls
 from cluster.config import ServerSection
 from cluster.serve.errors import APIError, InvalidRequest, ModelNotFound, NotFound, Overloaded, as_api_error
-from cluster.serve.ingress.pieces import Piece, RequestContext
+from cluster.serve.ingress.pieces import Piece, RequestContext, json_piece
 from cluster.serve.metrics.replica import ReplicaMetrics
 from cluster.serve.openapi_doc import IGNORED_HEADER, ignored_header, parse_request
 
@@ -63,6 +69,7 @@ class ServedModel:
     name: str
     tokenizer: Tokenizer
     max_model_len: int
+    family: str = ""  # ModelConfig.family: picks the tool-call format with the chat template
 
 
 @dataclass
@@ -86,10 +93,13 @@ class OpenAIServer:
         self.metrics = metrics
         decode = getattr(model.tokenizer, "decode", None)
         self.token_text = TokenText(decode) if decode is not None else None
+        self.tool_format = choose_format(settings.tool_call_parser, model.tokenizer, model.family)
         # admission: sequences (max(n, best_of) x prompts) of unfinished requests on this replica
         self.max_in_flight = max_in_flight
         self.retry_after_s = settings.retry_after_s
         self.in_flight = 0
+        self.responses_api = ResponsesService(self, ResponseStore(settings.responses_max_stored,
+                                                                  settings.responses_max_stored_bytes))
 
     # ------------------------------------------------------------------------- the server half
 
@@ -149,10 +159,10 @@ class OpenAIServer:
         k = req.logprobs
         candidates = req.best_of or req.n
         scored = k if k is not None else (0 if candidates > req.n else None)  # best_of ranks by logprob
-        grammar = output_grammar(req)
+        wanted = [x for x in (k if req.echo else None, req.prompt_logprobs) if x is not None]
+        grammar = await self.compiled(output_grammar(req))
         choices = self._plan(req, prompts, req.max_tokens, candidates, lambda j, budget: sampling_params(
-            req, j, budget, logprobs=scored,
-            prompt_logprobs=k if req.echo and k is not None else None, grammar=grammar,
+            req, j, budget, logprobs=scored, prompt_logprobs=max(wanted) if wanted else None, grammar=grammar,
         ))
         rid = "cmpl-" + ctx.id_suffix
         echo = _Echo(self, req, prompts, texts)
@@ -163,7 +173,7 @@ class OpenAIServer:
         if req.stream:
             return
         picked = _best(choices, outs, req.n, candidates)
-        yield _json_piece(
+        yield json_piece(
             p.CompletionResponse(
                 id=rid,
                 created=ctx.created,
@@ -174,6 +184,7 @@ class OpenAIServer:
                         text=echo.text(c.prompt_index) + o.text,
                         finish_reason=o.finish_reason,
                         logprobs=echo.logprobs(c.prompt_index, o) if k is not None else None,
+                        prompt_logprobs=echo.prompt_logprobs(o),
                         token_ids=o.token_ids if req.return_token_ids else None,
                         prompt_token_ids=c.prompt_ids if req.return_token_ids and req.echo else None,
                     )
@@ -184,37 +195,63 @@ class OpenAIServer:
         )
 
     async def chat(self, req: p.ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[Piece]:
+        choices, k, tools = await self.chat_plan(req, ctx)
+        rid = "chatcmpl-" + ctx.id_suffix
+        outs: list[_Result] = []
+        async for piece in self._respond(rid, req, choices, ctx, lambda: _ChatChunks(
+                rid, self.model.name, self, k, tools, ctx.created, req.calls_parallel), outs):
+            yield piece
+        if req.stream:
+            return
+        yield json_piece(
+            p.ChatCompletionResponse(
+                id=rid,
+                created=ctx.created,
+                model=self.model.name,
+                choices=[self._chat_choice(c, o, k, tools, req) for c, o in zip(choices, outs)],
+                usage=_usage(choices, outs),
+            )
+        )
+
+    async def chat_plan(self, req: p.ChatCompletionRequest,
+                        ctx: RequestContext) -> tuple[list[_Choice], int | None, set[str] | None]:
+        """Everything a chat request needs before generation (shared with /v1/responses): checks,
+        the templated prompt, the grammar (compiled off the loop), the engine requests.
+        -> (choices, top logprobs k or None, names of the offered tools or None)."""
         self._check_common(req, ctx)
         text = self._chat_prompt(req)
         prompts = [self._prompt_ids(text, "messages", chat=True)]
         if req.forced_tools:
             named = req.tool_choice.function.name if isinstance(req.tool_choice, p.NamedToolChoice) else None
-            grammar = forced_call_grammar(req.tools, named, req.parallel_tool_calls)
+            grammar = forced_call_grammar(req.tools, named, req.calls_parallel, self.tool_format, self.model.tokenizer)
         else:
             grammar = output_grammar(req)
+        grammar = await self.compiled(grammar)
         k = (req.top_logprobs or 0) if req.logprobs else None
-        choices = self._plan(req, prompts, req.completion_limit, req.n, lambda j, budget: sampling_params(
-            req, j, budget, logprobs=k, grammar=grammar))
-        rid = "chatcmpl-" + ctx.id_suffix
         tools = {t.function.name for t in req.tools or []} if req.tools_active else None
-        outs: list[_Result] = []
-        async for piece in self._respond(rid, req, choices, ctx, lambda: _ChatChunks(
-                rid, self.model.name, self, k, tools, ctx.created), outs):
-            yield piece
-        if req.stream:
-            return
-        yield _json_piece(
-            p.ChatCompletionResponse(
-                id=rid,
-                created=ctx.created,
-                model=self.model.name,
-                choices=[self._chat_choice(c, o, k, tools, req.return_token_ids) for c, o in zip(choices, outs)],
-                usage=_usage(choices, outs),
-            )
-        )
+        # a format whose markers are special tokens needs them in the text to find the calls
+        keep = False if tools and keeps_special_tokens(self.tool_format, self.model.tokenizer) else None
+        choices = self._plan(req, prompts, req.completion_limit, req.n, lambda j, budget: sampling_params(
+            req, j, budget, logprobs=k, grammar=grammar, skip_special_tokens=keep))
+        return choices, k, tools
 
-    def _chat_choice(self, c: _Choice, o: "_Result", k: int | None, tools: set[str] | None, with_ids: bool) -> p.ChatChoice:
-        content, calls = (o.text, []) if tools is None else parse_tool_calls(o.text, tools)
+    def tool_calls(self, text: str, tools: set[str] | None, parallel: bool):
+        """(content, calls) of a finished answer in the served tool-call format."""
+        if tools is None:
+            return text, []
+        return parse_tool_calls(text, tools, self.tool_format, parallel)
+
+    async def compiled(self, grammar: Any) -> Any:
+        """A grammar compiled by the engine off this event loop (an engine without the hook, e.g. a
+        test double, gets the spec as is)."""
+        compile_ = getattr(self.engine, "compile_grammar", None)
+        if grammar is None or compile_ is None:
+            return grammar
+        return await compile_(grammar)
+
+    def _chat_choice(self, c: _Choice, o: "_Result", k: int | None, tools: set[str] | None,
+                     req: p.ChatCompletionRequest) -> p.ChatChoice:
+        content, calls = self.tool_calls(o.text, tools, req.calls_parallel)
         message = p.AssistantMessage(
             content=content,
             tool_calls=[p.ToolCall(id=t.id, function=p.ToolCallFunction(name=t.name, arguments=t.arguments))
@@ -225,7 +262,7 @@ class OpenAIServer:
             message=message,
             finish_reason="tool_calls" if calls and o.finish_reason == "stop" else o.finish_reason,
             logprobs=chat_logprobs(o.logprobs, self._token_text(), k) if k is not None else None,
-            token_ids=o.token_ids if with_ids else None,
+            token_ids=o.token_ids if req.return_token_ids else None,
         )
 
     def _chat_prompt(self, req: p.ChatCompletionRequest) -> str:
@@ -237,17 +274,29 @@ class OpenAIServer:
         template = getattr(tok, "chat_template", None) or ""
         if "tools" in template:  # the template renders the tools itself (Qwen, Hermes, Llama 3.1 ...)
             return tok.apply_chat_template(messages, tools=tool_dicts)
-        system = {"role": "system", "content": tools_system_prompt(req.tools)}
+        system = {"role": "system", "content": tools_system_prompt(req.tools, self.tool_format)}
         if messages and messages[0]["role"] == "system":
             system["content"] = messages[0]["content"] + "\n\n" + system["content"]
             messages = messages[1:]
         return tok.apply_chat_template([system, *messages])
 
+    def responses(self, req: ResponsesRequest, ctx: RequestContext) -> AsyncIterator[Piece]:
+        return self.responses_api.create(req, ctx)
+
+    def response_retrieve(self, ref: ResponseRef, ctx: RequestContext) -> AsyncIterator[Piece]:
+        return self.responses_api.retrieve(ref, ctx)
+
+    def response_delete(self, ref: ResponseRef, ctx: RequestContext) -> AsyncIterator[Piece]:
+        return self.responses_api.delete(ref, ctx)
+
+    def response_cancel(self, ref: ResponseRef, ctx: RequestContext) -> AsyncIterator[Piece]:
+        return self.responses_api.cancel(ref, ctx)
+
     async def tokenize_route(self, req: p.TokenizeRequest, ctx: RequestContext) -> AsyncIterator[Piece]:
-        yield _json_piece(self.tokenize(req))
+        yield json_piece(self.tokenize(req))
 
     async def detokenize_route(self, req: p.DetokenizeRequest, ctx: RequestContext) -> AsyncIterator[Piece]:
-        yield _json_piece(self.detokenize(req))
+        yield json_piece(self.detokenize(req))
 
     def tokenize(self, req: p.TokenizeRequest) -> p.TokenizeResponse:
         self._check_model_field(req.model)
@@ -338,7 +387,8 @@ class OpenAIServer:
                     param="max_tokens",
                     code="context_length_exceeded",
                 )
-            budget = max_tokens if max_tokens is not None else min(self.settings.max_tokens_default, room)
+            cap = self.settings.max_tokens_default  # None: until the context ends, as OpenAI and vLLM
+            budget = max_tokens if max_tokens is not None else (room if cap is None else min(cap, room))
             for j in range(per_prompt):
                 try:
                     params = make_params(j, budget)
@@ -375,8 +425,8 @@ class OpenAIServer:
         """The whole stream's pieces, or a whole answer's progress pieces (filling `results`; the
         caller then yields the body)."""
         if req.stream:
-            return self._stream(rid, req, choices, chunks(), ctx)
-        return self._collect(rid, choices, ctx, results)
+            return self.stream_events(rid, choices, _ChunkEvents(chunks(), req, choices), ctx)
+        return self.collect_pieces(rid, choices, ctx, results)
 
     def _timers(self, choices: list[_Choice], ctx: RequestContext) -> list[Any]:
         """One RequestTimer per choice, from the ingress's arrival; a resumed choice's client had
@@ -389,7 +439,7 @@ class OpenAIServer:
                     timers[c.index].resumed()
         return timers
 
-    async def _collect(self, rid: str, choices: list[_Choice], ctx: RequestContext,
+    async def collect_pieces(self, rid: str, choices: list[_Choice], ctx: RequestContext,
                        results: list["_Result"]) -> AsyncIterator[Piece]:
         """Fill `results`, yielding progress-only pieces (nothing for the client until the end)."""
         results[:] = [_Result(c.prompt_index) for c in choices]
@@ -400,7 +450,7 @@ class OpenAIServer:
         try:
             with self._admitted(choices, ctx):
                 # progress only serves a resume: a few messages a second are enough
-                async for batch in _merge_batches(self._generators(rid, choices, ctx), COLLECT_INTERVAL_S):
+                async for batch in merge_batches(self._generators(rid, choices, ctx), COLLECT_INTERVAL_S):
                     for i, out in batch:
                         results[i].add(out)
                         timers[i].observe(out)
@@ -411,16 +461,19 @@ class OpenAIServer:
                 t.close(error=failed)
         self._count_tokens(choices, results)
 
-    async def _stream(self, rid: str, req: p._SamplingFields, choices: list[_Choice], chunks: "_Chunks",
+    async def stream_events(self, rid: str, choices: list[_Choice], events: "StreamEvents",
                       ctx: RequestContext) -> AsyncIterator[Piece]:
+        """A stream's pieces: each batch of engine outputs as the events `events` makes of them, as
+        soon as it arrives; then a last piece with the stream's end (usage, [DONE] or its own)."""
         results = [_Result(c.prompt_index) for c in choices]
         resume = ctx.resume
+        head = events.opening()  # dropped below if the client has it: its state counts all the same
         for i, out in self._replayed(choices, ctx):  # the formatter's state as the client saw it
             results[i].add(out)
-            chunks.delta(i, out, req.return_token_ids, None)
+            events.delta(i, out, results)
         timers = self._timers(choices, ctx)
         with self._admitted(choices, ctx):
-            batches = _merge_batches(self._generators(rid, choices, ctx), self.settings.stream_interval_ms / 1000)
+            batches = merge_batches(self._generators(rid, choices, ctx), self.settings.stream_interval_ms / 1000)
             # Wait for the first output before answering 200, so a request the engine refuses at
             # admission still gets a proper 4xx instead of an error inside a started stream.
             try:
@@ -430,13 +483,9 @@ class OpenAIServer:
                 for t in timers:
                     t.close(error=True)
                 raise
-            head = b""
-            if resume is None or not resume.opened:
-                for c in choices:
-                    opening = chunks.opening(c.index)
-                    if opening is not None:
-                        head += p.sse_event(opening)
-            batch = first if first is not None else []  # a resume whose choices had all finished
+            if resume is not None and resume.opened:
+                head = b""
+            batch = first
             failed = False
             try:
                 while batch is not None:
@@ -445,20 +494,15 @@ class OpenAIServer:
                     for i, out in batch:
                         results[i].add(out)
                         timers[i].observe(out)
-                        usage = _usage(choices, results) if req.continuous_usage else None
-                        for chunk in chunks.delta(i, out, req.return_token_ids, usage):
-                            data += p.sse_event(chunk)
-                    sent, batch = batch, await anext(batches, None)
-                    if batch is None:
-                        self._count_tokens(choices, results)
-                        if req.include_usage_in_stream:
-                            data += p.sse_event(chunks.usage(_usage(choices, results)))
-                        data += p.SSE_DONE
-                    yield Piece(bytes(data), progress=sent, stream=True, final=batch is None)
+                        data += events.delta(i, out, results)
+                    yield Piece(bytes(data), progress=batch, stream=True)
+                    batch = await anext(batches, None)
+                self._count_tokens(choices, results)
+                yield Piece(head + events.end(results), stream=True, final=True)
             except Exception as exc:  # the stream has started: report in-band, then end it
                 failed = True
                 err = as_api_error(exc)
-                yield Piece(p.sse_event(err.body()) + p.SSE_DONE, stream=True, final=True, error_status=err.status)
+                yield Piece(events.error(err), stream=True, final=True, error_status=err.status)
             finally:
                 await batches.aclose()
                 for t in timers:  # a consumer gone mid-stream ends here too: its requests count as aborted
@@ -515,6 +559,12 @@ class _Echo:
     def __init__(self, server: OpenAIServer, req: p.CompletionRequest, prompts: list[list[int]], texts: list[str | None]) -> None:
         self.server, self.on, self.k = server, req.echo, req.logprobs
         self.prompts, self.texts = prompts, texts
+        self.prompt_k = req.prompt_logprobs  # vLLM's prompt_logprobs, apart from the echo's
+
+    def prompt_logprobs(self, result: "_Result") -> list[dict | None] | None:
+        if self.prompt_k is None or result.prompt_logprobs is None:
+            return None
+        return vllm_prompt_logprobs(list(result.prompt_logprobs), self.server._token_text(), self.prompt_k)
 
     def text(self, prompt_index: int) -> str:
         if not self.on:
@@ -531,7 +581,9 @@ class _Echo:
         if self.on:
             ids = self.prompts[prompt_index]
             offset = first_prompt_entry(ids[0], tt, out)
-            prompt_part, offset = completion_logprobs(list(result.prompt_logprobs or [])[1:], tt, offset)
+            entries = [e if e is None or len(e.top) <= (self.k or 0) else dataclasses.replace(e, top=e.top[: self.k or 0])
+                       for e in list(result.prompt_logprobs or [])[1:]]  # prompt_logprobs may have asked for more
+            prompt_part, offset = completion_logprobs(entries, tt, offset)
             _extend(out, prompt_part)
             offset = max(offset, len(self.text(prompt_index)))
         gen, _ = completion_logprobs(result.logprobs, tt, offset)
@@ -568,6 +620,41 @@ class _Chunks(Protocol):
     def usage(self, usage: p.Usage) -> Any: ...
 
 
+class StreamEvents(Protocol):
+    """What a stream sends, as bytes: its opening, the events of each output (also called, output
+    discarded, for the outputs a resumed stream's client already has), its end, an in-band error."""
+
+    def opening(self) -> bytes: ...
+
+    def delta(self, index: int, out: Any, results: list[_Result]) -> bytes: ...
+
+    def end(self, results: list[_Result]) -> bytes: ...
+
+    def error(self, err: APIError) -> bytes: ...
+
+
+class _ChunkEvents:
+    """The chat and completion streams: one SSE `data:` event per chunk, then usage and [DONE]."""
+
+    def __init__(self, chunks: _Chunks, req: p._SamplingFields, choices: list[_Choice]) -> None:
+        self.chunks, self.req, self.choices = chunks, req, choices
+
+    def opening(self) -> bytes:
+        openings = (self.chunks.opening(c.index) for c in self.choices)
+        return b"".join(p.sse_event(o) for o in openings if o is not None)
+
+    def delta(self, index: int, out: Any, results: list[_Result]) -> bytes:
+        usage = _usage(self.choices, results) if self.req.continuous_usage else None
+        return b"".join(p.sse_event(c) for c in self.chunks.delta(index, out, self.req.return_token_ids, usage))
+
+    def end(self, results: list[_Result]) -> bytes:
+        usage = p.sse_event(self.chunks.usage(_usage(self.choices, results))) if self.req.include_usage_in_stream else b""
+        return usage + p.SSE_DONE
+
+    def error(self, err: APIError) -> bytes:
+        return p.sse_event(err.body()) + p.SSE_DONE
+
+
 class _CompletionChunks:
     def __init__(self, rid: str, model: str, echo: _Echo, prompt_of: list[int], created: int) -> None:
         self.rid, self.model, self.echo = rid, model, echo
@@ -597,13 +684,19 @@ class _CompletionChunks:
             self._offsets[index] = 0
         if first and self.echo.on:
             text = self.echo.text(self.prompt_of[index]) + text
-        if not (text or out.finished or (with_ids and out.new_token_ids) or (logprobs and logprobs.tokens)):
+        prompt_lps = None
+        if getattr(out, "prompt_logprobs", None) is not None:  # once, with the first output
+            result = _Result(0)
+            result.add(out)
+            prompt_lps = self.echo.prompt_logprobs(result)
+        if not (text or out.finished or (with_ids and out.new_token_ids) or (logprobs and logprobs.tokens) or prompt_lps):
             return []
         choice = p.CompletionChoice(
             index=index,
             text=text,
             finish_reason=out.finish_reason if out.finished else None,
             logprobs=logprobs,
+            prompt_logprobs=prompt_lps,
             token_ids=list(out.new_token_ids) if with_ids else None,
         )
         return [p.CompletionChunk(id=self.rid, created=self.created, model=self.model, choices=[choice], usage=usage)]
@@ -614,10 +707,11 @@ class _CompletionChunks:
 
 class _ChatChunks:
     def __init__(self, rid: str, model: str, server: OpenAIServer, k: int | None, tools: set[str] | None,
-                 created: int) -> None:
+                 created: int, parallel: bool = True) -> None:
         self.rid, self.model, self.server, self.k = rid, model, server, k
         self.created = created
         self.tools = tools
+        self.parallel = parallel
         self._parsers: dict[int, StreamingToolParser] = {}
 
     def _chunk(self, choices: list[p.ChatChunkChoice], usage: p.Usage | None = None) -> p.ChatCompletionChunk:
@@ -630,10 +724,12 @@ class _ChatChunks:
     def delta(self, index: int, out: Any, with_ids: bool, usage: p.Usage | None) -> list[p.ChatCompletionChunk]:
         text, calls = out.new_text, []
         if self.tools is not None:
-            parser = self._parsers.setdefault(index, StreamingToolParser(self.tools))
+            parser = self._parsers.setdefault(
+                index, StreamingToolParser(self.tools, self.server.tool_format, self.parallel))
             text, calls = parser.feed(out.new_text)
             if out.finished:
-                text += parser.finish()
+                rest, more = parser.finish()
+                text, calls = text + rest, calls + more
         lps = getattr(out, "logprobs", None)
         logprobs = chat_logprobs(lps or [], self.server._token_text(), self.k) if self.k is not None and lps else None
         finish = None
@@ -663,112 +759,16 @@ class _ChatChunks:
         return self._chunk([], usage)
 
 
-async def _merge_batches(gens: dict[int, AsyncIterator[Any]] | list[AsyncIterator[Any]],
-                         interval_s: float = 0.0) -> AsyncIterator[list[tuple[int, Any]]]:
-    """Interleave several engine streams as batches of (index, output), in arrival order: each
-    batch is what had arrived when the consumer came back for more, and with `interval_s` > 0 what
-    arrives until `interval_s` after the previous batch (server.stream_interval_ms; the first
-    batch and a stream's end are never held). A batch holds one output per index (what waited for
-    a slow consumer folds into one: one chunk per choice, not one per token), and the ingress hop
-    costs one message per batch rather than one per token.
-
-    Closing the merged stream (client gone, error) cancels every pump task; cancellation raises
-    inside each engine generator, whose cleanup aborts its request.
-    """
-    items = gens.items() if isinstance(gens, dict) else enumerate(gens)
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-    done = object()
-
-    async def pump(i: int, gen: AsyncIterator[Any]) -> None:
-        try:
-            async for out in gen:
-                queue.put_nowait((i, out))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
-            queue.put_nowait((i, exc))
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-        finally:
-            queue.put_nowait((i, done))
-            aclose = getattr(gen, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-    tasks = [asyncio.create_task(pump(i, g)) for i, g in items]
-    loop = asyncio.get_running_loop()
-    last: float | None = None  # when the previous batch went out
-    try:
-        remaining = len(tasks)
-        while remaining:
-            batch: list[tuple[int, Any]] = []
-            i, item = await queue.get()
-            hold_until = None if last is None or interval_s <= 0 else last + interval_s
-            while True:
-                if item is done:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    if batch:
-                        yield _folded(batch)
-                    raise item
-                else:
-                    batch.append((i, item))
-                if queue.empty():
-                    wait = 0.0 if hold_until is None or not remaining else hold_until - loop.time()
-                    if wait <= 0 or (batch and batch[-1][1].finished):
-                        break
-                    try:
-                        i, item = await asyncio.wait_for(queue.get(), wait)
-                    except TimeoutError:
-                        break
-                    continue
-                i, item = queue.get_nowait()
-            if batch:
-                last = loop.time()
-                yield _folded(batch)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _folded(batch: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
-    """One output per choice, in the order the choices first appear."""
-    outputs: dict[int, list[Any]] = {}
-    for i, out in batch:
-        outputs.setdefault(i, []).append(out)
-    if len(outputs) == len(batch):
-        return batch
-    return [(i, coalesce(outs)) for i, outs in outputs.items()]
-
-
-async def _merge(gens: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
-    """`_merge_batches`, one (index, output) at a time."""
-    batches = _merge_batches(gens)
-    try:
-        async for batch in batches:
-            for item in batch:
-                yield item
-    finally:
-        await batches.aclose()
-
-
 # ------------------------------------------------------------------------------ pieces and routes
-
-
-def _json_piece(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Piece:
-    data = body.model_dump(mode="json") if hasattr(body, "model_dump") else body
-    return Piece(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(), status=status,
-                 headers=headers, final=True)
 
 
 def error_piece(err: APIError) -> Piece:
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else {}
     headers.update(err.headers or {})
-    return _json_piece(err.body(), err.status, headers or None)
+    return json_piece(err.body(), err.status, headers or None)
 
 
 def _without_prompt_logprobs(params: SamplingParams) -> SamplingParams:
-    import dataclasses
-
     return dataclasses.replace(params, prompt_logprobs=None)
 
 
@@ -779,4 +779,9 @@ ROUTES: tuple[tuple[str, type, str], ...] = (
     ("/v1/chat/completions", p.ChatCompletionRequest, "chat"),
     ("/tokenize", p.TokenizeRequest, "tokenize_route"),
     ("/detokenize", p.DetokenizeRequest, "detokenize_route"),
+    ("/v1/responses", ResponsesRequest, "responses"),
+    # GET, DELETE /v1/responses/{id} and POST .../cancel: the id in the body
+    ("responses.retrieve", ResponseRef, "response_retrieve"),
+    ("responses.delete", ResponseRef, "response_delete"),
+    ("responses.cancel", ResponseRef, "response_cancel"),
 )

@@ -124,6 +124,30 @@ def test_a_request_whose_replica_dies_gets_the_bytes_of_an_uninterrupted_run(aft
     assert metrics.resumes._value.get() == 1
 
 
+@pytest.mark.parametrize("stream, after", [(True, 1), (True, 4), (False, 1)])
+def test_a_responses_stream_whose_replica_dies_goes_on_with_the_same_events_and_ids(stream, after):
+    """/v1/responses over the same journal: the events (numbering, item ids) of an uninterrupted run."""
+    import re
+
+    body = {"model": "m", "input": "hi", "max_output_tokens": 8, "stream": stream, "seed": 5}
+    whole_app, _, _ = make()
+    dying_app, engine, metrics = make(lambda srv: DyingBackend(srv, after))
+
+    async def respond(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
+                                     headers={"Authorization": f"Bearer {KEY}"}) as c:
+            return await c.post("/v1/responses", json=body)
+
+    whole, resumed = asyncio.run(respond(whole_app)), asyncio.run(respond(dying_app))
+    assert resumed.status_code == 200 and engine.continued
+    same = [re.sub(r'"created_at":\d+', "", re.sub(r"(resp|msg|fc)_[0-9a-f]{24}", r"\1_", r.text)) for r in (whole, resumed)]
+    assert same[0] == same[1]
+    if stream:
+        numbers = [json.loads(e.split("data: ", 1)[1])["sequence_number"] for e in resumed.text.split("\n\n") if "data: " in e]
+        assert numbers == list(range(len(numbers))) and "event: response.incomplete" in resumed.text  # cut at 8
+    assert metrics.resumes._value.get() == 1
+
+
 def test_no_replica_is_a_503_with_retry_after_and_stops_new_requests_until_one_serves():
     class Nobody(LocalBackend):
         def pieces(self, route, body, ctx):

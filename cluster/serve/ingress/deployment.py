@@ -12,15 +12,15 @@ from cluster.config import MogeConfig
 from cluster.serve.ingress.http_app import build_http_app
 from cluster.serve.metrics.replica import ReplicaMetrics
 from cluster.serve.middleware.request_guard import GuardLimits
-from cluster.serve.replica_engine import engine_mode
+from cluster.replica.plan import plan_of
 
 
 def ingress_app(config: MogeConfig, backend: Any) -> FastAPI:
     admin = None
-    if engine_mode(config) == "elastic":
+    if plan_of(config).mode == "elastic":
         from cluster.elastic.controller import get_controller
         from cluster.serve.admin_api import admin_keys, admin_router
-        from cluster.serve.data_plane import WORKER_NAMESPACE
+        from cluster.replica.workers import WORKER_NAMESPACE
 
         admin = admin_router(lambda: get_controller(WORKER_NAMESPACE), admin_keys(config.server))
     metrics = ReplicaMetrics(config.model.name or "model", part="http")

@@ -16,7 +16,7 @@ import logging
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cluster.serve import openai_protocol as p
@@ -26,15 +26,17 @@ from cluster.serve.ingress.pieces import Piece, RequestContext
 from cluster.serve.ingress.resume import ReplicaUnavailable, ReplicaWatch, answer
 from cluster.serve.metrics.replica import CONTENT_TYPE, ReplicaMetrics
 from cluster.serve.middleware.auth import ApiKeyMiddleware, ApiKeys
-from cluster.serve.middleware.request_guard import PARSED_BODY, GuardLimits, RequestGuard
+from cluster.serve.middleware.request_guard import PARSED_BODY, GuardLimits, RequestGuard, post_route_matcher
 from cluster.serve.middleware.scope import ARRIVAL, arrival_of, route_path
-from cluster.serve.openapi_doc import body_schema, install_request_schemas
+from cluster.serve.openapi_doc import body_schema, install_docs_ui, install_request_schemas
+from cluster.serve.responses.protocol import ResponseObject, ResponsesRequest
+from cluster.serve.streaming import ClosingStreamingResponse
 
 log = logging.getLogger(__name__)
 
 KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics",
                 "/admin/status", "/admin/scale", "/admin/migrate", "/tokenize", "/detokenize",
-                "/openapi.json", "/docs")
+                "/openapi.json", "/docs", "/redoc", "/v1/responses")
 
 
 class Front:
@@ -52,9 +54,11 @@ class Front:
             self._model = await self.backend.call("model_info")
         return self._model
 
-    async def generate(self, route: str, request: Request) -> Response:
-        """One request to the server half, resumed elsewhere if its replica dies."""
-        body = request.scope.get(PARSED_BODY)
+    async def generate(self, route: str, request: Request, body: Any = None) -> Response:
+        """One request to the server half, resumed elsewhere if its replica dies. `body`: for routes
+        without one (what the path names), else the body the guard parsed."""
+        if body is None:
+            body = request.scope.get(PARSED_BODY)
         if body is None:  # not through the guard (it parses every POST): read here, same bounds
             from cluster.serve.ingress.json_body import loads_bounded
 
@@ -119,19 +123,6 @@ class Front:
             await pieces.aclose()
 
 
-class ClosingStreamingResponse(StreamingResponse):
-    """Starlette stops iterating a body when the client disconnects but never closes it; closing
-    here runs the generator's cleanup (engine abort) now instead of at garbage collection."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-
 class RouteMetricsMiddleware:
     """Count every answered request by route and status (unknown paths share one label); a client
     that left before its answer is a disconnect, by phase, never a status. Being the outermost, it
@@ -189,9 +180,10 @@ def build_http_app(
     assert metrics is not None and settings is not None
     front = Front(backend, metrics, settings, watch)
     app = FastAPI(title="moge-serve", summary="OpenAI-compatible API of moge-serve",
-                  version="1", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+                  version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.front = front
     install_handlers(app)
+    install_docs_ui(app)
     own_keys: dict[str, ApiKeys] = {}
     if admin is not None:
         app.include_router(admin)
@@ -206,6 +198,24 @@ def build_http_app(
               responses={200: {"model": p.ChatCompletionResponse, "description": "the completion, or an SSE stream of ChatCompletionChunk"}})
     async def chat_completions(request: Request) -> Response:
         return await front.generate("/v1/chat/completions", request)
+
+    @app.post("/v1/responses", openapi_extra=body_schema(ResponsesRequest),
+              responses={200: {"model": ResponseObject, "description": "the response, or an SSE stream of Responses events"}})
+    async def create_response(request: Request) -> Response:
+        return await front.generate("/v1/responses", request)
+
+    # stored responses live in the memory of the replica that made them (cluster/serve/responses/store.py)
+    @app.get("/v1/responses/{response_id}", response_model=ResponseObject)
+    async def retrieve_response(response_id: str, request: Request) -> Response:
+        return await front.generate("responses.retrieve", request, {"response_id": response_id})
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str, request: Request) -> Response:
+        return await front.generate("responses.delete", request, {"response_id": response_id})
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(response_id: str, request: Request) -> Response:
+        return await front.generate("responses.cancel", request, {"response_id": response_id})
 
     @app.get("/v1/models", response_model=p.ModelList)
     async def models() -> Response:
@@ -268,7 +278,7 @@ def build_http_app(
     # Outermost last: counting sees the 401s that auth answers itself and every 500 (ErrorBoundary);
     # the guard runs after auth, so an unauthenticated client's body is never read.
     app.add_middleware(RequestGuard, limits=limits or GuardLimits(max_body_bytes=settings.max_body_bytes),
-                       max_n=settings.max_n, metrics=metrics)
+                       max_n=settings.max_n, metrics=metrics, takes_body=post_route_matcher(app.router))
     app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(settings.api_keys), own_keys=own_keys)
     app.add_middleware(ErrorBoundary, metrics=metrics)
     app.add_middleware(RouteMetricsMiddleware, metrics=metrics)

@@ -11,6 +11,7 @@ client's stream goes on byte-compatibly: same id, same created, the next token.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -89,3 +90,10 @@ def merge_pieces(pieces: list[Piece]) -> Piece:
         final=last.final,
         error_status=next((piece.error_status for piece in pieces if piece.error_status is not None), None),
     )
+
+
+def json_piece(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Piece:
+    """A whole JSON answer (a pydantic model or plain data) as the only piece."""
+    data = body.model_dump(mode="json") if hasattr(body, "model_dump") else body
+    return Piece(json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode(), status=status,
+                 headers=headers, final=True)

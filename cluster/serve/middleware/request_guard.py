@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -37,7 +38,7 @@ from cluster.serve.errors import (
 from cluster.serve.ingress.json_body import check_choices, loads_bounded
 from cluster.serve.middleware.scope import header, route_path
 
-GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
+GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses"})
 ADMIN_PREFIX = "/admin"
 PARSED_BODY = "moge.parsed_body"  # scope key: the body parsed once, for the route
 
@@ -69,11 +70,15 @@ class GuardLimits:
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, limits: GuardLimits, max_n: int = 8, metrics=None) -> None:
+    def __init__(self, app: ASGIApp, limits: GuardLimits, max_n: int = 8, metrics=None,
+                 takes_body: Callable[[Scope], bool] | None = None) -> None:
+        """`takes_body(scope)`: whether a route answers this POST (`post_route_matcher`); a POST
+        anywhere else goes to the app unread, which answers 405 (GET routes) or 404, not 415."""
         self.app = app
         self.limits = limits
         self.max_n = max_n
         self.metrics = metrics  # cluster.serve.metrics.ReplicaMetrics: disconnects
+        self.takes_body = takes_body
         self.partial = 0  # bodies still arriving (this event loop only)
         self.partial_by_client: dict[str, int] = {}
 
@@ -102,7 +107,7 @@ class RequestGuard:
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route_path(scope)
-        if scope.get("method") != "POST":
+        if scope.get("method") != "POST" or (self.takes_body is not None and not self.takes_body(scope)):
             await self.app(scope, receive, send)
             return
         if not _is_json(header(scope, b"content-type")):
@@ -171,6 +176,14 @@ class RequestGuard:
             self.partial_by_client[client] = left
         else:
             self.partial_by_client.pop(client, None)
+
+
+def post_route_matcher(router) -> Callable[[Scope], bool]:
+    """scope -> whether one of the router's routes (included routers too) fully matches it, method
+    included: Starlette's own matching, so route prefixes and path parameters count as they route."""
+    from starlette.routing import Match
+
+    return lambda scope: any(route.matches(scope)[0] == Match.FULL for route in router.routes)
 
 
 def sequences_of(body: bytes) -> int:
