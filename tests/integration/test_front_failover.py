@@ -3,9 +3,11 @@
 - Two replicas, 8 greedy streams: one replica is killed (SIGKILL) mid-stream; every stream finishes
   (200, [DONE], no error event) with exactly the single-process reference's tokens, and no stream
   waits more than MAX_STALL_S between two tokens; the resumes are counted in /metrics.
-- One replica: killing it ends the in-flight streams with an in-band error event and [DONE]; new
-  requests are answered 503 with Retry-After at once (never held in Serve's router) until the
-  replacement serves, then 200 again.
+- No live replica (the same app, every replica killed): the in-flight streams end with an in-band
+  error event and [DONE]; new requests are answered 503 with Retry-After at once (never held in
+  Serve's router) until a replacement serves, then 200 again.
+
+One app (two replicas) for both: one server start per module.
 
     PYTHONPATH=. timeout 900 python -m pytest -q -s tests/integration/test_front_failover.py
 """
@@ -86,20 +88,23 @@ def metric(base_url: str, name: str) -> float:
     return 0.0
 
 
+APP = "failover"
+
+
 @pytest.fixture(scope="module")
-def two(ray_local) -> Iterator[str]:
-    cluster, base_url = start("failover2", 2)
+def front(ray_local) -> Iterator[str]:
+    cluster, base_url = start(APP, 2, resume_window_s=2, retry_after_s=2)
     try:
         yield base_url
     finally:
         cluster.stop()
 
 
-def test_killing_one_of_two_replicas_fails_no_stream_and_changes_no_token(two, reference_model):
-    base_url = two
+def test_killing_one_of_two_replicas_fails_no_stream_and_changes_no_token(front, reference_model):
+    base_url = front
     tok = reference_model.tokenizer
     expected = [greedy_reference(reference_model, tok.encode(p), TOKENS, stop_at_eos=False) for p in PROMPTS]
-    pids = replica_pids("failover2")
+    pids = replica_pids(APP)
     assert len(pids) == 2
     before = metric(base_url, "moge_stream_resumes_total")
 
@@ -127,18 +132,20 @@ def test_killing_one_of_two_replicas_fails_no_stream_and_changes_no_token(two, r
     assert metric(base_url, "moge_stream_resumes_total") - before >= 1
 
 
-@pytest.fixture(scope="module")
-def one(ray_local) -> Iterator[str]:
-    cluster, base_url = start("failover1", 1, resume_window_s=2, retry_after_s=2)
-    try:
-        yield base_url
-    finally:
-        cluster.stop()
+def running_replicas() -> int:
+    from ray import serve
+
+    app = serve.status().applications.get(APP)
+    deployment = app.deployments.get("AttentionReplica") if app else None
+    return deployment.replica_states.get("RUNNING", 0) if deployment else 0
 
 
-def test_with_one_replica_streams_end_in_band_and_new_requests_get_503_until_it_is_back(one):
-    base_url = one
-    pid, = replica_pids("failover1")
+def test_with_no_live_replica_streams_end_in_band_and_new_requests_get_503_until_one_is_back(front):
+    base_url = front
+    deadline = time.monotonic() + 180  # the first test's replacement: none may come up mid-test
+    while not (running_replicas() == 2 and len(replica_pids(APP)) == 2) and time.monotonic() < deadline:
+        time.sleep(0.5)  # Serve's status lags the kill: both counts, the live actors' too
+    assert running_replicas() == 2 and len(replica_pids(APP)) == 2
     probe = {"model": "tiny-moge", "prompt": "probe", "max_tokens": 2, "temperature": 0}
 
     async def main():
@@ -148,7 +155,8 @@ def test_with_one_replica_streams_end_in_band_and_new_requests_get_503_until_it_
             deadline = time.monotonic() + 120
             while min(len(a) for a in arrivals) < 2 and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
-            os.kill(pid, signal.SIGKILL)
+            for pid in replica_pids(APP):  # the survivor and the replacement (serving or still starting)
+                os.kill(pid, signal.SIGKILL)
             streams = await asyncio.wait_for(asyncio.gather(*tasks), 60)
             answers = []  # (status, seconds, Retry-After) of new requests until one is served
             deadline = time.monotonic() + 120

@@ -154,6 +154,18 @@ async def shut(inbox: Inbox, handle: Replicas) -> None:
     await asyncio.sleep(0.05)
 
 
+def whole_then_channel(whole_app, app, handle: Replicas, inbox: Inbox, body: dict):
+    """The answer of the in-process app, then that over the channel, in one loop that ends the
+    connections before it closes."""
+    async def main():
+        try:
+            return await post(whole_app, body), await post(app, body)
+        finally:
+            await shut(inbox, handle)
+
+    return asyncio.run(main())
+
+
 async def post(app, body: dict) -> httpx.Response:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
                                  headers={"Authorization": f"Bearer {KEY}"}) as c:
@@ -191,14 +203,7 @@ def test_answers_over_the_channel_are_those_of_the_in_process_app(stream):
     body = {**BODY, "stream": stream}
     local, _, _, _ = make(ContinuingEngine(), False)
     channel, handle, inbox, _ = make(ContinuingEngine())
-
-    async def main():
-        try:
-            return await post(local, body), await post(channel, body)
-        finally:
-            await shut(inbox, handle)
-
-    whole, carried = asyncio.run(main())
+    whole, carried = whole_then_channel(local, channel, handle, inbox, body)
     assert carried.status_code == 200 and same_answer(whole, carried, stream)
     assert handle.attempts == 1
 
@@ -236,14 +241,7 @@ def test_a_replica_whose_channel_breaks_is_resumed_on_another_with_the_same_answ
     whole_app, _, _, _ = make(ContinuingEngine(), False)
     engine = LockstepEngine()  # a piece per step: the cut falls mid-stream
     app, handle, inbox, metrics = make(engine, lambda srv: Replicas(srv, break_after=after))
-
-    async def main():
-        try:
-            return await post(whole_app, body), await post(app, body)
-        finally:
-            await shut(inbox, handle)
-
-    whole, resumed = asyncio.run(main())
+    whole, resumed = whole_then_channel(whole_app, app, handle, inbox, body)
     assert resumed.status_code == 200 and same_answer(whole, resumed, stream)
     assert handle.attempts == 2 and engine.continued and metrics.resumes._value.get() == 1
 
@@ -253,14 +251,7 @@ def test_a_call_that_ends_without_its_last_piece_is_lost_after_the_tail_wait(mon
     body = {**BODY, "stream": True}
     whole_app, _, _, _ = make(ContinuingEngine(), False)
     app, handle, inbox, metrics = make(ContinuingEngine(), lambda srv: Replicas(srv, drop_last=True))
-
-    async def main():
-        try:
-            return await post(whole_app, body), await post(app, body)
-        finally:
-            await shut(inbox, handle)
-
-    whole, resumed = asyncio.run(main())
+    whole, resumed = whole_then_channel(whole_app, app, handle, inbox, body)
     assert same_answer(whole, resumed, True) and handle.attempts == 2 and metrics.resumes._value.get() == 1
 
 
