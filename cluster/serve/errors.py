@@ -134,7 +134,9 @@ def is_disconnect(exc: BaseException) -> bool:
 
     if isinstance(exc, (ClientDisconnect, asyncio.CancelledError)):
         return True
-    return type(exc).__name__ in ("TaskCancelledError", "RequestCancelledError")
+    # by name (no Ray import here); Ray may hand the error over as RayTaskError(TaskCancelledError),
+    # a class made at run time whose bases carry the name
+    return any(c.__name__ in ("TaskCancelledError", "RequestCancelledError") for c in type(exc).__mro__)
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:

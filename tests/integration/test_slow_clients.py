@@ -1,4 +1,5 @@
-"""Slow and leaving clients against the real front (Serve proxy -> ingress -> replica), loopback only.
+"""Slow and leaving clients against the real front (Serve proxy -> ingress -> replica), loopback only,
+on the session's server.
 
 - SLOW_CLIENTS clients send headers and 9 bytes of a declared 1,000-byte body, then stall (and come
   back 1 s after each answer; held for the whole 10 s body deadline): bodies are read in the
@@ -21,38 +22,24 @@ import os
 import re
 import statistics
 import time
-from typing import Iterator
 
 import httpx
 import pytest
 
-from cluster.cli.local_cluster import LocalCluster, free_port
-from cluster.config import MogeConfig
+from tests.integration.conftest import TEST_API_KEY as API_KEY
 
 pytestmark = pytest.mark.integration
 
-API_KEY = "sk-slow"
 SLOW_CLIENTS = int(os.environ.get("MOGE_SLOW_CLIENTS", "300"))
 HOLD_S = float(os.environ.get("MOGE_SLOW_HOLD_S", "12"))
 HEALTH_P99_S = float(os.environ.get("MOGE_HEALTH_P99_S", "0.5"))
 
 
 @pytest.fixture(scope="module")
-def server(ray_local) -> Iterator[str]:
-    config = MogeConfig.load(
-        env={},
-        model={"source": "preset:tiny-moge", "device": "cpu", "dtype": "float32"},
-        engine={"max_num_seqs": 4, "num_kv_blocks": 256},
-        # every slow client is held for the whole body deadline (caps above their number: the caps
-        # themselves are tests/unit/test_request_guard.py's), the scenario of the slot-count cliff
-        server={"host": "127.0.0.1", "port": free_port(), "api_keys": [API_KEY], "body_read_timeout_s": 10,
-                "replica_num_cpus": 0.5, "max_partial_bodies": 2000, "max_partial_bodies_per_client": 2000},
-    )
-    cluster = LocalCluster(config, app_name="slow")
-    try:
-        yield cluster.start(timeout_s=240)
-    finally:
-        cluster.stop()
+def server(moge_server) -> str:
+    """The session's server (its partial-body caps are above SLOW_CLIENTS: tests/integration/conftest.py)."""
+    assert moge_server.api_key == API_KEY and moge_server.config.server.body_read_timeout_s == 10
+    return moge_server.base_url
 
 
 def port_and_prefix(base_url: str) -> tuple[int, str]:

@@ -257,3 +257,16 @@ def test_sequences_of_reads_n_and_best_of_and_falls_back_to_one():
     assert sequences_of(b'{"n": 3}') == 3 and sequences_of(b'{"n": 2, "best_of": 5}') == 5
     assert sequences_of(b'{}') == 1 and sequences_of(b'[1]') == 1 and sequences_of(b'not json') == 1
     assert sequences_of(b'{"n": true}') == 1 and sequences_of(b'{"n": -4}') == 1 and sequences_of(b'{"n": "9"}') == 1
+
+
+def test_a_receive_that_ray_cancels_is_a_disconnect_however_ray_wraps_it():
+    """Serve cancels the ASGI receive of a client that left; Ray may raise it as a run-time class
+    RayTaskError(TaskCancelledError): both are disconnects, never a 500."""
+    from ray.exceptions import RayTaskError, TaskCancelledError
+
+    from cluster.serve.errors import is_disconnect
+
+    wrapped = RayTaskError("receive_asgi_messages", "traceback", TaskCancelledError()).as_instanceof_cause()
+    assert type(wrapped).__name__ != "TaskCancelledError"
+    assert is_disconnect(TaskCancelledError()) and is_disconnect(wrapped)
+    assert not is_disconnect(RayTaskError("f", "traceback", ValueError("x")).as_instanceof_cause())
