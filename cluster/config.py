@@ -44,6 +44,9 @@ class EngineSection(_Section):
     enable_prefix_caching: bool = Field(True, description="reuse the KV of prompt prefixes seen before")
     cuda_graphs: bool = Field(True, description="decode through CUDA graphs (CUDA; in-process experts or the step lane); false = eager")
     cuda_graph_memory_mb: int = Field(4096, ge=0, description="device memory the decode graphs may take")
+    batch_invariant: bool = Field(
+        False, description="a request's logits bit-identical whatever else is in its batch, wherever its "
+        "groups are placed and whether its prefix came from the cache (docs/architecture.md, invariant 7)")
 
 
 class ServerSection(_Section):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from actors.device import memory_free
 from actors.engine.engine import EngineSpec, LLMEngine
+from actors.model import kernels
 from actors.model.expert_compute import ExpertCompute
 from actors.model.kv_cache import bytes_per_block
 from actors.weights.loader import LoadedModel, load_model
@@ -45,6 +46,7 @@ class EngineSettings:
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True
     cuda_graph_memory_mb: int = 4096
+    batch_invariant: bool = False  # a row's logits do not depend on its batch (kernels/invariant.py)
 
 
 def kv_block_budget(settings: EngineSettings, loaded: LoadedModel, max_model_len: int) -> int:
@@ -71,6 +73,7 @@ def build_engine(
     load: LoadSpec, settings: EngineSettings, experts: ExpertCompute | None = None
 ) -> tuple[LLMEngine, LoadedModel]:
     """`experts`: an ExpertCompute to use instead of local experts (remote expert workers)."""
+    kernels.set_batch_invariant(settings.batch_invariant)  # before any weight or kernel is touched
     loaded = load_model(
         load.source, load.dtype, load.device, n_groups=load.n_groups, seed=load.seed, experts=experts, name=load.name
     )
@@ -85,5 +88,6 @@ def build_engine(
         enable_prefix_caching=settings.enable_prefix_caching,
         cuda_graphs=settings.cuda_graphs,
         cuda_graph_memory_mb=settings.cuda_graph_memory_mb,
+        batch_invariant=settings.batch_invariant,
     )
     return LLMEngine(loaded, spec), loaded

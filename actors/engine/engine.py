@@ -28,6 +28,7 @@ from actors.engine.sampling_params import SamplingParams
 from actors.engine.model_runner import ModelRunner
 from actors.engine.scheduler import Scheduler
 from actors.engine.sequence import Sequence
+from actors.model import kernels
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,9 @@ class EngineSpec:
     enable_prefix_caching: bool = True  # share full KV blocks of identical prefixes between requests
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (CUDA, in-process experts)
     cuda_graph_memory_mb: int = 4096  # device memory the captured graphs may take
+    # every row's logits independent of the rest of its batch (kernels/invariant.py); the mode is
+    # the process's, so the engine sets it before its graphs are captured
+    batch_invariant: bool = False
 
 
 @dataclass
@@ -84,6 +88,7 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.name = getattr(loaded, "name", "model")
         self.spec = spec
+        kernels.set_batch_invariant(spec.batch_invariant)
         self.runner = ModelRunner(
             self.model, self.cfg, spec.num_kv_blocks, spec.block_size, ping_pong=spec.ping_pong,
             cuda_graphs=spec.cuda_graphs, max_num_seqs=spec.max_num_seqs, max_model_len=spec.max_model_len,

@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from actors.device import resolve_device, resolve_dtype, sync_stream, visible_devices_env
+from actors.model import kernels
 from actors.model.experts import ExpertGroupWeights, group_forward
 from actors.model.config import ModelConfig
 from actors.model.presets import get_preset
@@ -159,6 +160,8 @@ class ExpertWorker:
         self.device = resolve_device(self.spec.get("device", "auto"))
         self.dtype = resolve_dtype(self.spec.get("dtype", "auto"), self.device)
         self.seed = int(self.spec.get("seed", 0))
+        if "batch_invariant" in self.spec:  # the replicas' engine.batch_invariant (a process's one mode)
+            kernels.set_batch_invariant(bool(self.spec["batch_invariant"]))
         self._groups: dict[int, ExpertGroupWeights] = {}  # replaced, never mutated: compute reads a snapshot
         self._load_lock = threading.Lock()
         self._meter = _Meter(clock)

@@ -11,6 +11,8 @@ iff j <= p: positions are cache indices, so this is both the causal mask and the
 A decode step (one new token per sequence, known from the shapes alone: T == B) needs no host value
 at all: on CUDA it goes to the paged decode kernel (actors/model/kernels/paged_decode.py), which
 reads the block table on the device; elsewhere the plan is built without asking the device for Q.
+With `engine.batch_invariant` neither runs: decode and prefill rows take one path whose result for a
+row depends on its own context only (kernels/invariant.py).
 """
 
 from __future__ import annotations
@@ -64,6 +66,10 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """-> [T, H, Dh]: the new tokens (their K/V already in the cache) against their whole context."""
+    if kernels.batch_invariant():  # one computation per row for decode and prefill alike
+        from actors.model.kernels import invariant
+
+        return invariant.attention(q, kv.k[layer], kv.v[layer], batch, scale)
     num_seqs, heads, head_dim = batch.num_seqs, q.shape[1], q.shape[2]
     kv_heads = kv.k[layer].shape[2]
     if batch.num_tokens == num_seqs and kernels.fused(q) and kernels.power_of_two(head_dim):

@@ -48,6 +48,10 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(d_out)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.batch_invariant():
+            from actors.model.kernels import invariant
+
+            return invariant.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -127,6 +131,10 @@ class SwiGLU(nn.Module):
             from actors.model.kernels.activation import silu_mul
 
             return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+        if kernels.batch_invariant():
+            from actors.model.kernels import invariant
+
+            return self.down_proj(invariant.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -183,7 +191,13 @@ class MoEBlock(nn.Module):
             return None
         y = self.shared_expert(x)
         if hasattr(self, "shared_expert_gate"):
-            y = torch.sigmoid(self.shared_expert_gate(x)) * y
+            gate = self.shared_expert_gate(x)
+            if kernels.batch_invariant() and not kernels.fused(x):
+                from actors.model.kernels import invariant
+
+                y = invariant.sigmoid(gate) * y
+            else:
+                y = torch.sigmoid(gate) * y
         return y
 
 

@@ -36,6 +36,7 @@ def engine_settings(config: MogeConfig, ping_pong: bool = False) -> EngineSettin
         enable_prefix_caching=e.enable_prefix_caching,
         cuda_graphs=e.cuda_graphs,
         cuda_graph_memory_mb=e.cuda_graph_memory_mb,
+        batch_invariant=e.batch_invariant,
     )
 
 

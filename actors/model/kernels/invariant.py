@@ -1,0 +1,171 @@
+"""The ops of `engine.batch_invariant`: each row of a step gets the same bits whatever the batch
+size, its position in the batch, the other rows, and whether its prefix came from the cache or a
+chunked prefill (docs/architecture.md, invariant 7).
+
+Shape legend: T = tokens, K / N = a matmul's input / output width, H / Hkv = query / KV heads,
+G = H / Hkv, Dh = head dim, BS = KV block size, R = rows of a row block, C = keys of a key chunk.
+
+What varies per row in the default path, and what runs here instead (measured on this project's CPU
+and torch, tests/unit/test_batch_invariant.py keeps measuring it):
+
+  matmul      CPU BLAS: one row alone takes a GEMV path, more rows are cut into register tiles
+              whose reduction differs by the row count (row 0 of F.linear gave three different
+              results for M = 1, 2..8 and 9+). Here the rows go in zero-padded blocks of ROWS, one
+              bmm of identical [ROWS, K] x [K, N] problems: every row is reduced by a call of the
+              same shape, and its position inside a block changes nothing. CUDA with Triton:
+              kernels/invariant_matmul.py (one tile config per (N, K), no split-K chosen by M).
+  attention   torch's SDPA picks kernels and key blocks by the padded shapes of the step. Here a
+              query's keys go in fixed chunks of C from key 0 (C from the block size only), each a
+              bmm of [R, Dh] x [Dh, C] over rows of R = tokens x heads of one sequence, merged
+              chunk by chunk in ascending order (online softmax; a chunk with nothing visible is an
+              exact no-op). Decode and prefill rows run the same code. CUDA with Triton: the paged
+              decode kernel over every new token as a row, with a fixed number of keys per split.
+  silu        torch's CPU kernels compute a tensor's vector body and its scalar tail with different
+  sigmoid     code (F.silu of a slice differed from the same elements inside a longer tensor), so
+              a row's bits depended on where the batch ends: x / (1 + exp(-x)) here.
+  unchanged   row reductions (RMSNorm, router softmax and top-k, log_softmax) are row-local in
+              torch below 32,768 elements a row (above, one row is split across threads; no
+              hidden size comes near), elementwise ops, the Triton norm / RoPE / routing / SiLU /
+              combine kernels (one program per row), sampling (counter-based per request).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from actors.model import kernels
+
+ROWS = 16  # rows per block of a torch matmul
+KEY_CHUNK = 64  # keys per chunk of the torch attention (rounded up to whole KV blocks)
+KEYS_PER_SPLIT = 256  # keys per split of the Triton paged attention (a multiple of its tile)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear with one reduction order per output element, whatever the number of rows."""
+    if kernels.fused(x):
+        from actors.model.kernels.invariant_matmul import linear as triton_linear
+
+        return triton_linear(x, weight, bias)
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, k)
+    m, n = rows.shape[0], weight.shape[0]
+    if m == 0:
+        return x.new_empty((*lead, n))
+    pad = -m % ROWS
+    if pad:
+        rows = torch.cat([rows, rows.new_zeros(pad, k)])
+    blocks = rows.shape[0] // ROWS
+    out = torch.bmm(rows.view(blocks, ROWS, k), weight.t().unsqueeze(0).expand(blocks, k, n))
+    out = out.view(-1, n)[:m]
+    if bias is not None:
+        out = out + bias
+    return out.view(*lead, n)
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """silu in float32, rounded to x.dtype (the rounding of F.silu and of the Triton kernels)."""
+    xf = x.float()
+    return (xf / (1.0 + torch.exp(-xf))).to(x.dtype)
+
+
+def sigmoid(x: torch.Tensor) -> torch.Tensor:
+    xf = x.float()
+    return (1.0 / (1.0 + torch.exp(-xf))).to(x.dtype)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    if kernels.fused(gate):
+        from actors.model.kernels.activation import silu_mul as triton_silu_mul
+
+        return triton_silu_mul(gate, up)
+    return silu(gate) * up
+
+
+def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) of one expert, w13 [2I, D] (gate rows, then up), w2 [D, I]."""
+    gate, up = linear(x, w13).chunk(2, dim=-1)
+    return linear(silu_mul(gate.contiguous(), up.contiguous()), w2)
+
+
+# ---- attention -------------------------------------------------------------------------------------
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch, scale: float) -> torch.Tensor:
+    """q [T, H, Dh] (RoPE applied, this step's K/V already in the cache) -> [T, H, Dh]: every new
+    token against keys 0..its position of its own sequence, each row computed the same way whether
+    it is a decode token or part of a (chunked) prefill."""
+    if kernels.fused(q) and kernels.power_of_two(q.shape[-1]):
+        return _attention_triton(q, k_cache, v_cache, batch, scale)
+    return _attention_torch(q, k_cache, v_cache, batch, scale)
+
+
+def _seq_of_token(batch) -> torch.Tensor:
+    token = torch.arange(batch.num_tokens, device=batch.positions.device)
+    return torch.searchsorted(batch.query_start[1:], token, right=True)
+
+
+def _attention_triton(q, k_cache, v_cache, batch, scale: float) -> torch.Tensor:
+    from actors.model.kernels.paged_decode import paged_attention_fixed_splits
+
+    if batch.num_tokens == batch.num_seqs:  # decode: one row per sequence, nothing to gather
+        tables, ctx = batch.block_tables, batch.context_lens
+    else:  # every new token is a row with its sequence's table and keys 0..its position
+        tables, ctx = batch.block_tables[_seq_of_token(batch)], batch.positions + 1
+    return paged_attention_fixed_splits(q, k_cache, v_cache, tables, ctx, scale, KEYS_PER_SPLIT)
+
+
+def _attention_torch(q, k_cache, v_cache, batch, scale: float) -> torch.Tensor:
+    t, heads, dh = q.shape
+    bs, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    g = heads // kv_heads
+    out = torch.empty_like(q)
+    if t == 0:
+        return out
+    device = q.device
+    # Row blocks: tb consecutive new tokens of one sequence x the G query heads of a KV head.
+    tb = max(1, ROWS // g)
+    r = tb * g
+    counts = batch.query_start[1:] - batch.query_start[:-1]  # [B]
+    nblk = (counts + tb - 1) // tb
+    first_blk = torch.cumsum(nblk, 0) - nblk
+    seq = _seq_of_token(batch)
+    in_seq = torch.arange(t, device=device) - batch.query_start[seq]
+    blk, slot = first_blk[seq] + in_seq // tb, in_seq % tb
+    n_blocks = int(nblk.sum())
+    seq_of_blk = torch.repeat_interleave(torch.arange(batch.num_seqs, device=device), nblk)
+
+    qb = q.new_zeros(n_blocks, tb, heads, dh, dtype=torch.float32)
+    qb[blk, slot] = q.float()
+    qb = qb.view(n_blocks, tb, kv_heads, g, dh).permute(0, 2, 1, 3, 4).reshape(n_blocks * kv_heads, r, dh)
+    pos = torch.zeros(n_blocks, tb, dtype=torch.long, device=device)  # padding rows see key 0 only
+    pos[blk, slot] = batch.positions
+    pos = pos.view(n_blocks, 1, tb, 1).expand(n_blocks, kv_heads, tb, g).reshape(n_blocks * kv_heads, r, 1)
+
+    per_chunk = -(-KEY_CHUNK // bs)  # KV blocks per key chunk
+    chunk = per_chunk * bs
+    tables = batch.block_tables[seq_of_blk]  # [NBLK, M]
+    width = tables.shape[1]
+    n_chunks = -(-width // per_chunk)
+    tables = F.pad(tables, (0, n_chunks * per_chunk - width))  # block 0: masked by position
+    m = torch.full((n_blocks * kv_heads, r, 1), float("-inf"), device=device)
+    acc = torch.zeros((n_blocks * kv_heads, r, dh + 1), device=device)  # [.., Dh values | denominator]
+    ones = torch.ones((n_blocks, chunk, kv_heads, 1), device=device)
+    for c in range(n_chunks):
+        cols = tables[:, c * per_chunk : (c + 1) * per_chunk]
+        keys = k_cache[cols].reshape(n_blocks, chunk, kv_heads, dh).float()
+        vals = torch.cat([v_cache[cols].reshape(n_blocks, chunk, kv_heads, dh).float(), ones], dim=-1)
+        keys = keys.permute(0, 2, 3, 1).reshape(n_blocks * kv_heads, dh, chunk)
+        vals = vals.permute(0, 2, 1, 3).reshape(n_blocks * kv_heads, chunk, dh + 1)
+        s = torch.bmm(qb, keys) * scale  # [NBLK*Hkv, R, C]
+        key = torch.arange(c * chunk, (c + 1) * chunk, device=device)
+        s = s.masked_fill(key.view(1, 1, -1) > pos, float("-inf"))
+        m_c = s.amax(dim=-1, keepdim=True)
+        p = torch.exp(s - torch.where(m_c == float("-inf"), 0.0, m_c))
+        part = torch.bmm(p, vals)  # [NBLK*Hkv, R, Dh + 1]
+        m_new = torch.maximum(m, m_c)
+        safe = torch.where(m_new == float("-inf"), 0.0, m_new)
+        acc = acc * torch.exp(m - safe) + part * torch.exp(m_c - safe)
+        m = m_new
+    res = (acc[..., :dh] / acc[..., dh:]).view(n_blocks, kv_heads, tb, g, dh).permute(0, 2, 1, 3, 4)
+    return res.reshape(n_blocks, tb, heads, dh)[blk, slot].to(q.dtype)
