@@ -110,8 +110,9 @@ def _sum_splits_kernel(part_ptr, bias_ptr, out_ptr, m, n, stride_om,
     tl.store(out_ptr + row * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), x [..., K], weight [N, K]; rows in any number, same bits per row."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, cfg: Config | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), x [..., K], weight [N, K]; rows in any number, same bits per row.
+    cfg: the tile config (default `config(N, K)`; tests pass small split configs)."""
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -120,7 +121,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     m, n = x2.shape[0], w.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n:
-        cfg = config(n, k, w.dtype)
+        cfg = cfg or config(n, k, w.dtype)
         grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.splits)
         split = cfg.splits > 1
         part = torch.empty((cfg.splits, m, n), dtype=torch.float32, device=x.device) if split else out
