@@ -98,21 +98,22 @@ def slot_outputs(
     xs = x[order // k]  # [T*k, D]
     ends = torch.searchsorted(key, torch.arange(1, n_local + 1, device=x.device))  # [Eg] end row per expert
 
-    invariant = kernels.batch_invariant()  # fixed row blocks, no grouped-GEMM choice by row count
-    if _grouped_mm_usable(x) and not invariant:
+    if kernels.batch_invariant():  # fixed row blocks, no kernel chosen by the row count
+        from actors.model.kernels.invariant import grouped_swiglu
+
+        bounds = [0] + ends.tolist()  # one host sync
+        counts = [b - a for a, b in zip(bounds, bounds[1:])]
+        ys = torch.zeros_like(xs)
+        ys[: bounds[-1]] = grouped_swiglu(xs[: bounds[-1]], w13, w2, counts)
+    elif _grouped_mm_usable(x):
         ys = _grouped_swiglu(w13, w2, xs, ends)
     else:
         ys = torch.zeros_like(xs)
         start = 0
         for e, end in enumerate(ends.tolist()):  # one host sync; the loop is over experts, not tokens
             if end > start:
-                if invariant:
-                    from actors.model.kernels.invariant import swiglu
-
-                    ys[start:end] = swiglu(xs[start:end], w13[e], w2[e])
-                else:
-                    gate, up = F.linear(xs[start:end], w13[e]).chunk(2, dim=-1)
-                    ys[start:end] = F.linear(F.silu(gate) * up, w2[e])
+                gate, up = F.linear(xs[start:end], w13[e]).chunk(2, dim=-1)
+                ys[start:end] = F.linear(F.silu(gate) * up, w2[e])
             start = end
 
     ours = (key < n_local).unsqueeze(1)

@@ -52,12 +52,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     m, n = rows.shape[0], weight.shape[0]
     if m == 0:
         return x.new_empty((*lead, n))
-    pad = -m % ROWS
-    if pad:
-        rows = torch.cat([rows, rows.new_zeros(pad, k)])
-    blocks = rows.shape[0] // ROWS
-    out = torch.bmm(rows.view(blocks, ROWS, k), weight.t().unsqueeze(0).expand(blocks, k, n))
-    out = out.view(-1, n)[:m]
+    blocks = -(-m // ROWS)
+    rows = F.pad(rows, (0, 0, 0, blocks * ROWS - m)).view(blocks, ROWS, k)
+    out = torch.bmm(rows, weight.t().unsqueeze(0).expand(blocks, k, n)).view(-1, n)[:m]
     if bias is not None:
         out = out + bias
     return out.view(*lead, n)
@@ -82,10 +79,27 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return silu(gate) * up
 
 
-def swiglu(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)) of one expert, w13 [2I, D] (gate rows, then up), w2 [D, I]."""
-    gate, up = linear(x, w13).chunk(2, dim=-1)
-    return linear(silu_mul(gate.contiguous(), up.contiguous()), w2)
+def grouped_swiglu(xs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Routed experts on the torch path: xs [A, D] sorted by expert, counts[e] rows of expert e
+    (w13 [E, 2I, D] gate rows then up, w2 [E, D, I]) -> [A, D]. Each expert's rows in blocks of
+    ROWS, one bmm over every block with its expert's weights: the linear above, for all experts."""
+    a, d = xs.shape
+    per_expert = [-(-c // ROWS) for c in counts]
+    blocks = sum(per_expert)
+    if blocks == 0:
+        return xs.new_zeros(a, w2.shape[1])
+    experts = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(per_expert))  # [NBLK]
+    slot = torch.cat([torch.arange(c) for c in counts])  # row of each xs row inside its expert's blocks
+    first = torch.tensor([0] + per_expert).cumsum(0)[:-1]  # first block of each expert
+    owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    where = (first[owner] * ROWS + slot).to(xs.device)  # padded row of each xs row
+    padded = xs.new_zeros(blocks * ROWS, d)
+    padded[where] = xs
+    experts = experts.to(xs.device)
+    h = torch.bmm(padded.view(blocks, ROWS, d), w13[experts].transpose(1, 2))  # [NBLK, R, 2I]
+    gate, up = h.chunk(2, dim=-1)
+    act = silu(gate) * up
+    return torch.bmm(act, w2[experts].transpose(1, 2)).reshape(blocks * ROWS, -1)[where]
 
 
 # ---- attention -------------------------------------------------------------------------------------
