@@ -89,6 +89,10 @@ class LLMEngine:
         self.name = getattr(loaded, "name", "model")
         self.spec = spec
         kernels.set_batch_invariant(spec.batch_invariant)
+        if spec.batch_invariant:
+            from actors.model.kernels.invariant import fuse_projections
+
+            fuse_projections(self.model)  # before the decode graphs are captured
         self.runner = ModelRunner(
             self.model, self.cfg, spec.num_kv_blocks, spec.block_size, ping_pong=spec.ping_pong,
             cuda_graphs=spec.cuda_graphs, max_num_seqs=spec.max_num_seqs, max_model_len=spec.max_model_len,
@@ -205,6 +209,7 @@ class LLMEngine:
     # ---- one step ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        kernels.set_batch_invariant(self.spec.batch_invariant)  # the mode is the process's; engines may share one
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []

@@ -127,14 +127,16 @@ class SwiGLU(nn.Module):
         self.down_proj = Linear(inner, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.batch_invariant():
+            from actors.model.kernels import invariant
+
+            fused = self.__dict__.get("fused_gate_up")  # kernels/invariant.py fuse_projections
+            gate, up = invariant.fused_linear(x, fused) if fused else (self.gate_proj(x), self.up_proj(x))
+            return self.down_proj(invariant.silu_mul(gate, up))
         if kernels.fused(x):
             from actors.model.kernels.activation import silu_mul
 
             return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
-        if kernels.batch_invariant():
-            from actors.model.kernels import invariant
-
-            return self.down_proj(invariant.silu(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -156,9 +158,16 @@ class Attention(nn.Module):
         self, x: torch.Tensor, layer: int, batch: StepBatch, kv: PagedKVCache, step: "_StepContext"
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
+        fused = self.__dict__.get("fused_qkv") if kernels.batch_invariant() else None
+        if fused:  # one matmul (kernels/invariant.py fuse_projections)
+            from actors.model.kernels import invariant
+
+            q, k, v = invariant.fused_linear(x, fused)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(t, self.heads, self.head_dim)
+        k = k.view(t, self.kv_heads, self.head_dim)
+        v = v.view(t, self.kv_heads, self.head_dim)
         if kernels.fused(x) and kernels.power_of_two(self.head_dim):
             from actors.model.kernels.rope import qk_rope_store
 

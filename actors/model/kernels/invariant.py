@@ -102,6 +102,51 @@ def grouped_swiglu(xs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts
     return torch.bmm(act, w2[experts].transpose(1, 2)).reshape(blocks * ROWS, -1)[where]
 
 
+# ---- one matmul for projections of the same input ----------------------------------------------------
+
+
+def fuse_projections(model: torch.nn.Module) -> None:
+    """q/k/v of every attention and gate/up of every SwiGLU as one matmul each (fewer, wider
+    launches: a k or v projection alone is too narrow to fill a GPU). The parameters become views of
+    the joined weight, so no second copy is kept and the default path reads the same tensors.
+    Idempotent; modules whose projections are not plain float linears are left alone."""
+    for module in model.modules():
+        names = {"fused_qkv": ("q_proj", "k_proj", "v_proj"), "fused_gate_up": ("gate_proj", "up_proj")}
+        for attr, parts in names.items():
+            linears = [getattr(module, n, None) for n in parts]
+            if hasattr(module, attr) or not all(_plain(lin) for lin in linears):
+                continue
+            if len({lin.bias is None for lin in linears}) != 1 or len({lin.weight.shape[1] for lin in linears}) != 1:
+                continue
+            module.__dict__[attr] = _join(linears)
+
+
+def _plain(lin) -> bool:
+    w = getattr(lin, "weight", None)
+    return isinstance(w, torch.nn.Parameter) and w.dtype.is_floating_point and w.dim() == 2
+
+
+def _join(linears) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    with torch.no_grad():
+        weight = torch.cat([lin.weight for lin in linears])
+        bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
+        sizes, start = [], 0
+        for lin in linears:
+            n = lin.weight.shape[0]
+            lin.weight.data = weight[start : start + n]
+            if bias is not None:
+                lin.bias.data = bias[start : start + n]
+            sizes.append(n)
+            start += n
+    return weight, bias, sizes
+
+
+def fused_linear(x: torch.Tensor, fused: tuple[torch.Tensor, torch.Tensor | None, list[int]]) -> list[torch.Tensor]:
+    """The outputs of the joined projections, as column views of one matmul's result."""
+    weight, bias, sizes = fused
+    return list(linear(x, weight, bias).split(sizes, dim=-1))
+
+
 # ---- attention -------------------------------------------------------------------------------------
 
 
