@@ -2,7 +2,7 @@
 on one loaded model (two engines share the weights; each captures its own decode graphs).
 
 - cost: decode rate at the given batch sizes (B * (N - 1) / (t(N) - t(1)), best of three, as
-  bench/decode_vs_transformers.py), and one prompt's prefill rate;
+  bench/decode_vs_transformers.py), and, last, one prompt's prefill time;
 - the issue's check: a 40-, 300- and 1,500-token prompt (greedy, --check-new tokens) alone, then
   in one batch with the two others, then beside 7, 31 and 100 other requests of other lengths:
   the first generated token that differs from the prompt's run alone (-1: none), per mode.
@@ -116,17 +116,17 @@ def main() -> None:
             rate = decode_rate(runner_for(pair[mode], b), b, args.new_tokens)
             emit({"model": label, "mode": mode, "batch": b, "tokens_per_s": round(rate, 1),
                   "step_ms": round(1000 * b / rate, 3)})
+    if not args.no_check:
+        for mode in ("default", "invariant"):
+            started = time.perf_counter()
+            emit({"model": label, "mode": mode, "check": check(pair[mode], loaded.cfg.vocab_size, args.check_new),
+                  "seconds": round(time.perf_counter() - started, 1)})
     if args.prefill:
         for mode in ("default", "invariant"):
             run = runner_for(pair[mode], 1, args.prefill)
             run(1)
             t = min(run(1) for _ in range(3))
             emit({"model": label, "mode": mode, "prefill_tokens": args.prefill, "prefill_s": round(t, 4)})
-    if not args.no_check:
-        for mode in ("default", "invariant"):
-            started = time.perf_counter()
-            emit({"model": label, "mode": mode, "check": check(pair[mode], loaded.cfg.vocab_size, args.check_new),
-                  "seconds": round(time.perf_counter() - started, 1)})
     synchronize(pair["default"].runner.device)
 
 

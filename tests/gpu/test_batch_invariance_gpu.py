@@ -95,7 +95,7 @@ def same(got, want) -> list[int]:
     return [p for p in want if not torch.equal(got[p], want[p])]
 
 
-@pytest.mark.parametrize("others", [1, 7, 31, 100, 255])
+@pytest.mark.parametrize("others", [1, 31, 255])
 def test_logits_alone_and_among_random_requests(engine, alone, others):
     rng = random.Random(others)
     arrivals: dict[int, list] = {}

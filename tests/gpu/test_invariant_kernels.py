@@ -187,3 +187,5 @@ def test_fixed_split_attention_rows_depend_on_their_own_context_only(dtype):
     for r in (0, 3, rows - 1):
         narrow = tables[r:r + 1, : -(-int(ctx[r]) // bs)]  # only the blocks it uses
         assert torch.equal(paged_attention_fixed_splits(q[r:r + 1], k_cache, v_cache, narrow, ctx[r:r + 1], 0.25, kps), out[r:r + 1])
+    empty = paged_attention_fixed_splits(q[:1], k_cache, v_cache, tables[:1], ctx[:1] * 0, 0.25, kps)
+    assert torch.equal(empty, torch.zeros_like(empty))  # a row with no key (padding) is zeros, never garbage

@@ -170,6 +170,9 @@ def _paged_fixed_split_kernel(
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=(g < G)[:, None], other=0.0)
     ctx = tl.load(ctx_ptr + tl.program_id(0))
     n_splits = tl.cdiv(ctx, KEYS_PER_SPLIT)
+    if (n_splits <= 0) & (tl.program_id(2) == 0):  # a row with no key (a padding row): zeros, never garbage
+        tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + d[None, :],
+                 tl.zeros([G_PAD, HEAD_DIM], tl.float32).to(out_ptr.dtype.element_ty), mask=(g < G)[:, None])
     n = tl.arange(0, TILE_N)
     for split in range(tl.program_id(2), n_splits, programs):
         lo = split * KEYS_PER_SPLIT
