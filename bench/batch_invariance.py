@@ -9,7 +9,8 @@ on one loaded model (two engines share the weights; each captures its own decode
 
   python bench/batch_invariance.py --preset bench-moge --batches 1,32,128
   python bench/batch_invariance.py --preset qwen3-12-layers --batches 1,32,128      # Qwen3-30B-A3B, 12 layers
-  python bench/batch_invariance.py --preset tiny-moge --device cpu --dtype float32 --batches 1,8,32 --check-new 16
+  python bench/batch_invariance.py --preset tiny-moge --device cpu --dtype float32 --batches 1,8,32 --check-new 16 \
+      --threads 1 --cpu-time      # a shared CPU: process time, one thread
   python bench/batch_invariance.py --table out1.jsonl out2.jsonl                    # the short table
 Prints one JSON line per measurement (and appends them to --out).
 """
@@ -34,6 +35,7 @@ from actors.engine.engine import EngineSpec, LLMEngine  # noqa: E402
 from actors.engine.sampling_params import SamplingParams  # noqa: E402
 from actors.model import presets  # noqa: E402
 from actors.weights.loader import load_model  # noqa: E402
+import decode_vs_transformers  # noqa: E402
 from decode_vs_transformers import decode_rate, runner_for  # noqa: E402
 
 OUT: Path | None = None
@@ -99,12 +101,19 @@ def main() -> None:
     ap.add_argument("--check-new", type=int, default=48)
     ap.add_argument("--prefill", type=int, default=1500, help="prompt tokens of the prefill-rate row (0: none)")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--threads", type=int, help="torch CPU threads")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with this process's CPU time, not wall time (a CPU shared with other jobs)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--table", nargs="*", type=Path, help="print the short table of these result files and exit")
     args = ap.parse_args()
     if args.table is not None:
         return print_table(args.table)
     OUT = args.out
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cpu_time:  # the timers of decode_vs_transformers read time.perf_counter
+        decode_vs_transformers.time = type("ProcessClock", (), {"perf_counter": staticmethod(time.process_time)})
     register_presets()
     torch.manual_seed(0)
     loaded = load_model(f"preset:{args.preset}", args.dtype, args.device)
