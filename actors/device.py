@@ -76,6 +76,15 @@ def sync_stream(device: torch.device) -> None:
         torch.npu.current_stream(device).synchronize()
 
 
+def h2d(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, queued behind the device's work instead of waiting for it: CUDA
+    copies from pageable memory first wait for the stream, so the bytes go through pinned memory
+    (torch's caching host allocator, which keeps a block until the copy that reads it is done)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def memory_free(device: torch.device) -> int:
     """Bytes free on the device (host memory available for cpu)."""
     if device.type == "cuda":
@@ -83,6 +92,15 @@ def memory_free(device: torch.device) -> int:
     if device.type == "npu":
         return torch.npu.mem_get_info(device)[0]
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_total(device: torch.device) -> int:
+    """Bytes of device memory in all (host memory for cpu)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    if device.type == "npu":
+        return torch.npu.mem_get_info(device)[1]
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def device_count(kind: str) -> int:

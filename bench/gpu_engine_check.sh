@@ -2,7 +2,7 @@
 # One device call for the single-GPU engine (issue 10). Stages, each under its own time limit, all
 # output under $OUT:
 #   tests     GPU tests: Triton kernels vs torch, CUDA graphs vs eager, engine vs reference
-#   kernels   bench/kernel_check.py: expert paths, paged decode attention, add+RMSNorm (device time)
+#   kernels   bench/kernel_check.py: expert paths, varlen paged attention, add+RMSNorm (device time)
 #   decode12  12-layer Qwen3-30B-A3B shape: engine (CUDA graphs) vs transformers, roofline, profile
 #   presets   bench-moge, the 48-layer qwen3-30b-a3b preset (TPOT b=1, tok/s b=256), 2k prefill
 # Usage (device tool, from the repository root): bash bench/gpu_engine_check.sh tests kernels decode12

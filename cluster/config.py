@@ -39,7 +39,11 @@ class EngineSection(_Section):
     max_num_batched_tokens: int = Field(2048, ge=16, description="tokens per step (prefill chunking)")
     kv_block_size: int = Field(16, ge=1)
     kv_cache_bytes: int | None = Field(None, ge=1, description="KV cache budget; default from memory")
-    kv_cache_fraction: float = Field(0.3, gt=0, le=0.95, description="of free device memory, if no bytes")
+    kv_cache_fraction: float | None = Field(
+        None, gt=0, le=0.95, description="of free device memory, if no bytes; overrides gpu_memory_utilization")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="share of the whole device this replica may take (weights, activation peak, "
+        "CUDA graphs, the KV cache in the rest), as vLLM's; a fractional replica_num_gpus scales it; CPU: 0.3 of free memory")
     num_kv_blocks: int | None = Field(None, ge=1, description="overrides the byte budget (tests)")
     enable_prefix_caching: bool = Field(True, description="reuse the KV of prompt prefixes seen before")
     cuda_graphs: bool = Field(True, description="decode through CUDA graphs (CUDA; in-process experts or the step lane); false = eager")
@@ -47,6 +51,13 @@ class EngineSection(_Section):
     batch_invariant: bool = Field(
         False, description="a request's logits bit-identical whatever else is in its batch, wherever its "
         "groups are placed and whether its prefix came from the cache (docs/architecture.md, invariant 7)")
+    cuda_graphs: bool = Field(True, description="steps through CUDA graphs (CUDA; in-process experts: decode and mixed steps, the step lane: decode steps); false = eager")
+    cuda_graph_memory_mb: int = Field(4096, ge=0, description="device memory the step graphs may take")
+    async_scheduling: bool | None = Field(
+        None, description="prepare step N+1 on the host while the device runs step N (null: on CUDA)")
+    step_cost_ratio: float = Field(
+        1.5, ge=0, description="with decodes running, a step with prompt chunks costs at most this times a full "
+        "decode step (a start-up profile of the CUDA graphs sets the token cap); 0 = max_num_batched_tokens only")
 
 
 class ServerSection(_Section):

@@ -9,6 +9,11 @@ the retry computes the same step); a request whose own sampling fails inside a s
 alone by the engine (RequestOutput.error). Only a step that fails twice fails every request.
 A consumer that stops listening (client disconnect: the generator is cancelled or closed) aborts its
 request, which frees its KV blocks at the next boundary.
+
+The step thread hands out token ids only. Each stream makes its text on the consumer's event loop
+(actors/engine/output/text_stream.py): detokenising and stop strings cost the step nothing, and a stop
+string that ends a request aborts it from there (tokens the engine made after the stop are never
+sent). A consumer that fell behind gets every output waiting in its queue folded into one.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from actors.engine.engine import EngineStats, LLMEngine, RequestOutput
+from actors.engine.output.request_output import coalesce
+from actors.engine.output.text_stream import TextStream
 from actors.engine.request_rejected import RequestRejected
 from actors.engine.sampling_params import SamplingParams
 
@@ -36,11 +43,13 @@ class EngineStopped(RuntimeError):
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue  # RequestOutput items, or an exception that ends the stream
+    text: TextStream
 
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, idle_wait_s: float = 0.05) -> None:
         self.engine = engine
+        engine.make_text = False  # the streams make it, off the step thread
         # an idle thread still wakes this often, so step-boundary hooks run without traffic
         self.idle_wait_s = idle_wait_s
         self._lock = threading.Lock()  # guards the inbox, the streams and the hooks
@@ -70,7 +79,8 @@ class AsyncEngine:
         return self._stream(request_id, list(prompt_ids), params)
 
     async def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        text = TextStream(self.engine.tokenizer, prompt_ids, params)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), text)
         with self._lock:
             if self._stopping:
                 raise EngineStopped("the engine is shutting down")
@@ -81,15 +91,20 @@ class AsyncEngine:
         self._wake.set()
         done = False
         try:
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
+            while not done:
+                outputs, error = _drain(stream.queue, await stream.queue.get())
+                if outputs:
+                    out = coalesce(outputs)
+                    engine_finished = out.finished
+                    out = stream.text.apply(out)
+                    if stream.text.ended_early(engine_finished, out):
+                        self.abort(request_id)  # a stop string: free the KV, drop what comes after
+                    if out is not None:
+                        done = out.finished
+                        yield out
+                if error is not None and not done:
                     done = True
-                    raise item
-                done = item.finished
-                yield item
-                if done:
-                    return
+                    raise error
         finally:
             if not done:  # cancelled or closed by the consumer: free the slot
                 self.abort(request_id)
@@ -222,6 +237,19 @@ class AsyncEngine:
             for queue, item in items:
                 if isinstance(item, RequestOutput) and not item.finished:
                     self.abort(item.request_id)
+
+
+def _drain(queue: asyncio.Queue, first: Any) -> tuple[list[RequestOutput], BaseException | None]:
+    """`first` and whatever else is queued now: the outputs up to the first exception, and it."""
+    outputs: list[RequestOutput] = []
+    item = first
+    while True:
+        if isinstance(item, BaseException):
+            return outputs, item
+        outputs.append(item)
+        if item.finished or queue.empty():
+            return outputs, None
+        item = queue.get_nowait()
 
 
 def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:

@@ -26,7 +26,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Sequence as Seq
 
-from actors.engine.sequence import Sequence
+from actors.engine.sequence import PENDING, Sequence
 
 
 def block_hash(parent: bytes | None, token_ids: Seq[int]) -> bytes:
@@ -147,7 +147,8 @@ class BlockManager:
         """Offer the sequence's newly full, computed blocks to the cache (call after a step)."""
         if not self.enable_prefix_caching:
             return
-        full = seq.num_computed_tokens // self.block_size
+        # tokens still in flight (async scheduling) have no id yet: their block waits for the next commit
+        full = min(seq.num_computed_tokens, seq.num_tokens - seq.num_pending) // self.block_size
         if full <= seq.num_hashed_blocks:
             return
         hashes = self._hashes(seq, full)
@@ -166,7 +167,10 @@ class BlockManager:
         hashes, bs = seq.block_hashes, self.block_size
         while len(hashes) < n:
             i = len(hashes)
-            hashes.append(block_hash(hashes[-1] if hashes else None, seq.token_ids[i * bs : (i + 1) * bs]))
+            ids = seq.token_ids[i * bs : (i + 1) * bs]
+            if PENDING in ids:  # never memoise a hash of a token not sampled yet
+                raise RuntimeError(f"{seq.request_id}: block {i} holds a token still in flight")
+            hashes.append(block_hash(hashes[-1] if hashes else None, ids))
         return hashes[:n]
 
     def _take(self) -> int:

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from actors.device import h2d
 from actors.engine.block_manager import BlockManager
-from actors.engine.detokenizer import IncrementalDetokenizer
 from actors.engine.request_rejected import RequestRejected
 from actors.engine.sampler import Sampler
 from actors.engine.sampling.grammar import GrammarCompiler
@@ -26,8 +27,11 @@ from actors.engine.sampling.logprobs import TokenLogprob, prompt_logprobs
 from actors.engine.sampling.slots import SlotTable
 from actors.engine.sampling_params import SamplingParams
 from actors.engine.model_runner import ModelRunner
+from actors.engine.output.request_output import RequestOutput
+from actors.engine.output.text_stream import TextStream
 from actors.engine.scheduler import Scheduler
-from actors.engine.sequence import Sequence
+from actors.engine.sequence import PENDING, Sequence
+from actors.engine.steps.launched import LaunchedStep
 from actors.model import kernels
 
 log = logging.getLogger(__name__)
@@ -47,23 +51,10 @@ class EngineSpec:
     # every row's logits independent of the rest of its batch (kernels/invariant.py); the mode is
     # the process's, so the engine sets it before its graphs are captured
     batch_invariant: bool = False
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: str | None  # 'stop' | 'length' | 'abort' | None while running
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
-    # per new token when the request asked for logprobs (raw model log-probabilities)
-    logprobs: list[TokenLogprob] | None = None
-    # once, in the first output, when it asked for prompt_logprobs: None for the first prompt token
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    error: BaseException | None = None  # set when this request alone failed inside a step
+    async_scheduling: bool | None = None  # launch step N + 1 before step N's tokens reach the host (None: on CUDA)
+    # a step with prompt chunks costs at most this times a full decode step (start-up profile of the
+    # captured graphs sets the per-step token cap; 0 or no graphs: max_num_batched_tokens alone)
+    step_cost_ratio: float = 1.5
 
 
 @dataclass
@@ -96,11 +87,19 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.model, self.cfg, spec.num_kv_blocks, spec.block_size, ping_pong=spec.ping_pong,
             cuda_graphs=spec.cuda_graphs, max_num_seqs=spec.max_num_seqs, max_model_len=spec.max_model_len,
-            graph_memory_mb=spec.cuda_graph_memory_mb,
+            graph_memory_mb=spec.cuda_graph_memory_mb, max_num_batched_tokens=spec.max_num_batched_tokens,
         )
         self.kv = self.runner.kv
         self.blocks = BlockManager(spec.num_kv_blocks, spec.block_size, spec.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, spec.max_num_seqs, spec.max_num_batched_tokens)
+        self.step_costs = None  # what a captured step costs by tokens (the scheduler's token cap)
+        graphs = self.runner.graphs
+        if graphs is not None and graphs.mixed and spec.step_cost_ratio > 0:
+            from actors.engine.graphs.step_cost import profile_step_costs
+
+            self.step_costs = profile_step_costs(graphs, spec.step_cost_ratio)
+            if self.step_costs is not None:
+                self.scheduler.step_token_cap = self.step_costs.cap
         self.slots = SlotTable(spec.max_num_seqs, self.cfg.vocab_size, self.runner.device)
         self.sampler = Sampler(self.slots)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.cfg.eos_token_ids)
@@ -109,6 +108,15 @@ class LLMEngine:
         self._arrivals = itertools.count()
         self._tokens_generated = 0
         self._steps = 0
+        # async scheduling (None: on CUDA): the step launched last, completed by the next step()
+        self.async_scheduling = (self.runner.device.type == "cuda" if spec.async_scheduling is None
+                                 else spec.async_scheduling)
+        self._inflight: LaunchedStep | None = None
+        self._sync_requests: set[str] = set()  # requests whose steps cannot overlap (grammar, prompt scoring)
+        # step() makes the text (stop strings end requests here) for offline use; the async engine
+        # turns this off and makes it per stream, off the step thread
+        self.make_text = True
+        self.clock = time.monotonic  # timestamps in outputs (queue, prefill); same clock as the HTTP front
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -157,26 +165,27 @@ class LLMEngine:
             params=params,
             max_total_tokens=len(prompt) + max_tokens,
             arrival=next(self._arrivals),
-            detokenizer=IncrementalDetokenizer(
-                self.tokenizer, prompt, params.stop, params.skip_special_tokens, params.include_stop_str_in_output
-            ),
+            text_stream=TextStream(self.tokenizer, prompt, params) if self.make_text else None,
             matcher=None if params.grammar is None else self.grammars.matcher(params.grammar),
             prompt_logprobs=None if params.prompt_logprobs is None else [None],
         )
         self._seqs[request_id] = seq
+        if seq.matcher is not None or seq.prompt_logprobs is not None:
+            self._sync_requests.add(request_id)  # its next step needs this one's tokens on the host
         self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Drop a request wherever it is and free its KV blocks; None if it is not known."""
-        seq = self._seqs.pop(request_id, None)
+        seq = self._seqs.get(request_id)
         if seq is None:
             return None
+        self._forget(seq)
         self.scheduler.finish(seq, "abort")
         self._release_slot(seq)
-        return self._output(seq, [], "")
+        return self._output(seq, [])
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     def run_to_completion(self, max_steps: int = 10_000) -> dict[str, list[int]]:
         """Step until nothing is left (bounded): new token ids per request id, in order. For
@@ -209,10 +218,39 @@ class LLMEngine:
     # ---- one step ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """One step: schedule, run the model, sample. With async scheduling (CUDA by default) the step
+        launched here completes in the next call — its tokens reach the host while the device runs
+        the step after it, whose decode rows read those tokens on the device — so the outputs
+        returned are those of the previous step. A sequence that finished in step N was already
+        scheduled in step N + 1: that one row is computed and dropped. Steps with grammar-
+        constrained or prompt-scoring requests run synchronously (their next step needs the host to
+        have seen the tokens)."""
         kernels.set_batch_invariant(self.spec.batch_invariant)  # the mode is the process's; engines may share one
+        outputs: list[RequestOutput] = []
+        overlap = self._can_overlap()
+        if self._inflight is not None and not overlap:
+            outputs += self._complete(self._inflight)
+            self._inflight = None
         scheduled = self.scheduler.schedule()
-        if not scheduled:
-            return []
+        if scheduled:
+            self._mark_scheduled(scheduled.seqs)
+        launched = self._launch(scheduled) if scheduled else None
+        if self._inflight is not None:  # step N's results, while the device runs step N + 1
+            outputs += self._complete(self._inflight)
+            self._inflight = None
+        if launched is not None:
+            if overlap and launched.per_row is None:
+                self._inflight = launched
+            else:
+                outputs += self._complete(launched)
+        return outputs
+
+    def _can_overlap(self) -> bool:
+        return self.async_scheduling and not self._sync_requests
+
+    def _launch(self, scheduled) -> LaunchedStep:
+        """Run the model and queue the sampling on the device; advance the host state as if the
+        sampled tokens were known (they sit in token_ids as PENDING until `_complete`)."""
         scoring = self._prompt_rows(scheduled)  # [(seq, flat row, target token)] for prompt logprobs
         logits, extra = self.runner.execute(scheduled, [r for _, r, _ in scoring])  # [B, V], [E, V]
         self._steps += 1
@@ -225,54 +263,72 @@ class LLMEngine:
                 sampling.append(row)
         if scoring:
             self._add_prompt_logprobs(scoring, extra)
-        outputs: list[RequestOutput] = []
-        seqs = []
+        step = LaunchedStep()
+        kept = []
         for r in sampling:
             seq = scheduled.seqs[r]
             if seq.num_tokens >= seq.max_total_tokens:  # max_tokens 0: the prompt was only scored
-                outputs.append(self._finish(seq, "length", None, seq.detokenizer.flush()))
-            else:
-                seqs.append((r, seq))
-        if not seqs:
-            return outputs
-        rows = [r for r, _ in seqs]
-        seqs = [s for _, s in seqs]
-        kept = []
-        for r, seq in zip(rows, seqs):
+                step.outputs.append(self._text(seq, self._finish(seq, "length", None)))
+                continue
             if seq.slot is None:
                 try:
                     seq.slot = self.slots.acquire(seq.params, seq.token_ids, seq.num_prompt_tokens, self._stop_ids(seq))
                 except Exception as exc:  # noqa: BLE001 - this request's own values: only it fails
                     log.exception("request %s: its sampling parameters failed at admission to a slot", seq.request_id)
-                    outputs.append(self._fail(seq, exc))
+                    step.outputs.append(self._fail(seq, exc))
                     continue
             kept.append((r, seq))
         if not kept:
-            return outputs
+            return step
         rows, seqs = [r for r, _ in kept], [s for _, s in kept]
-        row_logits = logits if len(rows) == len(scheduled) else logits[rows]
+        device = logits.device
+        row_logits = logits if len(rows) == len(scheduled) else logits[h2d(torch.tensor(rows), device)]
         constrained = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
-        allowed = self.grammars.fill_masks(constrained, len(seqs), row_logits.device) if constrained else None
-        slot_ids = torch.tensor([s.slot for s in seqs], dtype=torch.long).to(row_logits.device, non_blocking=True)
+        allowed = self.grammars.fill_masks(constrained, len(seqs), device) if constrained else None
+        slot_ids = h2d(torch.tensor([s.slot for s in seqs], dtype=torch.long), device)
         flags = [self.slots.flags[s.slot] for s in seqs]
+        step.seqs = seqs
         try:
-            results = [self.sampler(row_logits, slot_ids, flags, allowed).to_host()]
-            per_row = False
+            sampled = self.sampler(row_logits, slot_ids, flags, allowed)
+            self.runner.publish(sampled.tokens)
+            step.results = sampled.start_copy()
         except Exception:  # noqa: BLE001 - find the rows to blame instead of failing the batch
             log.exception("sampling a batch of %d failed; re-sampling row by row", len(seqs))
-            results = [self._sample_one(row_logits, slot_ids, flags, allowed, i) for i in range(len(seqs))]
-            per_row = True
-        for i, seq in enumerate(seqs):
-            result = results[i] if per_row else results[0]
-            if isinstance(result, BaseException):
-                outputs.append(self._fail(seq, result))
+            step.per_row = [self._sample_one(row_logits, slot_ids, flags, allowed, i) for i in range(len(seqs))]
+            step.index = [None] * len(seqs)
+            return step
+        for i, seq in enumerate(seqs):  # the next step may feed these tokens before they are known here
+            seq.token_ids.append(PENDING)
+            seq.pending_row = i
+        step.index = [s.num_tokens - 1 for s in seqs]
+        return step
+
+    def _complete(self, step: LaunchedStep) -> list[RequestOutput]:
+        """A launched step's tokens into their sequences: stop checks, text, outputs."""
+        outputs = step.outputs
+        if not step.seqs:
+            return outputs
+        tokens, logprobs = step.results.get() if step.results is not None else (None, None)
+        for i, seq in enumerate(step.seqs):
+            if step.per_row is not None:
+                result = step.per_row[i]
+                if isinstance(result, BaseException):
+                    outputs.append(self._fail(seq, result))
+                    continue
+                (tok,), lps = result
+                row_lp = None if lps is None else lps[0]
+            else:
+                tok = tokens[i]
+                row_lp = None if logprobs is None else logprobs[i]
+            if seq.finished:  # finished or aborted while this step was in flight: a dropped row
                 continue
-            tokens, logprobs = result
-            j = 0 if per_row else i
-            tok = tokens[j]
             self._tokens_generated += 1
-            lp = None if logprobs is None or seq.params.logprobs is None else _token_logprob(tok, logprobs[j], seq.params.logprobs)
-            outputs.append(self._append_token(seq, tok, lp))
+            lp = None if row_lp is None or seq.params.logprobs is None else _token_logprob(tok, row_lp, seq.params.logprobs)
+            try:
+                outputs.append(self._accept_token(seq, step.index[i], tok, lp))
+            except Exception as exc:  # noqa: BLE001 - e.g. its text stream: only this request fails
+                log.exception("request %s: handling its sampled token failed", seq.request_id)
+                outputs.append(self._fail(seq, exc))
         return outputs
 
     def _sample_one(self, row_logits, slot_ids, flags, allowed, i: int):
@@ -287,8 +343,8 @@ class LLMEngine:
         """Finish one request whose sampling failed; its output carries the error."""
         self.scheduler.finish(seq, "abort")
         self._release_slot(seq)
-        self._seqs.pop(seq.request_id, None)
-        out = self._output(seq, [], "")
+        self._forget(seq)
+        out = self._output(seq, [])
         out.error = error
         return out
 
@@ -325,33 +381,71 @@ class LLMEngine:
             self.slots.release(seq.slot)
             seq.slot = None
 
-    def _append_token(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> RequestOutput:
-        seq.token_ids.append(token)
+    def _mark_scheduled(self, seqs: list[Sequence]) -> None:
+        """Queue time ends when a step first runs a request (a preempted one keeps its first time)."""
+        now = None
+        for seq in seqs:
+            if seq.scheduled_at is None:
+                seq.scheduled_at = now = now or self.clock()
+
+    def _accept_token(self, seq: Sequence, index: int | None, token: int,
+                      logprob: TokenLogprob | None = None) -> RequestOutput:
+        """The token sampled for position `index` of the sequence (its PENDING placeholder; None:
+        append it)."""
+        if index is None:
+            seq.token_ids.append(token)
+            index = seq.num_tokens - 1
+        else:
+            seq.token_ids[index] = token
+            if index == seq.num_tokens - 1:
+                seq.pending_row = None
         params = seq.params
+        if seq.first_token_at is None:
+            seq.first_token_at = self.clock()
         if logprob is not None:
             seq.pending_logprobs.append(logprob)
         if seq.matcher is not None:
             seq.matcher.consume_token(token)
         if token in params.stop_token_ids or (token in self.eos_token_ids and not params.ignore_eos):
             # the stop token counts as a completion token but is not part of the text
-            return self._finish(seq, "stop", token, seq.detokenizer.flush())
-        text = seq.detokenizer.step(token)
-        if seq.detokenizer.stopped:
-            return self._finish(seq, "stop", token, text)
-        if seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()):
-            return self._finish(seq, "stop", token, text + seq.detokenizer.flush())
-        if seq.num_tokens >= seq.max_total_tokens:
-            return self._finish(seq, "length", token, text + seq.detokenizer.flush())
-        return self._output(seq, [token], text)
+            out = self._finish(seq, "stop", token)
+            out.ends_with_stop_token = True
+        elif seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()):
+            out = self._finish(seq, "stop", token)
+        elif index + 1 >= seq.max_total_tokens:
+            out = self._finish(seq, "length", token)
+        else:
+            out = self._output(seq, [token])
+        return self._text(seq, out)
 
-    def _finish(self, seq: Sequence, reason: str, token: int | None, text: str) -> RequestOutput:
+    def _text(self, seq: Sequence, out: RequestOutput) -> RequestOutput:
+        """With make_text: the output's text; a stop string that ends the request finishes it here."""
+        if seq.text_stream is None:
+            return out
+        running = not out.finished
+        seq.text_stream.apply(out)
+        if running and out.finished:
+            self._retire(seq, "stop")
+        return out
+
+    def _finish(self, seq: Sequence, reason: str, token: int | None) -> RequestOutput:
+        self._retire(seq, reason)
+        return self._output(seq, [] if token is None else [token])
+
+    def _retire(self, seq: Sequence, reason: str) -> None:
+        """Out of the scheduler, its slot and the engine's books; a token sampled past the end (async
+        scheduling: already launched) is dropped."""
         self.scheduler.finish(seq, reason)
         self._release_slot(seq)
-        del self._seqs[seq.request_id]
-        return self._output(seq, [] if token is None else [token], text)
+        self._forget(seq)
+        del seq.token_ids[len(seq.token_ids) - seq.num_pending:]
 
-    @staticmethod
-    def _output(seq: Sequence, new_ids: list[int], text: str) -> RequestOutput:
+    def _forget(self, seq: Sequence) -> None:
+        self._seqs.pop(seq.request_id, None)
+        self._sync_requests.discard(seq.request_id)
+
+    def _output(self, seq: Sequence, new_ids: list[int]) -> RequestOutput:
+        """Token ids and state; the text is left to the request's TextStream."""
         logprobs, seq.pending_logprobs = (seq.pending_logprobs or None), []
         prompt_lps = None
         if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
@@ -359,14 +453,17 @@ class LLMEngine:
         return RequestOutput(
             request_id=seq.request_id,
             new_token_ids=new_ids,
-            new_text=text,
+            new_text="",
             finished=seq.finished,
             finish_reason=seq.finish_reason,
             prompt_tokens=seq.num_prompt_tokens,
-            completion_tokens=seq.num_completion_tokens,
+            completion_tokens=seq.num_completion_tokens - seq.num_pending,
             cached_tokens=seq.num_cached_tokens or 0,
             logprobs=logprobs,
             prompt_logprobs=prompt_lps,
+            scheduled_at=seq.scheduled_at,
+            first_token_at=seq.first_token_at,
+            produced_at=self.clock(),
         )
 
 

@@ -41,12 +41,39 @@ class SampledStep:
     packed: torch.Tensor | None  # [B, 2 + 2K] float32: token, its logprob, K top ids, K top logprobs
     k: int
 
+    def start_copy(self) -> "HostResults":
+        """Queue the step's single device->host copy without waiting for it (pinned memory and an
+        event on CUDA): the host goes on preparing the next step while the device finishes this one."""
+        src = self.packed if self.packed is not None else self.tokens
+        if src.device.type != "cuda":
+            return HostResults(src.cpu(), self.packed is not None, self.k, None)
+        host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+        host.copy_(src, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return HostResults(host, self.packed is not None, self.k, done)
+
     def to_host(self) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]]] | None]:
-        """The single device->host copy of the step: token ids, and per row (logprob of the sampled
-        token, [(id, logprob)] of the top k) when some row asked for log-probs."""
-        if self.packed is None:
-            return self.tokens.tolist(), None
-        rows = self.packed.cpu().tolist()
+        return self.start_copy().get()
+
+
+@dataclass
+class HostResults:
+    """A step's results on their way to the host."""
+
+    host: torch.Tensor
+    packed: bool
+    k: int
+    done: "torch.cuda.Event | None"
+
+    def get(self) -> tuple[list[int], list[tuple[float, list[tuple[int, float]]]] | None]:
+        """Token ids, and per row (logprob of the sampled token, [(id, logprob)] of the top k) when
+        some row asked for log-probs; waits for the copy."""
+        if self.done is not None:
+            self.done.synchronize()
+        if not self.packed:
+            return self.host.tolist(), None
+        rows = self.host.tolist()
         k = self.k
         tokens = [int(r[0]) for r in rows]
         lps = [(r[1], [(int(i), lp) for i, lp in zip(r[2 : 2 + k], r[2 + k :])]) for r in rows]

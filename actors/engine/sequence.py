@@ -3,7 +3,12 @@ where in the cache they live (some blocks may be shared with other sequences: pr
 
 A sequence is WAITING (queued, or preempted and waiting to be recomputed), RUNNING (owns KV blocks
 and is scheduled every step), or FINISHED. `num_computed_tokens` counts the tokens whose K/V are
-written; the scheduler feeds the model the rest (a prefill chunk, or the one new token of a decode).
+written (or queued on the device to be); the scheduler feeds the model the rest (a prefill chunk,
+or the one new token of a decode).
+
+Async scheduling: a token sampled by a step still in flight sits in token_ids as PENDING until the
+step's results reach the host; the next step already feeds it to the model, read on the device
+from the sampled-token buffer (`pending_row`). Only trailing tokens are ever PENDING.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from dataclasses import dataclass, field
 
 from typing import Any
 
-from actors.engine.detokenizer import IncrementalDetokenizer
 from actors.engine.sampling_params import SamplingParams
+
+
+PENDING = -1  # a token id sampled on the device that the host does not have yet
 
 
 class SequenceStatus(enum.Enum):
@@ -31,7 +38,7 @@ class Sequence:
     params: SamplingParams
     max_total_tokens: int  # prompt + completion cap (max_tokens, bounded by the context length)
     arrival: int  # admission order: FCFS and "newest is preempted first"
-    detokenizer: IncrementalDetokenizer
+    text_stream: Any = None  # TextStream (actors/engine/output/text_stream.py) when the engine makes the text
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)  # physical KV block ids, in order
@@ -47,6 +54,9 @@ class Sequence:
     prompt_logprobs: list | None = None  # TokenLogprob per prompt token (None first) when asked for
     prompt_logprobs_sent: bool = False
     pending_logprobs: list = field(default_factory=list)  # TokenLogprobs not yet handed out
+    scheduled_at: float | None = None  # monotonic time a step first ran it (queue time ends)
+    first_token_at: float | None = None  # monotonic time its first token was sampled
+    pending_row: int | None = None  # row of the last PENDING token in the runner's sampled-token buffer
 
     @property
     def needs_prompt_logits(self) -> bool:
@@ -60,6 +70,21 @@ class Sequence:
     @property
     def num_completion_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_pending(self) -> int:
+        """Trailing tokens still in flight (0, 1, or 2 between a launch and the previous step's results)."""
+        n = 0
+        for t in reversed(self.token_ids):
+            if t != PENDING:
+                break
+            n += 1
+        return n
+
+    @property
+    def awaiting_last_token(self) -> bool:
+        """Its final token (max_tokens) is in flight: nothing left to schedule."""
+        return self.num_tokens >= self.max_total_tokens and self.num_pending > 0
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -8,11 +8,13 @@ The new tokens are scattered into a padded [B, Q] query layout, every sequence's
 from its blocks, and one masked SDPA call does the lot. Key j is visible to a query at position p
 iff j <= p: positions are cache indices, so this is both the causal mask and the context length.
 
-A decode step (one new token per sequence, known from the shapes alone: T == B) needs no host value
-at all: on CUDA it goes to the paged decode kernel (actors/model/kernels/paged_decode.py), which
-reads the block table on the device; elsewhere the plan is built without asking the device for Q.
-With `engine.batch_invariant` neither runs: decode and prefill rows take one path whose result for a
-row depends on its own context only (kernels/invariant.py).
+On CUDA every step, decode tokens and prefill chunks alike, goes to the varlen paged attention
+kernel (actors/model/kernels/paged_attention.py), which reads the block table on the device and
+never gathers the KV into a dense copy: no host value is needed, so any step can be captured in a
+CUDA graph. The padded SDPA path below is the CPU / NPU fallback (and the reference the kernel is
+tested against); it asks the device for Q only when the host did not say (StepBatch.max_query).
+With `engine.batch_invariant` both give way to kernels/invariant.py: one computation per row whose
+result depends on the row's own context only (the same kernel with one fixed KV split size on CUDA).
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ def plan_attention(batch: StepBatch, block_size: int) -> AttentionPlan:
     token = torch.arange(batch.num_tokens, device=device)
     seq = torch.searchsorted(starts[1:], token, right=True)  # [T]
     row = token - starts[seq]
-    if batch.num_tokens == num_seqs:  # decode: Q = 1 without a device-to-host read
+    if batch.max_query is not None:
+        max_query = batch.max_query if num_seqs else 0
+    elif batch.num_tokens == num_seqs:  # decode: Q = 1 without a device-to-host read
         max_query = 1 if num_seqs else 0
     else:
         max_query = int((starts[1:] - starts[:-1]).max().item()) if num_seqs else 0
@@ -66,16 +70,17 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """-> [T, H, Dh]: the new tokens (their K/V already in the cache) against their whole context."""
-    if kernels.batch_invariant():  # one computation per row for decode and prefill alike
+    if kernels.batch_invariant():
         from actors.model.kernels import invariant
 
-        return invariant.attention(q, kv.k[layer], kv.v[layer], batch, scale)
+        return invariant.attention(q, kv.k[layer], kv.v[layer], batch, scale, kv.max_seq_len)
     num_seqs, heads, head_dim = batch.num_seqs, q.shape[1], q.shape[2]
     kv_heads = kv.k[layer].shape[2]
-    if batch.num_tokens == num_seqs and kernels.fused(q) and kernels.power_of_two(head_dim):
-        from actors.model.kernels.paged_decode import paged_decode_attention
+    if kernels.fused(q) and kernels.power_of_two(head_dim):
+        from actors.model.kernels.paged_attention import varlen_paged_attention
 
-        return paged_decode_attention(q, kv.k[layer], kv.v[layer], batch.block_tables, batch.context_lens, scale)
+        return varlen_paged_attention(q, kv.k[layer], kv.v[layer], batch.block_tables, batch.query_start,
+                                      batch.context_lens, scale, kv.max_seq_len)
     plan: AttentionPlan = step.plan
 
     qp = q.new_zeros(num_seqs, plan.max_query, heads, head_dim)

@@ -33,6 +33,8 @@ class PagedKVCache:
         rows of a CUDA-graph batch write their K/V (block id `num_blocks`)."""
         self.num_blocks = num_blocks
         self.block_size = block_size
+        # bound on any sequence's context (the engine sets max_model_len): sizes attention's KV splits
+        self.max_seq_len = num_blocks * block_size
         self.pad_block = num_blocks if pad_block else None
         shape = (num_blocks + int(pad_block), block_size, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]  # [NB, BS, Hkv, Dh]

@@ -20,6 +20,9 @@ class StepBatch:
     block_tables: torch.Tensor  # [B, M] int64, physical KV block ids, padded with 0
     slot_mapping: torch.Tensor  # [T] int64, block * block_size + offset where each new token's K/V goes
     logits_index: torch.Tensor  # [B] int64, row in T of each sequence's last new token
+    # most new tokens of one sequence when the host knows it (None: derive it, a device read); the
+    # torch attention path sizes its padded query layout with it
+    max_query: int | None = None
 
     @property
     def num_tokens(self) -> int:

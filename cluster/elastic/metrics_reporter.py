@@ -1,8 +1,10 @@
-"""Attention replica -> Redis metrics: one ReplicaSample per interval, from a background thread.
+"""Attention replica <-> Redis metrics: one ReplicaSample per interval, from a background thread.
 
 Latency observations are tapped from the replica's Prometheus histograms (the tap forwards every
-observation unchanged) into a bounded reservoir, so the controller can compute true percentiles
-over a window. If Redis is down the sample is dropped; serving never waits on it.
+observation unchanged: TTFT from the request's arrival, cluster/serve/metrics/request_timer.py) into a
+bounded reservoir, so the controller can compute true percentiles over a window. The same round
+trip reads the controller's operation counters back, which the replica's /metrics shows
+(`cluster_state`). If Redis is down the sample is dropped; serving never waits on it.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class ReplicaReporter:
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="metrics-reporter", daemon=True)
+        self._operations: dict[tuple[str, str], int] = {}  # the controller's counters, as last read
 
     @classmethod
     def tapping(cls, store: ElasticStore, replica_id: str, metrics: Any, interval_s: float = 1.0) -> "ReplicaReporter":
@@ -72,6 +75,10 @@ class ReplicaReporter:
         metrics.ttft = SampleTap(metrics.ttft)
         metrics.itl = SampleTap(metrics.itl)
         return cls(store, replica_id, metrics._engine_stats, metrics.ttft, metrics.itl, interval_s)
+
+    def cluster_state(self) -> dict:
+        """What the last round trip read of the controller: {"operations": {(kind, outcome): n}}."""
+        return {"operations": dict(self._operations)}
 
     def start(self) -> "ReplicaReporter":
         self._thread.start()
@@ -95,6 +102,7 @@ class ReplicaReporter:
         while not self._stop.wait(self.interval_s):
             try:
                 self.store.add_replica_sample(self.sample())
+                self._operations = self.store.operation_counts()
                 failures = 0
             except (redis.RedisError, OSError) as e:
                 failures += 1

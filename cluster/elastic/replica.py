@@ -128,6 +128,7 @@ class ElasticReplica:
         engine.on_step_boundary(self.listener.at_step_boundary)
         if metrics is not None:
             self.reporter = ReplicaReporter.tapping(self.store, self.replica_id, metrics, el.metrics_interval_s).start()
+            metrics.watch_experts(self.experts, self.reporter.cluster_state)
         return self
 
     @property

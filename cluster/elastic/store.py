@@ -13,7 +13,8 @@ Keys (prefix P, default "moge"):
   P:replicas:seen       zset  replica id -> last heartbeat (seconds)
   P:workers             hash  worker id -> json WorkerRecord (states: cluster/elastic/inventory.py)
   P:operation           str   json of the in-flight operation (journal), absent when idle
-  P:controller          hash  controller state (last_scale_at, desired_devices, ...)
+  P:controller          hash  controller state (last_scale_at, desired_devices, ...) and operation
+                              counters (ops:<kind>:<outcome> -> n)
   P:metrics:replica     zset  score = ts, member = json ReplicaSample
   P:metrics:worker      zset  score = ts, member = json WorkerSample
 """
@@ -215,6 +216,19 @@ class ElasticStore:
 
     def controller(self) -> dict[str, Any]:
         return {k: json.loads(v) for k, v in self.r.hgetall(self.key("controller")).items()}
+
+    def count_operation(self, kind: str, outcome: str) -> None:
+        """One more finished placement change (kept with the controller state: a restart keeps counting)."""
+        self.r.hincrby(self.key("controller"), f"ops:{kind}:{outcome}", 1)
+
+    def operation_counts(self) -> dict[tuple[str, str], int]:
+        """(kind, outcome) -> placement changes finished so far."""
+        out = {}
+        for field, value in self.r.hgetall(self.key("controller")).items():
+            if field.startswith("ops:"):
+                _, kind, outcome = field.split(":", 2)
+                out[(kind, outcome)] = int(value)
+        return out
 
     # -- metrics windows ------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from ray import serve
 from ray.serve import Application
 
 from cluster.config import MogeConfig, ServerSection
-from cluster.serve.metrics import ReplicaMetrics
+from cluster.serve.metrics.replica import ReplicaMetrics
 from cluster.serve.openai_server import OpenAIServer, ServedModel, build_http_app
 from cluster.serve.replica_engine import ReplicaParts, assemble
 
@@ -69,9 +69,11 @@ class AttentionReplica:
         self.config = MogeConfig.load(**config)
         self.replica = start_engine(self.config)
         self.engine, self.served = self.replica.engine, self.replica.served
-        self.metrics = ReplicaMetrics(self.served.name, self.engine.stats)
+        self.metrics = ReplicaMetrics(self.served.name, self.engine.stats, self.served.max_model_len)
         if self.replica.elastic is not None:
             self.replica.elastic.attach(self.engine, self.metrics)
+        elif self.replica.parts.remote is not None:
+            self.metrics.watch_experts(self.replica.parts.remote)
         self.front = OpenAIServer(self.engine, self.served, self.config.server, self.metrics)
         log.info("attention replica serving %s (context %d, experts %s)", self.served.name,
                  self.served.max_model_len, self.replica.mode)

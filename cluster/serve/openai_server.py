@@ -7,7 +7,10 @@ process over a fake engine in unit tests. What this file decides:
   engine work starts;
 - n choices (× prompts) are n independent engine requests, merged into one stream;
 - a streamed response closes its generators when the client goes away, which makes the engine
-  abort those requests and free their KV blocks.
+  abort those requests and free their KV blocks;
+- latencies run from the request's arrival at this replica (stamped by the outermost middleware)
+  to what is handed to the client (cluster/serve/metrics/request_timer.py), and a stream that fell
+  behind its engine requests sends what is waiting as one chunk per choice.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from actors.engine.output.request_output import coalesce
 from actors.engine.request_rejected import RequestRejected
 from actors.engine.sampling_params import SamplingParams
 from cluster.serve import openai_protocol as p
@@ -31,7 +35,8 @@ from cluster.serve.middleware.auth import ApiKeyMiddleware, ApiKeys
 from cluster.config import ServerSection
 from cluster.serve.errors import (BodyTooLarge, ErrorBoundary, InvalidRequest, ModelNotFound, as_api_error,
                                   install_handlers)
-from cluster.serve.metrics import CONTENT_TYPE, ReplicaMetrics
+from cluster.serve.metrics.replica import CONTENT_TYPE, ReplicaMetrics
+from cluster.serve.middleware.scope import ARRIVAL, arrival_of, route_path
 from cluster.serve.openapi_doc import body_schema, install_request_schemas, parse_request, report_ignored
 from cluster.serve.middleware.request_guard import GuardLimits, RequestGuard
 
@@ -94,7 +99,8 @@ class OpenAIServer:
             raise ModelNotFound(model_id, self.model.name)
         return p.ModelCard(id=self.model.name, max_model_len=self.model.max_model_len)
 
-    async def completions(self, req: p.CompletionRequest) -> Response:
+    async def completions(self, req: p.CompletionRequest, arrival: float | None = None) -> Response:
+        """`arrival`: when the request reached this replica (metrics clock); None: now."""
         self._check_common(req)
         prompts = [self._prompt_ids(x, "prompt") for x in req.prompts()]
         texts = [x if isinstance(x, str) else None for x in req.prompts()]
@@ -109,8 +115,8 @@ class OpenAIServer:
         rid = p.new_id("cmpl")
         echo = _Echo(self, req, prompts, texts)
         if req.stream:
-            return await self._stream(rid, req, choices, _CompletionChunks(rid, self.model.name, echo, [c.prompt_index for c in choices]))
-        outs = await self._collect(rid, choices)
+            return await self._stream(rid, req, choices, _CompletionChunks(rid, self.model.name, echo, [c.prompt_index for c in choices]), arrival)
+        outs = await self._collect(rid, choices, arrival)
         picked = _best(choices, outs, req.n, candidates)
         return JSONResponse(
             p.CompletionResponse(
@@ -131,7 +137,7 @@ class OpenAIServer:
             ).model_dump(mode="json")
         )
 
-    async def chat(self, req: p.ChatCompletionRequest) -> Response:
+    async def chat(self, req: p.ChatCompletionRequest, arrival: float | None = None) -> Response:
         self._check_common(req)
         text = self._chat_prompt(req)
         prompts = [self._prompt_ids(text, "messages", chat=True)]
@@ -146,8 +152,8 @@ class OpenAIServer:
         rid = p.new_id("chatcmpl")
         tools = {t.function.name for t in req.tools or []} if req.tools_active else None
         if req.stream:
-            return await self._stream(rid, req, choices, _ChatChunks(rid, self.model.name, self, k, tools))
-        outs = await self._collect(rid, choices)
+            return await self._stream(rid, req, choices, _ChatChunks(rid, self.model.name, self, k, tools), arrival)
+        outs = await self._collect(rid, choices, arrival)
         return JSONResponse(
             p.ChatCompletionResponse(
                 id=rid,
@@ -288,16 +294,23 @@ class OpenAIServer:
     def _generators(self, rid: str, choices: list[_Choice]) -> list[AsyncIterator[Any]]:
         return [self.engine.generate(f"{rid}-{c.index}", c.prompt_ids, c.params) for c in choices]
 
-    async def _collect(self, rid: str, choices: list[_Choice]) -> list["_Result"]:
+    async def _collect(self, rid: str, choices: list[_Choice], arrival: float | None) -> list["_Result"]:
         results = [_Result(c.prompt_index) for c in choices]
-        timers = [self.metrics.token_timer() for _ in choices]
-        async for i, out in _merge(self._generators(rid, choices)):
-            results[i].add(out)
-            timers[i].tokens(len(out.new_token_ids))
+        timers = [self.metrics.request_timer(arrival) for _ in choices]
+        failed = True
+        try:
+            async for i, out in _merge(self._generators(rid, choices)):
+                results[i].add(out)
+                timers[i].observe(out)
+            failed = False
+        finally:
+            for t in timers:
+                t.close(error=failed)
         self._count_tokens(choices, results)
         return results
 
-    async def _stream(self, rid: str, req: p._SamplingFields, choices: list[_Choice], chunks: "_Chunks") -> Response:
+    async def _stream(self, rid: str, req: p._SamplingFields, choices: list[_Choice], chunks: "_Chunks",
+                      arrival: float | None) -> Response:
         events = _merge(self._generators(rid, choices))
         # Wait for the first output before answering 200, so a request the engine refuses at
         # admission still gets a proper 4xx instead of an error inside a started stream.
@@ -307,9 +320,10 @@ class OpenAIServer:
             await events.aclose()
             raise
         results = [_Result(c.prompt_index) for c in choices]
-        timers = [self.metrics.token_timer() for _ in choices]
+        timers = [self.metrics.request_timer(arrival) for _ in choices]
 
         async def body() -> AsyncIterator[bytes]:
+            failed = False
             try:
                 for c in choices:
                     head = chunks.opening(c.index)
@@ -319,7 +333,7 @@ class OpenAIServer:
                 while item is not None:
                     i, out = item
                     results[i].add(out)
-                    timers[i].tokens(len(out.new_token_ids))
+                    timers[i].observe(out)
                     usage = _usage(choices, results) if req.continuous_usage else None
                     for chunk in chunks.delta(i, out, req.return_token_ids, usage):
                         yield p.sse_event(chunk)
@@ -328,11 +342,14 @@ class OpenAIServer:
                 if req.include_usage_in_stream:
                     yield p.sse_event(chunks.usage(_usage(choices, results)))
             except Exception as exc:  # the stream has started: report in-band, then end it
+                failed = True
                 err = as_api_error(exc)
                 self.metrics.count_stream_error(err.status)
                 yield p.sse_event(err.body())
             finally:
                 await events.aclose()
+                for t in timers:  # a client gone mid-stream ends here too: its requests count as aborted
+                    t.close(error=failed)
             yield p.SSE_DONE
 
         return ClosingStreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -533,7 +550,9 @@ class _ChatChunks:
 
 
 async def _merge(gens: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
-    """Interleave several engine streams as (index, output), in arrival order.
+    """Interleave several engine streams as (index, output), in arrival order; what is already
+    waiting when the consumer comes back folds into one output per index (a slow client gets one
+    chunk per choice, not one per token).
 
     Closing the merged stream (client gone, error) cancels every pump task; cancellation raises
     inside each engine generator, whose cleanup aborts its request.
@@ -559,13 +578,23 @@ async def _merge(gens: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any
     try:
         remaining = len(tasks)
         while remaining:
-            i, item = await queue.get()
-            if item is done:
-                remaining -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield i, item
+            waiting = [await queue.get()]
+            while not queue.empty():
+                waiting.append(queue.get_nowait())
+            outputs: dict[int, list[Any]] = {}
+            error = None
+            for i, item in waiting:
+                if item is done:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    error = item
+                    break
+                else:
+                    outputs.setdefault(i, []).append(item)
+            for i, outs in outputs.items():
+                yield i, coalesce(outs)
+            if error is not None:
+                raise error
     finally:
         for t in tasks:
             t.cancel()
@@ -605,7 +634,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 class RouteMetricsMiddleware:
-    """Count every answered request by route and status (unknown paths share one label)."""
+    """Count every answered request by route and status (unknown paths share one label). Being the
+    outermost, it also stamps the request's arrival, where every latency metric starts."""
 
     def __init__(self, app: ASGIApp, metrics: ReplicaMetrics) -> None:
         self.app = app
@@ -615,10 +645,8 @@ class RouteMetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):] or "/"
+        scope[ARRIVAL] = self.metrics.clock()
+        path = route_path(scope)
         route = path if path in KNOWN_ROUTES else "other"
 
         async def counting_send(message: Message) -> None:
@@ -650,13 +678,13 @@ def build_http_app(
               responses={200: {"model": p.CompletionResponse, "description": "the completion, or an SSE stream of CompletionChunk"}})
     async def completions(request: Request) -> Response:
         req, ignored = parse_request(p.CompletionRequest, await read_body(request, limit))
-        return report_ignored(await server.completions(req), ignored)
+        return report_ignored(await server.completions(req, arrival_of(request.scope)), ignored)
 
     @app.post("/v1/chat/completions", openapi_extra=body_schema(p.ChatCompletionRequest),
               responses={200: {"model": p.ChatCompletionResponse, "description": "the completion, or an SSE stream of ChatCompletionChunk"}})
     async def chat_completions(request: Request) -> Response:
         req, ignored = parse_request(p.ChatCompletionRequest, await read_body(request, limit))
-        return report_ignored(await server.chat(req), ignored)
+        return report_ignored(await server.chat(req, arrival_of(request.scope)), ignored)
 
     @app.get("/v1/models", response_model=p.ModelList)
     async def models() -> Response:

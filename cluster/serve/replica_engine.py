@@ -25,18 +25,24 @@ def load_spec(config: MogeConfig) -> LoadSpec:
 
 def engine_settings(config: MogeConfig, ping_pong: bool = False) -> EngineSettings:
     e = config.engine
+    share = config.server.replica_num_gpus
+    # a replica on a fraction of a device (Ray fractional GPUs) takes that fraction of it
+    utilisation = e.gpu_memory_utilization * (share if 0 < share < 1 else 1.0)
     return EngineSettings(
         max_num_seqs=e.max_num_seqs,
         max_num_batched_tokens=e.max_num_batched_tokens,
         kv_block_size=e.kv_block_size,
         kv_cache_bytes=e.kv_cache_bytes,
         kv_cache_fraction=e.kv_cache_fraction,
+        gpu_memory_utilization=utilisation,
         num_kv_blocks=e.num_kv_blocks,
         ping_pong=ping_pong,
         enable_prefix_caching=e.enable_prefix_caching,
         cuda_graphs=e.cuda_graphs,
         cuda_graph_memory_mb=e.cuda_graph_memory_mb,
         batch_invariant=e.batch_invariant,
+        async_scheduling=e.async_scheduling,
+        step_cost_ratio=e.step_cost_ratio,
     )
 
 

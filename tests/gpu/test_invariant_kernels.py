@@ -1,6 +1,6 @@
-"""The kernels of `engine.batch_invariant` (actors/model/kernels/invariant_matmul.py, the fixed-split
-paged attention in kernels/paged_decode.py): right against float64 torch, and each row the same bits
-whatever the other rows — its number, order and grouping.
+"""The kernels of `engine.batch_invariant` (actors/model/kernels/invariant_matmul.py; the varlen paged
+attention, kernels/paged_attention.py, under one launch config per engine): right against float64
+torch, and each row the same bits whatever the other rows — their number, order and grouping.
 
     python -m pytest -q tests/gpu/test_invariant_kernels.py                        # CUDA: the real MMAs
     TRITON_INTERPRET=1 python -m pytest -q tests/gpu/test_invariant_kernels.py     # CPU: the kernels' logic
@@ -147,45 +147,36 @@ def test_grouped_moe_is_the_same_under_any_token_grouping(dtype):
         kernels.set_batch_invariant(False)
 
 
-def attention_reference(q, k_cache, v_cache, tables, ctx, scale):
-    rows, heads, dh = q.shape
-    bs, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
-    for r in range(rows):
-        c = int(ctx[r])
-        slots = [int(tables[r, j // bs]) * bs + j % bs for j in range(c)]
-        keys = k_cache.view(-1, kv_heads, dh)[slots].double()  # [c, Hkv, Dh]
-        vals = v_cache.view(-1, kv_heads, dh)[slots].double()
-        for h in range(heads):
-            kh = h // (heads // kv_heads)
-            p = torch.softmax(keys[:, kh] @ q[r, h].double() * scale, dim=0)
-            out[r, h] = p @ vals[:, kh]
-    return out
+def test_invariant_attention_config_bounds_the_splits():
+    from actors.model.kernels.invariant import KEYS_PER_SPLIT, MAX_SPLITS, attention_config
+
+    q, k_cache = torch.empty(1, 32, 128), torch.empty(1, 16, 4, 128)
+    for max_context, keys in ((1024, KEYS_PER_SPLIT), (4096, 512), (40960, 5120)):
+        cfg = attention_config(q, k_cache, max_context)
+        assert (cfg.split_keys, cfg.splits) == (keys, min(MAX_SPLITS, -(-max_context // keys)))
+        assert cfg == attention_config(torch.empty(3000, 32, 128), k_cache, max_context)  # not by the token count
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fixed_split_attention_rows_depend_on_their_own_context_only(dtype):
-    """Contexts across split boundaries; a row's result is the same alone, among other rows, with
-    any number of programs per row and any block-table width."""
-    from actors.model.kernels.paged_decode import paged_attention_fixed_splits
+def test_attention_rows_depend_on_their_own_context_only(dtype):
+    """The varlen kernel under one invariant launch config: a token's result is the same decoded
+    alone, decoded beside others, as the last token of a prefill chunk, or inside a chunk that
+    starts elsewhere — across split boundaries (split 64, the last split taking the rest)."""
+    from actors.model.kernels import paged_attention as pa
+    from tests.gpu.test_varlen_attention import case, reference
 
-    g = gen(4)
-    heads, kv_heads, dh, bs, kps = 4, 2, 16, 8, 64
-    blocks = 48
-    k_cache = randn(blocks, bs, kv_heads, dh, g=g, dtype=dtype)
-    v_cache = randn(blocks, bs, kv_heads, dh, g=g, dtype=dtype)
-    ctx = torch.tensor([1, 63, 64, 65, 130, 200, 256, 257], device=DEVICE)
-    rows = ctx.numel()
-    width = 40
-    tables = torch.stack([torch.randperm(blocks, generator=torch.Generator().manual_seed(r))[:width]
-                          for r in range(rows)]).to(DEVICE)
-    q = randn(rows, heads, dh, g=g, dtype=dtype)
-    out = paged_attention_fixed_splits(q, k_cache, v_cache, tables, ctx, 0.25, kps)
-    torch.testing.assert_close(out.double(), attention_reference(q, k_cache, v_cache, tables, ctx, 0.25), **tol(dtype))
-    for programs in (1, 3):
-        assert torch.equal(paged_attention_fixed_splits(q, k_cache, v_cache, tables, ctx, 0.25, kps, programs), out)
-    for r in (0, 3, rows - 1):
-        narrow = tables[r:r + 1, : -(-int(ctx[r]) // bs)]  # only the blocks it uses
-        assert torch.equal(paged_attention_fixed_splits(q[r:r + 1], k_cache, v_cache, narrow, ctx[r:r + 1], 0.25, kps), out[r:r + 1])
-    empty = paged_attention_fixed_splits(q[:1], k_cache, v_cache, tables[:1], ctx[:1] * 0, 0.25, kps)
-    assert torch.equal(empty, torch.zeros_like(empty))  # a row with no key (padding) is zeros, never garbage
+    policy = pa.AttentionPolicy(split_keys=64, max_splits=4, batch_invariant=True)
+    cfg = policy.config(1, 4, 512, dtype)  # the same for every launch
+    # sequence 0: 30 new tokens ending at position 299; sequence 1 decodes at 150; 2 at 64
+    q, kc, vc, tables, qs, ctx = case([(30, 300), (1, 151), (1, 65)], 8, 8, 2, 16, dtype, seed=5)
+    mixed = pa.varlen_paged_attention(q, kc, vc, tables, qs, ctx, 0.25, 512, config=cfg)
+    torch.testing.assert_close(mixed.double().cpu(), reference(q, kc, vc, tables, qs, ctx, 0.25), **tol(dtype))
+    one = torch.tensor([0, 1], device=DEVICE)
+    for tok, seq, position in ((29, 0, 299), (5, 0, 275), (30, 1, 150), (31, 2, 64)):
+        alone = pa.varlen_paged_attention(q[tok:tok + 1].contiguous(), kc, vc, tables[seq:seq + 1], one,
+                                          torch.tensor([position + 1], device=DEVICE), 0.25, 512, config=cfg)
+        assert torch.equal(alone[0], mixed[tok]), (tok, position)
+    # sequence 0's tokens 275..288 as their own chunk (a different start, other rows beside them)
+    chunk = pa.varlen_paged_attention(q[5:19].contiguous(), kc, vc, tables[:1], torch.tensor([0, 14], device=DEVICE),
+                                      torch.tensor([289], device=DEVICE), 0.25, 512, config=cfg)
+    assert torch.equal(chunk, mixed[5:19])

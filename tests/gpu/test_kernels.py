@@ -89,51 +89,6 @@ def test_qk_rope_store_matches_torch(qk_norm):
     torch.testing.assert_close(vc.view(-1, kv_heads, dh)[slots], v)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block_size, heads, kv_heads, dh", [(16, 8, 2, 32), (4, 4, 4, 16), (8, 32, 4, 64)])
-def test_paged_decode_matches_sdpa_path(dtype, block_size, heads, kv_heads, dh):
-    """Random block tables (shuffled, shared pool) and context lengths across tile boundaries."""
-    from actors.model.attention import paged_attention, plan_attention
-    from actors.model.kernels.paged_decode import paged_decode_attention
-    from actors.model.kv_cache import PagedKVCache
-    from actors.model.step_batch import StepBatch
-
-    g = gen(4)
-    ctx = [1, 5, 33, 64, 70, 17]
-    b = len(ctx)
-    width = max(-(-c // block_size) for c in ctx) + 1
-    nb = b * width + 3
-    kv = PagedKVCache(1, nb, block_size, kv_heads, dh, dtype, DEVICE)
-    kv.k[0].copy_(randn(*kv.k[0].shape, dtype=dtype, g=g))
-    kv.v[0].copy_(randn(*kv.v[0].shape, dtype=dtype, g=g))
-    tables = torch.randperm(nb, device=DEVICE, generator=g)[: b * width].view(b, width)
-    context = torch.tensor(ctx, device=DEVICE)
-    q = randn(b, heads, dh, dtype=dtype, g=g)
-    batch = StepBatch(
-        input_ids=torch.zeros(b, dtype=torch.long, device=DEVICE),
-        positions=context - 1,
-        query_start=torch.arange(b + 1, device=DEVICE),
-        context_lens=context,
-        block_tables=tables,
-        slot_mapping=torch.zeros(b, dtype=torch.long, device=DEVICE),
-        logits_index=torch.arange(b, device=DEVICE),
-    )
-
-    class Step:
-        plan = plan_attention(batch, block_size)
-
-    from actors.model import kernels
-
-    kernels.set_enabled(False)  # the SDPA path
-    try:
-        want = paged_attention(q, 0, batch, kv, Step, dh**-0.5)
-    finally:
-        kernels.set_enabled(True)
-    for splits in (1, 4, None):  # one pass, split contexts (empty splits included), the default
-        got = paged_decode_attention(q, kv.k[0], kv.v[0], tables, context, dh**-0.5, splits=splits)
-        torch.testing.assert_close(got.float(), want.float(), **tol(dtype))
-
-
 @pytest.mark.parametrize("family", ["moge", "qwen3_moe"])
 def test_fused_router_matches_torch_router(family):
     from actors.model.config import ModelConfig

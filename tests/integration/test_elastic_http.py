@@ -7,7 +7,6 @@ the single-process model's tokens, and the placement must end consistent.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import httpx
@@ -17,6 +16,7 @@ from actors.model.reference import greedy_reference
 from cluster.config import MogeConfig
 from cluster.cli.local_cluster import LocalCluster, free_port
 from tests.integration.conftest import RunningServer
+from tests.integration.http_load import HttpLoad
 
 pytestmark = pytest.mark.integration
 
@@ -57,55 +57,6 @@ def admin(server: RunningServer, method: str, path: str, key: str | None = ADMIN
     return httpx.request(method, f"{server.base_url}/admin/{path}", headers=headers, timeout=300, **kw)
 
 
-class HttpLoad:
-    """`concurrency` threads, each streaming greedy completions one after another until stopped
-    (or LOAD_BOUND_S); records every request's token ids or its failure."""
-
-    def __init__(self, server: RunningServer, concurrency: int) -> None:
-        self.server = server
-        self.results: list[tuple[str, list[int]]] = []
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._deadline = time.monotonic() + LOAD_BOUND_S
-        self._threads = [threading.Thread(target=self._stream_loop, args=(i,), daemon=True) for i in range(concurrency)]
-
-    def _stream_loop(self, slot: int) -> None:
-        client = self.server.openai()
-        n = 0
-        while not self._stop.is_set() and time.monotonic() < self._deadline:
-            prompt = PROMPTS[(slot + n) % len(PROMPTS)]
-            n += 1
-            ids: list[int] = []
-            try:
-                stream = client.completions.create(model=self.server.model, prompt=prompt, max_tokens=MAX_TOKENS,
-                                                   temperature=0, stream=True, extra_body={"return_token_ids": True})
-                for chunk in stream:
-                    for choice in chunk.choices:
-                        ids.extend(choice.model_extra.get("token_ids") or [])
-                self.results.append((prompt, ids))
-            except Exception as e:  # noqa: BLE001 - every failure (5xx included) is counted, none tolerated
-                self.failures.append(f"slot {slot} #{n}: {type(e).__name__}: {e}")
-        client.close()
-
-    def wait_for(self, n: int, timeout_s: float = 90) -> None:
-        """Until `n` more requests have finished (bounded)."""
-        target, deadline = len(self.results) + n, time.monotonic() + timeout_s
-        while len(self.results) < target and time.monotonic() < deadline and not self.failures:
-            if not any(t.is_alive() for t in self._threads):
-                raise AssertionError(f"every load thread ended; failures: {self.failures}")
-            time.sleep(0.05)
-
-    def __enter__(self) -> "HttpLoad":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=120)
-
-
 def test_admin_api_checks_keys_and_input(elastic_server):
     assert admin(elastic_server, "GET", "status", key=None).status_code == 401
     assert admin(elastic_server, "GET", "status", key=API_KEY).status_code == 401  # admin keys only
@@ -122,7 +73,7 @@ def test_admin_api_checks_keys_and_input(elastic_server):
 def test_scaling_and_migration_under_http_load_keep_every_token(elastic_server, expected):
     before = admin(elastic_server, "GET", "status").json()
     steps = []
-    with HttpLoad(elastic_server, CONCURRENCY) as load:
+    with HttpLoad(elastic_server, CONCURRENCY, PROMPTS, MAX_TOKENS, LOAD_BOUND_S) as load:
         load.wait_for(CONCURRENCY)
         steps.append(admin(elastic_server, "POST", "scale", json={"devices": 2}))
         placement = admin(elastic_server, "GET", "status").json()["placement"]
@@ -137,7 +88,7 @@ def test_scaling_and_migration_under_http_load_keep_every_token(elastic_server, 
     assert [r.json()["phase"] for r in steps] == ["done"] * len(steps), [r.json() for r in steps]
     assert load.failures == []
     assert len(load.results) >= 3 * CONCURRENCY
-    wrong = [(p, ids) for p, ids in load.results if ids != expected[p]]
+    wrong = [(p, ids) for p, ids, _ in load.results if ids != expected[p]]
     assert wrong == [], f"{len(wrong)} of {len(load.results)} requests changed tokens"
 
     after = admin(elastic_server, "GET", "status").json()

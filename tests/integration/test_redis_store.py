@@ -123,6 +123,10 @@ def test_inventory_and_operation_journal(store):
 
     store.set_controller(last_scale_at=12.5, desired_devices=3)
     assert store.controller() == {"last_scale_at": 12.5, "desired_devices": 3}
+    for kind, outcome in [("scale_up", "done"), ("scale_up", "done"), ("migrate", "rolled_back")]:
+        store.count_operation(kind, outcome)
+    assert store.operation_counts() == {("scale_up", "done"): 2, ("migrate", "rolled_back"): 1}
+    assert store.controller()["desired_devices"] == 3  # the counters live beside the state, apart
 
 
 def test_metric_windows_and_trimming(store):

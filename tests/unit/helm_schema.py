@@ -28,9 +28,32 @@ CRD_DIR = Path(os.environ.get("MOGE_KUBERAY_CRDS", REPO.parent / "shared" / "kub
 KUBE_VERSION = "1.33.0"
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRDs are 3 MB of YAML
 
-# Kinds whose CRDs are not available offline; only their metadata is checked here (the chart
-# tests assert the rest of their shape).
-SCHEMALESS_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+# The Prometheus Operator's CRDs are not available offline: its two kinds the chart renders are
+# checked against the structure and required fields the operator defines (monitoring.coreos.com/v1),
+# restricted to the fields this chart sets, every level strict (a misspelt field fails).
+_DURATION = "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+_ENDPOINT = {"type": "object", "additionalProperties": False, "required": ["port"], "properties": {
+    "port": {"type": "string", "minLength": 1}, "path": {"type": "string", "pattern": "^/"},
+    "interval": {"type": "string", "pattern": _DURATION}, "scheme": {"enum": ["http", "https"]}}}
+_LABELS = {"type": "object", "additionalProperties": {"type": "string"}, "minProperties": 1}
+
+
+def _monitor_schema(endpoints: str) -> dict:
+    return {"type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
+        "spec": {"type": "object", "additionalProperties": False, "required": ["selector", endpoints], "properties": {
+            "selector": {"type": "object", "additionalProperties": False, "required": ["matchLabels"],
+                         "properties": {"matchLabels": _LABELS}},
+            "namespaceSelector": {"type": "object", "additionalProperties": False, "properties": {
+                "any": {"type": "boolean"}, "matchNames": {"type": "array", "items": {"type": "string"}}}},
+            endpoints: {"type": "array", "minItems": 1, "items": _ENDPOINT}}}},
+        "additionalProperties": False}
+
+
+MONITORING_SCHEMAS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): _monitor_schema("endpoints"),
+    ("monitoring.coreos.com/v1", "PodMonitor"): _monitor_schema("podMetricsEndpoints"),
+}
 
 
 def crds_available() -> bool:
@@ -48,8 +71,9 @@ def validate_object(obj: dict[str, Any]) -> list[str]:
     if crd is not None:
         problems += [f"{label}: {p}" for p in _schema_errors(crd[0], obj)]
         problems += [f"{label}: {p}" for p in _duplicate_map_keys(crd[1], obj, "")]
-    elif (api_version, kind) in SCHEMALESS_KINDS:
-        pass
+    elif (api_version, kind) in MONITORING_SCHEMAS:
+        problems += [f"{label}: {p}" for p in _schema_errors(jsonschema.Draft7Validator(
+            MONITORING_SCHEMAS[(api_version, kind)]), obj)]
     else:
         problems += [f"{label}: {p}" for p in _builtin_errors(obj)]
     return problems

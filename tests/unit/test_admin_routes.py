@@ -12,7 +12,7 @@ import pytest
 from cluster.serve.admin_api import admin_keys, admin_router
 from cluster.config import MogeConfig
 from cluster.elastic.controller import BadRequest, ControllerBusy
-from cluster.serve.metrics import ReplicaMetrics
+from cluster.serve.metrics.replica import ReplicaMetrics
 from cluster.serve.openai_server import OpenAIServer, ServedModel, build_http_app
 
 API_KEY, ADMIN_KEY = "sk-api", "sk-admin"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -198,3 +199,67 @@ def test_a_failing_step_fails_its_requests_instead_of_hanging(engine):
 
     asyncio.run(main())
     assert boundary(engine, engine.engine.stats).kv_usage == 0
+
+
+def _run_sync(tiny, rid: str, prompt: list[int], params: SamplingParams):
+    """The same request on a plain engine, whose step thread makes the text (make_text)."""
+    spec = EngineSpec(max_model_len=256, num_kv_blocks=40, block_size=8, max_num_seqs=4, max_num_batched_tokens=64)
+    eng = LLMEngine(tiny, spec)
+    eng.add_request(rid, prompt, params)
+    outs = []
+    while eng.has_unfinished():
+        outs += eng.step()
+    return outs
+
+
+def test_stop_strings_end_a_stream_as_on_the_step_thread_and_free_its_blocks(engine, tiny):
+    prompt = tiny.tokenizer.encode("stop strings")
+    free = SamplingParams(temperature=0, max_tokens=28, ignore_eos=True)
+    full = "".join(o.new_text for o in _run_sync(tiny, "ref", prompt, free))
+    stop = next(full[i:i + 3] for i in range(4, len(full) - 3) if full[i:i + 3].strip())
+    params = SamplingParams(temperature=0, max_tokens=28, ignore_eos=True, stop=[stop])
+    want = _run_sync(tiny, "want", prompt, params)
+    decoded_on = set()
+    decode = tiny.tokenizer.decode
+
+    def spy(*args, **kwargs):
+        decoded_on.add(threading.current_thread().name)
+        return decode(*args, **kwargs)
+
+    tiny.tokenizer.decode = spy
+    try:
+        got = asyncio.run(asyncio.wait_for(collect(engine, "s", prompt, params), WAIT_S))
+    finally:
+        tiny.tokenizer.decode = decode
+    assert "".join(o.new_text for o in got) == "".join(o.new_text for o in want) == full[:full.find(stop)]
+    assert [t for o in got for t in o.new_token_ids] == [t for o in want for t in o.new_token_ids]
+    assert (got[-1].finish_reason, got[-1].completion_tokens) == ("stop", want[-1].completion_tokens)
+    assert decoded_on and "engine-step" not in decoded_on  # the text was made on the consumer's side
+    stats = boundary(engine, engine.engine.stats)  # the engine ran on past the stop: it was aborted
+    assert stats.kv_usage == 0 and stats.running == 0
+
+
+def test_a_consumer_that_falls_behind_gets_what_waits_as_one_output(engine, tiny):
+    from actors.model.reference import greedy_reference
+
+    prompt = [5, 6, 7]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+    def made(n: int) -> None:  # until the engine has made n tokens (bounded)
+        deadline = time.monotonic() + WAIT_S
+        while boundary(engine, engine.engine.stats).tokens_generated < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    async def main():
+        stream = engine.generate("slow", prompt, params)
+        first = await asyncio.wait_for(anext(stream), WAIT_S)
+        before = boundary(engine, engine.engine.stats).tokens_generated
+        await asyncio.to_thread(made, before + 6)  # the loop queues outputs meanwhile; nobody reads them
+        second = await asyncio.wait_for(anext(stream), WAIT_S)
+        rest = [o async for o in stream]
+        return [first, second, *rest]
+
+    outs = asyncio.run(main())
+    assert len(outs[1].new_token_ids) >= 6
+    assert [t for o in outs for t in o.new_token_ids] == greedy_reference(tiny, prompt, 24, stop_at_eos=False)
+    assert outs[-1].finished and outs[-1].completion_tokens == 24

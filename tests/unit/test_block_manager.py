@@ -1,7 +1,7 @@
 import pytest
 
 from actors.engine.block_manager import BlockManager
-from actors.engine.detokenizer import IncrementalDetokenizer
+from actors.engine.output.detokenizer import IncrementalDetokenizer
 from actors.engine.sampling_params import SamplingParams
 from actors.engine.sequence import Sequence
 from actors.weights.tokenizer import ByteTokenizer

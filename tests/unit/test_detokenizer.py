@@ -1,6 +1,6 @@
 import random
 
-from actors.engine.detokenizer import IncrementalDetokenizer
+from actors.engine.output.detokenizer import IncrementalDetokenizer
 from actors.weights.tokenizer import ByteTokenizer
 
 BYTES = ByteTokenizer()

@@ -322,15 +322,21 @@ def test_build_engine_defaults_the_context_length_to_the_model():
     assert tokens_of(run_all(engine)["a"])  # it serves
 
 
-def test_the_decode_fast_path_builds_the_same_step_batch_as_the_general_one():
+def test_the_step_batch_of_decodes_next_to_a_prefill_chunk():
     engine = fake_engine(num_kv_blocks=32, block_size=4)
     for i, p in enumerate([[1] * 7, [2] * 4, [3] * 13]):
         engine.add_request(f"r{i}", p, SamplingParams(max_tokens=8))
     engine.step()  # prefill; every sequence now has one token to decode
+    engine.add_request("r3", [4] * 6, SamplingParams(max_tokens=8))
     scheduled = engine.scheduler.schedule()
-    assert scheduled.num_new_tokens == [1, 1, 1]
-    fast, general = engine.runner._decode_batch(scheduled.seqs), engine.runner._mixed_batch(scheduled)
-    for name in ("input_ids", "positions", "query_start", "context_lens", "block_tables", "slot_mapping",
-                 "logits_index"):
-        assert torch.equal(getattr(fast, name), getattr(general, name)), name
-    assert fast.positions.tolist() == [7, 4, 13] and fast.context_lens.tolist() == [8, 5, 14]
+    assert scheduled.num_new_tokens == [1, 1, 1, 6]
+    batch = engine.runner.prepare(scheduled)
+    seqs = scheduled.seqs
+    assert batch.positions.tolist() == [7, 4, 13, 0, 1, 2, 3, 4, 5]
+    assert batch.context_lens.tolist() == [8, 5, 14, 6]
+    assert batch.query_start.tolist() == [0, 1, 2, 3, 9] and batch.logits_index.tolist() == [0, 1, 2, 8]
+    assert batch.input_ids.tolist()[:3] == [s.token_ids[-1] for s in seqs[:3]] and batch.max_query == 6
+    want_slots = [s.block_table[p // 4] * 4 + p % 4 for s, p in zip(seqs, [7, 4, 13])]
+    want_slots += [seqs[3].block_table[p // 4] * 4 + p % 4 for p in range(6)]
+    assert batch.slot_mapping.tolist() == want_slots
+    assert batch.block_tables[1, : len(seqs[1].block_table)].tolist() == seqs[1].block_table

@@ -377,6 +377,39 @@ def test_service_monitor_scrapes_the_metrics_service():
     assert "ServiceMonitor" not in {o["kind"] for o in rendered("default")}
 
 
+def test_pod_monitor_scrapes_the_ray_pods_serve_and_metrics_ports():
+    objects = rendered("npu")
+    monitor = hr.one(objects, "PodMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    head = rayservice("npu")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]
+    assert _selects(monitor["spec"]["selector"]["matchLabels"], head["metadata"]["labels"])
+    endpoints = monitor["spec"]["podMetricsEndpoints"]
+    assert {e["port"] for e in endpoints} == {"serve", "metrics"} <= {p["name"] for p in head["spec"]["containers"][0]["ports"]}
+    assert {e["interval"] for e in endpoints} == {"15s"}
+    assert not {"PodMonitor", "ConfigMap"} & {o["kind"] for o in rendered("default")}  # both off by default
+
+
+def test_grafana_dashboard_ships_as_a_config_map_for_the_sidecar():
+    config_map = hr.one(rendered("gpu"), "ConfigMap", "-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert config_map["metadata"]["annotations"] == {"grafana_folder": "LLM serving"}
+    shipped = json.loads(config_map["data"]["moge-serve.json"])
+    assert shipped == json.loads((hr.CHART / "dashboards" / "moge-serve.json").read_text())
+
+
+def test_monitor_validation_catches_a_missing_endpoint_list_and_a_misspelt_field():
+    monitor = hr.one(rendered("npu"), "PodMonitor")
+    assert hs.validate_object(monitor) == []
+    broken = json.loads(json.dumps(monitor))
+    del broken["spec"]["podMetricsEndpoints"]
+    assert any("'podMetricsEndpoints' is a required property" in p for p in hs.validate_object(broken))
+    broken = json.loads(json.dumps(monitor))
+    broken["spec"]["podMetricsEndpoints"][0]["intervall"] = "30s"
+    broken["spec"]["podMetricsEndpoints"][1]["interval"] = "half a minute"
+    problems = hs.validate_object(broken)
+    assert any("'intervall' was unexpected" in p for p in problems) and any("does not match" in p for p in problems)
+
+
 def test_external_redis_needs_no_in_chart_redis():
     objects = rendered("npu")
     assert not hr.by_kind(objects, "StatefulSet") and not hr.by_kind(objects, "Secret")

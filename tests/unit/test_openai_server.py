@@ -15,7 +15,7 @@ from actors.engine.sampling_params import SamplingParams
 from cluster.serve.middleware.auth import ApiKeys
 from cluster.config import MogeConfig
 from cluster.serve.errors import AuthenticationFailed
-from cluster.serve.metrics import ReplicaMetrics
+from cluster.serve.metrics.replica import ReplicaMetrics
 from cluster.serve.openai_server import ClosingStreamingResponse, OpenAIServer, ServedModel, _merge, build_http_app
 
 KEY = "sk-unit"
@@ -245,22 +245,6 @@ def test_cached_tokens_are_reported_once_per_prompt_whole_and_streamed():
         "cached_tokens": 5}
 
 
-def test_token_timer_records_ttft_then_gaps_with_an_injected_clock():
-    metrics = ReplicaMetrics("m")
-    now = [10.0]
-    timer = metrics.token_timer(clock=lambda: now[0])
-    now[0] = 10.5
-    timer.tokens(1)
-    now[0] = 10.7
-    timer.tokens(2)  # two tokens in one output: the 0.2 s gap is split
-    ttft = {s.name: s.value for s in metrics.ttft.collect()[0].samples if not s.labels}
-    assert ttft["moge_time_to_first_token_seconds_count"] == 1
-    assert ttft["moge_time_to_first_token_seconds_sum"] == pytest.approx(0.5)
-    itl = {s.name: s.value for s in metrics.itl.collect()[0].samples if not s.labels}
-    assert itl["moge_inter_token_latency_seconds_count"] == 2
-    assert itl["moge_inter_token_latency_seconds_sum"] == pytest.approx(0.2)
-
-
 def test_merge_interleaves_and_closing_it_cancels_every_source():
     closed = []
 
@@ -285,6 +269,22 @@ def test_merge_interleaves_and_closing_it_cancels_every_source():
 
     got = run(scenario())
     assert {i for i, _ in got} == {0, 1}
+
+
+def test_merge_folds_what_waits_for_a_slow_consumer_into_one_output_per_choice():
+    def source(rid: str, n: int):
+        async def gen():  # never suspends: everything is queued before the consumer looks
+            for k in range(n):
+                yield Out(rid, [97 + k], chr(97 + k), k == n - 1, "length" if k == n - 1 else None)
+
+        return gen()
+
+    async def scenario():
+        return [item async for item in _merge([source("x", 3), source("y", 2)])]
+
+    got = run(scenario())
+    assert [(i, o.new_token_ids, o.new_text, o.finished) for i, o in got] == [
+        (0, [97, 98, 99], "abc", True), (1, [97, 98], "ab", True)]
 
 
 def test_closing_streaming_response_closes_its_body_when_the_client_is_gone():

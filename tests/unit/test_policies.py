@@ -76,6 +76,15 @@ class TestSlo:
         d = self.p(ctx(2, util=0.9))
         assert d.devices == 2 and d.load is None
 
+    def test_idle_replicas_give_a_device_back_unless_work_is_waiting(self):
+        idle = ScalingContext(100.0, MetricsWindow.of(70, 100, [ReplicaSample("r0", 99.0)]), 3, 8)
+        d = self.p(idle)
+        assert d.devices == 2 and d.load == 0.0 and "idle" in d.reason
+        assert self.p(ctx(3, queue=2)).devices == 3  # queued work has no TTFT yet: not idle
+        running = ScalingContext(100.0, MetricsWindow.of(70, 100, [ReplicaSample("r0", 99.0, running=1)]), 3, 8)
+        assert self.p(running).devices == 3
+        assert self.p(ScalingContext(100.0, idle.window, 1, 8)).devices == 1
+
 
 def ts(hh, mm):
     return float(calendar.timegm((2025, 3, 1, hh, mm, 0)))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from actors.engine.block_manager import BlockManager, block_hash
-from actors.engine.detokenizer import IncrementalDetokenizer
+from actors.engine.output.detokenizer import IncrementalDetokenizer
 from actors.engine.engine import EngineSpec, LLMEngine
 from actors.engine.sampling_params import SamplingParams
 from actors.engine.sequence import Sequence

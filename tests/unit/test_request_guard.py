@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from cluster.config import MogeConfig
-from cluster.serve.metrics import ReplicaMetrics
+from cluster.serve.metrics.replica import ReplicaMetrics
 from cluster.serve.openai_server import OpenAIServer, ServedModel, build_http_app
 from cluster.serve.middleware.request_guard import GuardLimits
 from tests.unit.test_openai_server import KEY, LetterTokenizer, Out, ScriptedEngine

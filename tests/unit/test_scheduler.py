@@ -1,7 +1,7 @@
 """The scheduler alone, with the model replaced by "every fully computed sequence gets a token"."""
 
 from actors.engine.block_manager import BlockManager
-from actors.engine.detokenizer import IncrementalDetokenizer
+from actors.engine.output.detokenizer import IncrementalDetokenizer
 from actors.engine.sampling_params import SamplingParams
 from actors.engine.scheduler import Scheduler
 from actors.engine.sequence import Sequence, SequenceStatus

@@ -1,1 +1,1 @@
-"""Whole-step device graphs for the decode path (CUDA graphs; see cuda_graphs.py)."""
+"""Whole steps as CUDA graphs (step_graphs.py) and what they cost by token count (step_cost.py)."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from actors.device import h2d
 from actors.engine.sampling_params import SamplingParams
 
 
@@ -108,19 +109,20 @@ class SlotTable:
             if width > self.stop_ids.shape[1]:
                 self.stop_ids = _widen(self.stop_ids, width)
             row = list(items) + [items[0] if items else 0] * (self.stop_ids.shape[1] - len(items))
-            self.stop_ids[slot] = torch.tensor(row, dtype=torch.long)
+            self.stop_ids[slot] = h2d(torch.tensor(row, dtype=torch.long), self.device)
             return
         if width > self.bias_ids.shape[1]:
             self.bias_ids, self.bias_vals = _widen(self.bias_ids, width), _widen(self.bias_vals, width)
         pad = self.bias_ids.shape[1] - len(items)
-        self.bias_ids[slot] = torch.tensor([t for t, _ in items] + [0] * pad, dtype=torch.long)
-        self.bias_vals[slot] = torch.tensor([b for _, b in items] + [0.0] * pad, dtype=torch.float32)
+        # pinned copies: a pageable one would wait for the steps in flight (async scheduling)
+        self.bias_ids[slot] = h2d(torch.tensor([t for t, _ in items] + [0] * pad, dtype=torch.long), self.device)
+        self.bias_vals[slot] = h2d(torch.tensor([b for _, b in items] + [0.0] * pad, dtype=torch.float32), self.device)
 
     def _write_counts(self, slot: int, token_ids: list[int], num_prompt: int) -> None:
         if self.counts is None:
             self.counts = torch.zeros(self.num_slots, self.vocab, dtype=torch.int32, device=self.device)
             self.prompt_seen = torch.zeros(self.num_slots, self.vocab, dtype=torch.bool, device=self.device)
-        ids = torch.tensor(token_ids, dtype=torch.long).to(self.device)
+        ids = h2d(torch.tensor(token_ids, dtype=torch.long), self.device)
         self.prompt_seen[slot].zero_()
         self.prompt_seen[slot, ids[:num_prompt]] = True
         self.counts[slot].zero_()

@@ -18,8 +18,8 @@ and torch, tests/unit/test_batch_invariant.py keeps measuring it):
               query's keys go in fixed chunks of C from key 0 (C from the block size only), each a
               bmm of [R, Dh] x [Dh, C] over rows of R = tokens x heads of one sequence, merged
               chunk by chunk in ascending order (online softmax; a chunk with nothing visible is an
-              exact no-op). Decode and prefill rows run the same code. CUDA with Triton: the paged
-              decode kernel over every new token as a row, with a fixed number of keys per split.
+              exact no-op). Decode and prefill rows run the same code. CUDA with Triton: the varlen
+              paged kernel with one launch config per engine (`attention_config`).
   silu        torch's CPU kernels compute a tensor's vector body and its scalar tail with different
   sigmoid     code (F.silu of a slice differed from the same elements inside a longer tensor), so
               a row's bits depended on where the batch ends: x / (1 + exp(-x)) here.
@@ -38,7 +38,8 @@ from actors.model import kernels
 
 ROWS = 16  # rows per block of a torch matmul
 KEY_CHUNK = 64  # keys per chunk of the torch attention (rounded up to whole KV blocks)
-KEYS_PER_SPLIT = 256  # keys per split of the Triton paged attention (a multiple of its tile)
+KEYS_PER_SPLIT = 256  # fewest keys per KV split of the Triton paged attention
+MAX_SPLITS = 8  # most KV splits of a context (bounds the split partials of a long prefill)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,28 +151,41 @@ def fused_linear(x: torch.Tensor, fused: tuple[torch.Tensor, torch.Tensor | None
 # ---- attention -------------------------------------------------------------------------------------
 
 
-def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch, scale: float) -> torch.Tensor:
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch, scale: float,
+              max_context: int) -> torch.Tensor:
     """q [T, H, Dh] (RoPE applied, this step's K/V already in the cache) -> [T, H, Dh]: every new
     token against keys 0..its position of its own sequence, each row computed the same way whether
-    it is a decode token or part of a (chunked) prefill."""
+    it is a decode token or part of a (chunked) prefill. max_context: the engine's bound on a
+    context (kv.max_seq_len), which fixes the KV splits once per engine."""
     if kernels.fused(q) and kernels.power_of_two(q.shape[-1]):
-        return _attention_triton(q, k_cache, v_cache, batch, scale)
+        from actors.model.kernels.paged_attention import varlen_paged_attention
+
+        cfg = attention_config(q, k_cache, max_context)
+        return varlen_paged_attention(q, k_cache, v_cache, batch.block_tables, batch.query_start,
+                                      batch.context_lens, scale, max_context, config=cfg)
     return _attention_torch(q, k_cache, v_cache, batch, scale)
+
+
+def attention_config(q: torch.Tensor, k_cache: torch.Tensor, max_context: int):
+    """The varlen kernel's invariant launch: one tile shape, one split size and one split count for
+    every launch of this engine (its own `batch_invariant` policy), with the split size chosen so a
+    context splits at most MAX_SPLITS ways: the float32 partials of a launch are tokens x heads x
+    splits x head dim, which a 4,096-token prefill could not afford at 256 keys a split and a long
+    context."""
+    from actors.model.kernels.paged_attention import AttentionPolicy
+
+    import triton
+
+    keys = max(KEYS_PER_SPLIT, -(-max_context // MAX_SPLITS))
+    keys = -(-keys // 64) * 64  # whole key tiles
+    policy = AttentionPolicy(split_keys=keys, max_splits=MAX_SPLITS, batch_invariant=True)
+    group_pad = triton.next_power_of_2(q.shape[1] // k_cache.shape[2])
+    return policy.config(q.shape[0], group_pad, max_context, q.dtype)
 
 
 def _seq_of_token(batch) -> torch.Tensor:
     token = torch.arange(batch.num_tokens, device=batch.positions.device)
     return torch.searchsorted(batch.query_start[1:], token, right=True)
-
-
-def _attention_triton(q, k_cache, v_cache, batch, scale: float) -> torch.Tensor:
-    from actors.model.kernels.paged_decode import paged_attention_fixed_splits
-
-    if batch.num_tokens == batch.num_seqs:  # decode: one row per sequence, nothing to gather
-        tables, ctx = batch.block_tables, batch.context_lens
-    else:  # every new token is a row with its sequence's table and keys 0..its position
-        tables, ctx = batch.block_tables[_seq_of_token(batch)], batch.positions + 1
-    return paged_attention_fixed_splits(q, k_cache, v_cache, tables, ctx, scale, KEYS_PER_SPLIT)
 
 
 def _attention_torch(q, k_cache, v_cache, batch, scale: float) -> torch.Tensor:

@@ -63,6 +63,7 @@ class Operations:
         self.ports.last_loads = []
         op = self.runner.run(op)
         self.inventory.settle(op)
+        self._count(kind, added, op.phase.value)  # before the journal clears: an idle status implies it
         self.store.end_operation(op.op_id)
         now = self.store.placement()
         if now is not None:
@@ -72,6 +73,15 @@ class Operations:
                 "timeline": op.detail.get("t", {}), "workers": self.inventory.devices(now) if now else [],
                 "loads": [{k: v for k, v in a.items() if k in ("groups", "bytes", "seconds", "source", "attempts")}
                           for a in self.ports.last_loads]}
+
+    def _count(self, kind: str, added: list[str], outcome: str) -> None:
+        """For /metrics (moge_placement_operations_total): a scale counts as scale_up or scale_down."""
+        if kind == "scale":
+            kind = "scale_up" if added else "scale_down"
+        try:
+            self.store.count_operation(kind, outcome)
+        except Exception as e:  # noqa: BLE001 - a counter must never fail the operation it counts
+            log.warning("operation not counted: %s", e)
 
     def scale(self, devices: int, reason: str = "admin", source: str | None = None) -> dict:
         """Grow or shrink to `devices` expert workers, live. Raises ControllerBusy / BadRequest.

@@ -65,7 +65,9 @@ class UtilisationPolicy:
 class SloPolicy:
     """Add devices when TTFT or inter-token p99 misses its target (up to doubling for a large miss);
     remove one when the latency projected for one device fewer still meets both targets (the
-    wrapper's hysteresis decides by how much)."""
+    wrapper's hysteresis decides by how much), or when the replicas report no work at all (no
+    latency samples, nothing queued or running) and the workers would not be overloaded on one
+    fewer. TTFT is measured from each request's arrival (invariant 8), so queueing counts."""
 
     ttft_p99_ms: float = 2000.0
     itl_p99_ms: float = 200.0
@@ -74,6 +76,10 @@ class SloPolicy:
         ttft = ctx.window.ttft_p(99)
         itl = ctx.window.itl_p(99)
         if ttft is None and itl is None:
+            d, w = ctx.devices, ctx.window
+            idle = bool(w.replicas) and w.queue() == 0 and w.running() == 0
+            if idle and d > 1 and math.isfinite(_fewer_devices_factor(d, w.mean_utilisation())):
+                return Decision(d - 1, "idle: no requests queued, running or answered in the window", 0.0)
             return hold(ctx, "no latency samples in the window")
         ratios = []
         if ttft is not None:

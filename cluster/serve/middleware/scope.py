@@ -1,8 +1,10 @@
-"""What the middlewares read off an ASGI scope: the route path and one header."""
+"""What the middlewares read off (or stamp on) an ASGI scope: the route path, one header, the arrival time."""
 
 from __future__ import annotations
 
 from starlette.types import Scope
+
+ARRIVAL = "moge.arrival"  # scope key: when the request reached this replica (metrics clock, seconds)
 
 
 def route_path(scope: Scope) -> str:
@@ -20,3 +22,8 @@ def header(scope: Scope, name: bytes) -> str | None:
         if key.lower() == name:
             return value.decode("latin-1")
     return None
+
+
+def arrival_of(scope: Scope) -> float | None:
+    """The arrival stamped by the outermost middleware; None outside the app (the front takes now)."""
+    return scope.get(ARRIVAL)
