@@ -36,17 +36,7 @@ from actors.engine.sampling_params import SamplingParams  # noqa: E402
 from actors.model import presets  # noqa: E402
 from actors.weights.loader import load_model  # noqa: E402
 import decode_vs_transformers  # noqa: E402
-from decode_vs_transformers import decode_rate, runner_for  # noqa: E402
-
-OUT: Path | None = None
-
-
-def emit(row: dict) -> None:
-    line = json.dumps(row)
-    print(line, flush=True)
-    if OUT is not None:
-        with OUT.open("a") as f:
-            f.write(line + "\n")
+from decode_vs_transformers import decode_rate, emit, runner_for  # noqa: E402
 
 
 def register_presets() -> None:
@@ -59,7 +49,7 @@ def engines(loaded, max_batch: int, graphs: bool) -> dict[str, LLMEngine]:
     out = {}
     for mode in ("default", "invariant"):
         spec = EngineSpec(max_model_len=2048, num_kv_blocks=max(2048, max_batch * 24), block_size=16,
-                          max_num_seqs=max(max_batch, 104), max_num_batched_tokens=4096, cuda_graphs=graphs,
+                          max_num_seqs=max(max_batch, 104), max_num_batched_tokens=2048, cuda_graphs=graphs,
                           batch_invariant=mode == "invariant")
         started = time.perf_counter()
         out[mode] = LLMEngine(loaded, spec)
@@ -91,7 +81,6 @@ def check(engine: LLMEngine, vocab: int, new: int, lengths=(40, 300, 1500)) -> d
 
 
 def main() -> None:
-    global OUT
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="bench-moge")
     ap.add_argument("--device", default="cuda")
@@ -109,7 +98,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.table is not None:
         return print_table(args.table)
-    OUT = args.out
+    decode_vs_transformers.OUT = args.out  # where emit appends
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cpu_time:  # the timers of decode_vs_transformers read time.perf_counter

@@ -36,7 +36,7 @@ def engine(request):
         presets.PRESETS.setdefault("qwen3-12-layers", qwen3_12_layers())
     loaded = load_model(f"preset:{request.param}", "bfloat16", "cuda")
     spec = EngineSpec(max_model_len=1024, num_kv_blocks=256 * 40, block_size=16, max_num_seqs=256,
-                      max_num_batched_tokens=4096, cuda_graphs=True, batch_invariant=True)
+                      max_num_batched_tokens=1024, cuda_graphs=True, batch_invariant=True)
     eng = LLMEngine(loaded, spec)
     assert eng.runner.graphs is not None
     yield eng
@@ -44,7 +44,7 @@ def engine(request):
     torch.cuda.empty_cache()
 
 
-def run(engine, arrivals: dict[int, list[tuple[str, list[int]]]], chunk: int = 4096,
+def run(engine, arrivals: dict[int, list[tuple[str, list[int]]]], chunk: int | None = None,
         cache: bool = False) -> dict[str, dict[int, torch.Tensor]]:
     """Requests added at their step; -> the target's ("t") logits rows by position. One engine
     serves every case (graphs are captured once): the chunk budget and prefix caching are set per
@@ -62,7 +62,8 @@ def run(engine, arrivals: dict[int, list[tuple[str, list[int]]]], chunk: int = 4
         return logits, extra
 
     engine.runner.execute = recording
-    engine.scheduler.max_num_batched_tokens = chunk  # the chunk size is the scheduler's budget per step
+    budget = engine.scheduler.max_num_batched_tokens
+    engine.scheduler.max_num_batched_tokens = chunk or budget  # the chunk size is the scheduler's budget per step
     engine.blocks.enable_prefix_caching = cache
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
     try:
@@ -74,7 +75,7 @@ def run(engine, arrivals: dict[int, list[tuple[str, list[int]]]], chunk: int = 4
             engine.step()
     finally:
         engine.runner.execute = execute
-        engine.scheduler.max_num_batched_tokens = 4096
+        engine.scheduler.max_num_batched_tokens = budget
         engine.blocks.enable_prefix_caching = False
     assert not engine.has_unfinished()
     return rows

@@ -13,21 +13,13 @@ check the hardware too. Skips without triton (CI) and on a CPU without the inter
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
-                       reason="needs CUDA, or TRITON_INTERPRET=1 for Triton's CPU interpreter"),
-]
-DTYPES = [torch.float32, torch.bfloat16] if DEVICE == "cuda" else [torch.float32]
+from tests.gpu.test_kernels import DEVICE, DTYPES, pytestmark  # noqa: E402,F401 - the same device and skip rules
 
 
 @pytest.fixture(autouse=True, scope="module")
