@@ -66,9 +66,10 @@ def _linear_kernel(
     HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):
-    """out [M, N] = x [M, K] @ w[N, K]^T (+ bias); with SPLIT, K split s -> part[s] in float32."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    """out [M, N] = x [M, K] @ w[N, K]^T (+ bias); with SPLIT, K split s -> part[s] in float32.
+    Row tiles are the fast grid axis: the programs that read one weight tile run together (L2)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
     split = tl.program_id(2)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -122,7 +123,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m and n:
         cfg = cfg or config(n, k, w.dtype)
-        grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(m, cfg.block_m), cfg.splits)
+        grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), cfg.splits)
         split = cfg.splits > 1
         part = torch.empty((cfg.splits, m, n), dtype=torch.float32, device=x.device) if split else out
         has_bias = bias is not None
