@@ -165,8 +165,9 @@ def test_greedy_tokens_match_the_default_mode(model, target):
 
 
 def test_every_placement_gives_the_local_bits_for_any_batch():
-    """RemoteExperts over the in-process transport on 1..4 workers and with groups held twice (their
-    tokens split between holders) against LocalExperts, for one token alone and in batches."""
+    """RemoteExperts over the in-process transport on 1..4 workers, with groups held twice (their
+    tokens split between holders) and with groups in the replica's own process (the local holder),
+    against LocalExperts, for one token alone and in batches."""
     from dataclasses import replace
 
     from actors.experts.placement import pack_groups
@@ -188,3 +189,21 @@ def test_every_placement_gives_the_local_bits_for_any_batch():
             for lo, hi in ((0, 24), (5, 6), (9, 20)):
                 assert torch.equal(rx.dispatch(1, x[lo:hi], ids[lo:hi], w[lo:hi]).wait(), alone[lo:hi]), (cfg.family, d, lo)
             rx.close()
+    # groups 0, 1 held in the replica's own process (the "local" holder), 2, 3 on a worker
+    from actors.experts.local_holder import LOCAL, LocalHolder
+    from actors.experts.placement import Placement
+    from actors.experts.remote_experts import RemoteExperts
+    from actors.experts.transport.base import WorkerRef
+    from actors.experts.transport.inprocess import InProcessTransport
+
+    cfg = get_preset("tiny-moge")
+    local = LocalExperts(cfg, random_expert_groups(cfg, range(cfg.n_groups), 0))
+    x, ids, w = routing(cfg, 24, seed=4)
+    alone = torch.cat([local.dispatch(2, x[i:i + 1], ids[i:i + 1], w[i:i + 1]).wait() for i in range(24)])
+    worker = make_workers(cfg, ["w0"])["w0"]
+    worker.load_groups([2, 3])
+    holder = LocalHolder(cfg, torch.device("cpu"), torch.float32, random_expert_groups(cfg, [0, 1], 0))
+    rx = RemoteExperts(cfg, InProcessTransport(), Placement(0, ((LOCAL,), (LOCAL,), ("w0",), ("w0",))),
+                       {"w0": WorkerRef("w0", local=worker)}, local=holder)
+    assert torch.equal(rx.dispatch(2, x[3:17], ids[3:17], w[3:17]).wait(), alone[3:17])
+    rx.close()
