@@ -1,13 +1,15 @@
 """Decode throughput and step latency: monolithic engine vs the disaggregated data plane.
 
     python bench/dataplane.py --preset bench-moge --batch-sizes 1,8,32,64,128,256 \
-        --transports grpc,collective,collective+lane --workers 2 --out bench_dataplane.json
+        --transports grpc,grpc+stream,collective,collective+lane --workers 2 --out bench_dataplane.json
 
-A transport named "X+lane" runs the step lane (data_plane.step_lane: one header per step, one packed
-tensor out and one partial back per MoE layer, nccl between GPUs, worker-side CUDA graphs; X only
-carries failover calls). For it, busy_ms is the worker's lane wall time per step (header to last
-partial: compute plus waiting for the replica's attention), so transport_share is not defined
-(reported as 0); bench/nccl_lane.py separates compute from wall.
+A transport named "X+lane" runs the step lane (data_plane.per_step: lane: one header per step, one
+packed tensor out and the partials back per MoE layer, nccl between GPUs, worker-side CUDA graphs;
+X only carries failover calls); "grpc+stream" the per-step gRPC stream (data_plane.per_step:
+stream: one bidirectional stream per worker). For the lane, busy_ms is the worker's lane wall time
+per step (header to last partial: compute plus waiting for the replica's attention), so
+transport_share is not defined (reported as 0); bench/nccl_lane.py separates compute from wall.
+--ping-pong off,on runs each remote mode both ways (default both).
 
 Every mode runs its attention replica as a Ray actor with one GPU (so Ray never hands the same GPU
 to a worker and the replica); expert workers get --worker-gpus each (fractions share a GPU; the
@@ -66,19 +68,19 @@ def measure(config_dict: dict, mode: str, batch_sizes: list[int], prompt_len: in
     import torch
 
     from actors.device import synchronize
-    from cluster.serve.replica_engine import build_engine
+    from cluster.replica.assemble import build_engine
     from actors.engine.sampling_params import SamplingParams
     from cluster.config import MogeConfig
-    from cluster.serve.data_plane import DataPlane
-    from cluster.serve.replica_engine import assemble
+    from cluster.replica.workers import ReplicaWorkers
+    from cluster.replica.assemble import assemble
 
     config = MogeConfig.model_validate(config_dict)
     remote = None
     if mode == "monolithic":
         engine, loaded = build_engine(config)
     else:
-        parts = assemble(config, data_plane=DataPlane(config, namespace=namespace))
-        engine, loaded, remote = parts.engine, parts.loaded, parts.remote
+        parts = assemble(config, workers=ReplicaWorkers(config, namespace=namespace))
+        engine, loaded, remote = parts.engine, parts.loaded, parts.experts
     timed = TimedExperts(loaded.model.experts)
     loaded.model.experts = timed
     vocab = loaded.cfg.vocab_size
@@ -104,7 +106,7 @@ def measure(config_dict: dict, mode: str, batch_sizes: list[int], prompt_len: in
         rows.append({
             "mode": mode, "batch": b, "step_ms": 1e3 * step, "tok_s": b / step,
             "blocked_ms": 1e3 * blocked, "busy_ms": 1e3 * busy,
-            "transport_share": max(0.0, blocked - busy) / step if remote and not config.data_plane.step_lane else 0.0,
+            "transport_share": max(0.0, blocked - busy) / step if remote and config.data_plane.per_step != "lane" else 0.0,
         })
         for rid in list(engine._seqs):
             engine.abort_request(rid)
@@ -120,7 +122,7 @@ def _worker_busy(remote) -> float:
         return 0.0
     import ray
 
-    stats = ray.get([ref.handle.stats.remote() for ref in remote._workers.values()])
+    stats = ray.get([ref.handle.stats.remote() for ref in remote.workers.values()])
     return max(s["busy_s"] for s in stats)
 
 
@@ -134,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--worker-gpus", type=float, default=1.0)
     ap.add_argument("--replica-gpus", type=float, default=1.0)
+    ap.add_argument("--ping-pong", default="off,on", help="remote modes with ping-pong off, on, or both")
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
@@ -142,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from cluster.config import MogeConfig
-    from cluster.serve.data_plane import DataPlane, worker_ids
+    from cluster.replica.workers import ReplicaWorkers, worker_ids
     from cluster.cli.local_cluster import start_ray
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -150,17 +153,18 @@ def main(argv: list[str] | None = None) -> int:
     start_ray(num_cpus=4 + args.workers)
     namespace = f"bench-{uuid.uuid4().hex[:6]}"
     modes = [("monolithic", None, False)]
+    pp = [v == "on" for v in args.ping_pong.split(",") if v]
     for t in [t for t in args.transports.split(",") if t]:
-        modes += [(t, t, False), (t, t, True)]  # "X+lane": transport X with the step lane
+        modes += [(t, t, p) for p in pp]  # "X+lane": transport X with the step lane; "grpc+stream"
     rows: list[dict] = []
     for label, transport, ping_pong in modes:
+        carrier, _, per_step = (transport or "inprocess").partition("+")  # "grpc+stream" -> grpc, stream
         config = MogeConfig.load(
             env={},
             model={"source": f"preset:{args.preset}", "device": args.device, "dtype": args.dtype, "max_model_len": 512},
             engine={"max_num_seqs": max(batch_sizes), "max_num_batched_tokens": 8192,
                     "num_kv_blocks": max(batch_sizes) * ((args.prompt_len + args.steps + 8) // 16 + 2)},
-            data_plane={"transport": (transport or "inprocess").removesuffix("+lane"),
-                        "step_lane": bool(transport and transport.endswith("+lane")), "num_workers": args.workers,
+            data_plane={"transport": carrier, "per_step": per_step or "off", "num_workers": args.workers,
                         "worker_num_gpus": args.worker_gpus if gpu else 0, "worker_num_cpus": 1 if gpu else 0.25, "ping_pong": ping_pong,
                         "call_timeout_s": 120},
         )
@@ -174,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             got = []
         finally:
             if transport is not None:
-                DataPlane(config, namespace=namespace).stop(worker_ids(args.workers))
+                ReplicaWorkers(config, namespace=namespace).stop(worker_ids(args.workers))
         for r in got:
             r["mode"] = name
         rows += got

@@ -9,7 +9,7 @@ capturing the 12 layers in one CUDA graph. Also the per-step header round trip (
 over NCCL, read on the host) against the same doorbell over gloo.
 
 engine: decode step latency of the monolithic engine on cuda:0 vs the step lane (model on cuda:0,
-StepLaneExperts, worker process on cuda:1 running captured per-bucket layer loops), with and
+the Dispatcher over a LaneCarrier, worker process on cuda:1 running captured per-bucket layer loops), with and
 without ping-pong. Columns: step_ms (median decode step), tok_s, tok_s_per_gpu (remote: /2),
 lane_ms (worker wall per step: header to last partial sent), compute_ms (the worker's held groups
 for the step's layers, captured alone), inproc_ms (the same groups through LocalExperts' stacked
@@ -186,11 +186,11 @@ def _decode_steps(engine, vocab: int, b: int, prompt_len: int, steps: int) -> fl
 
 
 def engine(args) -> list[dict]:
-    from actors.experts.lane_pair import NoTransport, spawn_worker
+    from actors.experts.lane_pair import NoCarrier, spawn_worker
     from actors.experts.placement import pack_groups
-    from actors.experts.remote_experts import RemoteExperts
-    from actors.experts.transport.step_lane import StepLaneExperts
-    from actors.experts.worker import model_config_of
+    from actors.experts.dispatch.dispatcher import Dispatcher
+    from actors.experts.lane.step_lane import LaneCarrier
+    from actors.experts.worker.spec import model_config_of
     batches = [int(b) for b in args.batch_sizes.split(",")]
     gpu = args.device == "cuda"
     if gpu:
@@ -216,8 +216,8 @@ def engine(args) -> list[dict]:
         timings = {b: ref.local.time_lane_compute(b, 10) for b in batches}
         for ping_pong in [m == "on" for m in args.ping_pong.split(",")]:
             placement = pack_groups(cfg.n_groups, [ref.worker_id])
-            remote = RemoteExperts(cfg, NoTransport(), placement, {ref.worker_id: ref})
-            experts = StepLaneExperts(remote, "cuda:0" if gpu else "cpu", slots=2, timeout_s=60)
+            experts = Dispatcher(cfg, NoCarrier(), placement, {ref.worker_id: ref},
+                                 step_carrier=LaneCarrier("cuda:0" if gpu else "cpu", timeout_s=60))
             eng, _ = _engine(args.preset, max(batches), args.prompt_len, args.steps, ping_pong, args.dtype,
                              args.device, experts)
             for b in batches:
@@ -239,8 +239,9 @@ def engine(args) -> list[dict]:
                              "graph_replays": after["graph_replays"], "capture_errors": after.get("capture_errors"),
                              # replica side: whole decode steps replayed with the lane ops inside
                              "replica_graphs": os.environ.get("MOGE_REPLICA_GRAPHS", "1") != "0",
-                             "replica_graph_replays": experts.graph_replays,
-                             "replica_graph_stale": experts.graph_stale, "lane_failures": experts.lane_failures})
+                             "replica_graph_replays": experts.per_step.graph_replays,
+                             "replica_graph_stale": experts.per_step.graph_stale,
+                             "lane_failures": experts.per_step.link_failures})
                 print(json.dumps(rows[-1]), flush=True)
             experts.close()
     return rows

@@ -28,7 +28,7 @@ class _Holder:
     worker_id = "holder"
 
     def __init__(self, groups: int, scale: int) -> None:
-        from actors.experts.transport.grpc import GrpcExpertServer
+        from actors.experts.carriers.grpc_server import GrpcExpertServer
 
         g = torch.Generator().manual_seed(0)
         shape13, shape2 = (EXPERTS * scale, 2 * I, D), (EXPERTS * scale, D, I)
@@ -44,7 +44,7 @@ class _Holder:
         return {g: self.data[g] for g in groups}
 
     def export_groups_raw(self, groups):
-        from actors.experts.transport.codec import to_host_buffer
+        from actors.experts.carriers.codec import to_host_buffer
 
         return {g: {**d, "w13": {l: to_host_buffer(t) for l, t in d["w13"].items()},
                     "w2": {l: to_host_buffer(t) for l, t in d["w2"].items()}} for g, d in self.export_groups(groups).items()}
@@ -67,7 +67,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from actors.experts.group_sources import weights_from_raw
-    from actors.experts.transport.grpc import fetch_groups
+    from actors.experts.carriers.grpc_call import fetch_groups
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     holder = ray.remote(_Holder).remote(args.groups, args.scale)

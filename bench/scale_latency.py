@@ -58,7 +58,7 @@ class WholeReplica:
 
     def __init__(self, config: dict) -> None:
         from cluster.config import MogeConfig
-        from cluster.serve.replica_engine import build_engine
+        from cluster.replica.assemble import build_engine
 
         self.engine, self.loaded = build_engine(MogeConfig.model_validate(config))
 
@@ -211,10 +211,10 @@ def _run(args, sources: list[str], stage: dict, out: dict) -> None:
     from actors.engine.async_engine import AsyncEngine
     from cluster.cli.local_cluster import start_ray
     from cluster.config import MogeConfig
-    from cluster.elastic.replica import ElasticReplica
+    from cluster.replica.elastic_side import ElasticReplica
     from cluster.elastic.stack import start_elastic
     from cluster.elastic.worker_fleet import WorkerFleet
-    from cluster.serve.replica_engine import build_engine
+    from cluster.replica.assemble import build_engine
 
     stage["now"] = "starting Ray"
     start_ray(4)

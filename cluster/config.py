@@ -32,6 +32,11 @@ class ModelSection(_Section):
     max_model_len: int | None = Field(None, ge=16, description="context length; default: the model's")
     seed: int = 0
     n_groups: int | None = Field(None, ge=1, description="top-k checkpoints: expert shards; MoGE: fixed")
+    quantization: Literal["auto", "none", "fp8"] = Field(
+        "auto", description="fp8: block-scaled FP8 attention projections, shared and routed experts (bf16 "
+        "checkpoints and presets quantized at load); auto: FP8 checkpoints stay FP8 on FP8 GPUs, are "
+        "dequantized elsewhere; none: everything in dtype. In-process experts only: expert workers "
+        "hold dtype weights")
 
 
 class EngineSection(_Section):
@@ -46,11 +51,15 @@ class EngineSection(_Section):
         "CUDA graphs, the KV cache in the rest), as vLLM's; a fractional replica_num_gpus scales it; CPU: 0.3 of free memory")
     num_kv_blocks: int | None = Field(None, ge=1, description="overrides the byte budget (tests)")
     enable_prefix_caching: bool = Field(True, description="reuse the KV of prompt prefixes seen before")
-    cuda_graphs: bool = Field(True, description="decode through CUDA graphs (CUDA; in-process experts or the step lane); false = eager")
-    cuda_graph_memory_mb: int = Field(4096, ge=0, description="device memory the decode graphs may take")
     batch_invariant: bool = Field(
         False, description="a request's logits bit-identical whatever else is in its batch, wherever its "
         "groups are placed and whether its prefix came from the cache (docs/architecture.md, invariant 7)")
+    grammar_max_bytes: int = Field(
+        512 << 10, ge=1024, description="largest JSON schema / grammar a request may constrain its output with (400 beyond)")
+    grammar_compile_timeout_s: float = Field(
+        10, gt=0, description="a grammar must compile within this, off the step thread (400 beyond)")
+    grammar_workers: int = Field(1, ge=1, description="threads that compile grammars, and threads that compute masks ahead "
+                                 "(llguidance drops the GIL); more make big grammars faster and take CPU from the steps")
     cuda_graphs: bool = Field(True, description="steps through CUDA graphs (CUDA; in-process experts: decode and mixed steps, the step lane: decode steps); false = eager")
     cuda_graph_memory_mb: int = Field(4096, ge=0, description="device memory the step graphs may take")
     async_scheduling: bool | None = Field(
@@ -76,7 +85,16 @@ class ServerSection(_Section):
         128, ge=8, description="Serve slots beyond the admitted generation requests, for /health, /metrics "
         "and clients still sending their body")
     max_n: int = Field(8, ge=1, description="cap on n (choices per request)")
-    max_tokens_default: int = Field(256, ge=1)
+    max_tokens_default: int | None = Field(
+        None, ge=1, description="cap on the completion of a request that omits max_tokens; None = until the "
+        "context ends (as OpenAI and vLLM do)")
+    tool_call_parser: Literal["auto", "hermes", "mistral", "pangu"] = Field(
+        "auto", description="tool-call format; auto = from the checkpoint's chat template and family "
+        "(cluster/serve/tools/formats.py)")
+    responses_max_stored: int = Field(
+        1024, ge=0, description="/v1/responses kept per replica for GET and previous_response_id "
+        "(least recently used dropped first); 0 = store nothing")
+    responses_max_stored_bytes: int = Field(64 << 20, ge=0, description="bound on the stored responses' size")
     num_replicas: int | Literal["auto"] = 1
     min_replicas: int = Field(1, ge=1)
     max_replicas: int = Field(4, ge=1)
@@ -91,10 +109,22 @@ class DataPlaneSection(_Section):
     worker_num_cpus: float = Field(1, ge=0)
     worker_num_gpus: float = Field(0, ge=0, description="1 per worker on GPUs; <1 to share")
     worker_resources: dict[str, float] = Field(default_factory=dict, description='e.g. {"NPU": 1}')
-    ping_pong: bool = True
-    step_lane: bool = Field(False, description="per-step protocol over one communicator per (replica, slot, worker): "
-                            "nccl between GPUs (gloo on CPU), the transport above only for failover")
+    ping_pong: bool | Literal["auto"] = Field(
+        "auto", description="two micro-batches per step so one's attention overlaps the other's remote experts; "
+        "auto = on only for the (device kind, carrier) pairs where it was measured to pay (cluster/replica/plan.py)")
+    per_step: Literal["off", "lane", "stream"] = Field(
+        "off", description="carry whole steps (one header per step, one message per layer and worker): lane = one "
+        "communicator per (replica, worker), nccl between GPUs (gloo on CPU); stream = one bidirectional gRPC "
+        "stream per (replica, worker) (transport grpc). The transport above then only carries failover calls")
+    step_lane: bool = Field(False, description="older name of per_step: lane")
+    warm_fallback: bool | None = Field(
+        None, description="the replica's failover copy of the experts (read from the checkpoint) is loaded at start "
+        "instead of when a worker first fails; default: on CPU replicas")
     call_timeout_s: float = Field(30, gt=0, description="deadline of one expert call")
+    hang_deadline_factor: float = Field(
+        5, gt=1, description="a call not answered within this many times the slowest of the last 64 replies "
+        "(at least hang_deadline_min_s) counts its worker as hung: its groups fail over")
+    hang_deadline_min_s: float = Field(1.0, gt=0, description="the floor of that deadline")
     grpc_max_message_bytes: int = Field(256 << 20, ge=1 << 20)
     grpc_tls_cert: str | None = None
     grpc_tls_key: str | None = None
@@ -126,7 +156,7 @@ class ElasticSection(_Section):
     key_prefix: str = "moge"
     metrics_interval_s: float = Field(1, gt=0)
     migration_source: Literal["device", "object_store", "peer", "checkpoint"] = Field(
-        "peer", description="where a migration target loads a group, first choice of a fallback chain: "
+        "object_store", description="where a migration target loads a group, first choice of a fallback chain: "
         "device = the holder's tensors over nccl/hccl (gloo on CPU) straight into the target's buffers, "
         "then the object store, then the checkpoint; object_store (alias peer) = the holder's raw buffers "
         "through Ray's object store, then the checkpoint; checkpoint = the safetensors / preset only")
@@ -144,6 +174,25 @@ class ElasticSection(_Section):
     policy: PolicySection = Field(default_factory=PolicySection)
 
 
+def unsupported(transport: str, per_step: str, local_groups: bool, ping_pong) -> str | None:
+    """Why a data-plane combination is refused (docs/architecture.md, "Carriers and holders"), or None."""
+    if per_step != "off" and local_groups:
+        # a step link runs a worker's whole step; groups computed in the replica's own process have
+        # no worker at the far end, so their every layer would take the per-call path inside the step
+        return (f"data_plane.per_step: {per_step} cannot be combined with elastic.local_groups: a step link only "
+                "reaches expert workers, not groups the replica holds in process; turn one of them off")
+    if transport == "inprocess":
+        if per_step != "off":
+            return f"data_plane.per_step: {per_step} needs expert workers: set data_plane.transport to grpc or collective"
+        if ping_pong is True:
+            return "data_plane.ping_pong overlaps remote experts: with data_plane.transport inprocess there are none"
+        if local_groups:
+            return "elastic.local_groups needs expert workers to grow onto: set data_plane.transport to grpc or collective"
+    if per_step == "stream" and transport != "grpc":
+        return f"data_plane.per_step: stream is a gRPC stream: it needs data_plane.transport grpc, not {transport}"
+    return None
+
+
 class MogeConfig(_Section):
     model: ModelSection = Field(default_factory=ModelSection)
     engine: EngineSection = Field(default_factory=EngineSection)
@@ -158,12 +207,22 @@ class MogeConfig(_Section):
             raise ValueError(f"elastic.policy.min_devices ({p.min_devices}) > max_devices ({p.max_devices})")
         if self.server.min_replicas > self.server.max_replicas:
             raise ValueError("server.min_replicas > server.max_replicas")
-        if self.data_plane.step_lane and self.elastic.local_groups:
-            # a lane runs a worker's whole step; groups computed in the replica's own process have
-            # no worker at the far end, so their every layer would take the per-call retry path
-            raise ValueError("data_plane.step_lane cannot be combined with elastic.local_groups: the step "
-                             "lane only reaches expert workers, not groups the replica holds in process; "
-                             "turn one of them off")
+        dp = self.data_plane
+        if dp.step_lane:
+            if dp.per_step not in ("off", "lane"):
+                raise ValueError("data_plane.step_lane (the older name of per_step: lane) contradicts "
+                                 f"data_plane.per_step: {dp.per_step}")
+            dp.per_step = "lane"
+        refused = unsupported(dp.transport, dp.per_step, self.elastic.local_groups, dp.ping_pong)
+        if refused:
+            raise ValueError(refused)
+        if self.model.quantization == "fp8" and self.data_plane.transport != "inprocess":
+            raise ValueError("model.quantization fp8 applies to in-process experts only: expert workers hold "
+                             "their groups in model.dtype (FP8 groups do not migrate yet); use data_plane."
+                             "transport inprocess, or quantization auto / none")
+        if self.model.quantization == "fp8" and self.engine.batch_invariant:
+            raise ValueError("engine.batch_invariant does not cover model.quantization fp8 yet (the invariant "
+                             "kernels take bf16/fp32 weights); turn one of them off")
         return self
 
     @classmethod

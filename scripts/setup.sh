@@ -11,6 +11,7 @@ py=${PYTHON:-python3}
 if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
+echo "setup: installing the project${extras:+ with [$extras]} into $venv (a few minutes the first time) ..."
 "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
 pip_args=()
 cons=$(mktemp)

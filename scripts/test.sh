@@ -4,7 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev,loadtest
-if [ -x helm/tests/install-helm.sh ]; then bash helm/tests/install-helm.sh; fi
 run=(.venv/bin/python -m pytest -q -rs "$@")
 if [ "$(id -u)" = 0 ] && command -v unshare >/dev/null && unshare -n true 2>/dev/null; then
   exec unshare -n bash -c 'ip link set lo up && exec "$@"' _ "${run[@]}"

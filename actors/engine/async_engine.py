@@ -109,6 +109,21 @@ class AsyncEngine:
             if not done:  # cancelled or closed by the consumer: free the slot
                 self.abort(request_id)
 
+    async def compile_grammar(self, spec: Any) -> Any:
+        """A GrammarSpec compiled on the engine's grammar threads, awaited here with the engine's time
+        budget (the event loop and the step thread do none of the work): a SamplingParams.grammar
+        that add_request only has to copy. RequestRejected if it is invalid, too big or too slow."""
+        grammars = self.engine.grammars
+        budget = grammars.limits.compile_timeout_s
+        fut = grammars.submit(spec)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), budget)
+        except TimeoutError:
+            fut.cancel()
+            raise RequestRejected(
+                f"the {spec.kind.replace('_', ' ')} did not compile within {budget:g}s "
+                "(engine.grammar_compile_timeout_s); simplify it") from None
+
     def abort(self, request_id: str) -> None:
         with self._lock:
             self._streams.pop(request_id, None)
@@ -150,6 +165,9 @@ class AsyncEngine:
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             log.error("engine step thread did not stop within %.1fs", timeout_s)
+        grammars = getattr(self.engine, "grammars", None)
+        if grammars is not None:
+            grammars.close()
 
     # ---- step thread ---------------------------------------------------------------------------
 

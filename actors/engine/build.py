@@ -1,7 +1,7 @@
 """From plain settings to a running LLMEngine: load the model, size the KV cache, build.
 
 The engine takes dataclasses, never the pydantic configuration (that stays at the edge:
-cluster/serve/replica_engine.py converts it). KV budget, first that is set: num_kv_blocks;
+cluster/replica/assemble.py converts it). KV budget, first that is set: num_kv_blocks;
 kv_cache_bytes; kv_cache_fraction of the device memory free after the weights are loaded; else, on
 an accelerator, the whole device as vLLM's gpu_memory_utilization does it:
 
@@ -24,6 +24,7 @@ import torch
 from actors.device import memory_free, memory_total, synchronize
 from actors.engine.engine import EngineSpec, LLMEngine
 from actors.model import kernels
+from actors.engine.sampling.grammar import GrammarLimits
 from actors.model.expert_compute import ExpertCompute
 from actors.model.kv_cache import PagedKVCache, bytes_per_block
 from actors.model.step_batch import StepBatch
@@ -45,6 +46,7 @@ class LoadSpec:
     seed: int = 0
     name: str | None = None
     max_model_len: int | None = None  # default: the model's
+    quantization: str = "auto"  # auto | none | fp8 (actors/weights/quantization.py)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class EngineSettings:
     cuda_graphs: bool = True
     cuda_graph_memory_mb: int = 4096
     batch_invariant: bool = False  # a row's logits do not depend on its batch (kernels/invariant.py)
+    grammar: GrammarLimits = GrammarLimits()
     async_scheduling: bool | None = None
     step_cost_ratio: float = 1.5
 
@@ -115,8 +118,7 @@ def loaded_bytes(loaded: LoadedModel) -> int:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             n += t.numel() * t.element_size()
-    experts = getattr(loaded.model, "experts", None)
-    return n + int(getattr(experts, "nbytes", 0) or 0)
+    return n + loaded.model.experts.nbytes
 
 
 @torch.no_grad()
@@ -173,8 +175,14 @@ def build_engine(
     """`experts`: an ExpertCompute to use instead of local experts (remote expert workers)."""
     kernels.set_batch_invariant(settings.batch_invariant)  # before any weight or kernel is touched
     loaded = load_model(
-        load.source, load.dtype, load.device, n_groups=load.n_groups, seed=load.seed, experts=experts, name=load.name
+        load.source, load.dtype, load.device, n_groups=load.n_groups, seed=load.seed, experts=experts, name=load.name,
+        quantization=load.quantization,
     )
+    if settings.batch_invariant and loaded.quantization != "none":
+        # the invariant kernels (kernels/invariant*.py) take bf16/fp32 weights only; serving FP8 with
+        # the default kernels would break the promise silently
+        raise ValueError(f"engine.batch_invariant does not cover {loaded.quantization} weights yet: "
+                         "serve this checkpoint with batch_invariant off, or a bf16 checkpoint invariant")
     max_model_len = load.max_model_len or loaded.cfg.max_position_embeddings
     blocks, reserved = kv_block_budget(settings, loaded, max_model_len)
     spec = EngineSpec(
@@ -188,6 +196,7 @@ def build_engine(
         cuda_graphs=settings.cuda_graphs,
         cuda_graph_memory_mb=settings.cuda_graph_memory_mb,
         batch_invariant=settings.batch_invariant,
+        grammar=settings.grammar,
         async_scheduling=settings.async_scheduling,
         step_cost_ratio=settings.step_cost_ratio,
     )

@@ -10,6 +10,7 @@ Shape legend: T = tokens in the step, B = sequences in the step, M = widest bloc
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
 import time
@@ -22,7 +23,7 @@ from actors.device import h2d
 from actors.engine.block_manager import BlockManager
 from actors.engine.request_rejected import RequestRejected
 from actors.engine.sampler import Sampler
-from actors.engine.sampling.grammar import GrammarCompiler
+from actors.engine.sampling.grammar import GrammarCompiler, GrammarLimits
 from actors.engine.sampling.logprobs import TokenLogprob, prompt_logprobs
 from actors.engine.sampling.slots import SlotTable
 from actors.engine.sampling_params import SamplingParams
@@ -51,6 +52,7 @@ class EngineSpec:
     # every row's logits independent of the rest of its batch (kernels/invariant.py); the mode is
     # the process's, so the engine sets it before its graphs are captured
     batch_invariant: bool = False
+    grammar: GrammarLimits = GrammarLimits()  # size, compile time and threads of structured output
     async_scheduling: bool | None = None  # launch step N + 1 before step N's tokens reach the host (None: on CUDA)
     # a step with prompt chunks costs at most this times a full decode step (start-up profile of the
     # captured graphs sets the per-step token cap; 0 or no graphs: max_num_batched_tokens alone)
@@ -87,7 +89,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.model, self.cfg, spec.num_kv_blocks, spec.block_size, ping_pong=spec.ping_pong,
             cuda_graphs=spec.cuda_graphs, max_num_seqs=spec.max_num_seqs, max_model_len=spec.max_model_len,
-            graph_memory_mb=spec.cuda_graph_memory_mb, max_num_batched_tokens=spec.max_num_batched_tokens,
+            cuda_graph_memory_mb=spec.cuda_graph_memory_mb, max_num_batched_tokens=spec.max_num_batched_tokens,
         )
         self.kv = self.runner.kv
         self.blocks = BlockManager(spec.num_kv_blocks, spec.block_size, spec.enable_prefix_caching)
@@ -103,7 +105,7 @@ class LLMEngine:
         self.slots = SlotTable(spec.max_num_seqs, self.cfg.vocab_size, self.runner.device)
         self.sampler = Sampler(self.slots)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.cfg.eos_token_ids)
-        self.grammars = GrammarCompiler(self.tokenizer, self.cfg.vocab_size, sorted(self.eos_token_ids))
+        self.grammars = GrammarCompiler(self.tokenizer, self.cfg.vocab_size, sorted(self.eos_token_ids), spec.grammar)
         self._seqs: dict[str, Sequence] = {}
         self._arrivals = itertools.count()
         self._tokens_generated = 0
@@ -169,6 +171,8 @@ class LLMEngine:
             matcher=None if params.grammar is None else self.grammars.matcher(params.grammar),
             prompt_logprobs=None if params.prompt_logprobs is None else [None],
         )
+        if seq.matcher is not None:
+            seq.grammar_mask = self.grammars.prefetch(seq.matcher)
         self._seqs[request_id] = seq
         if seq.matcher is not None or seq.prompt_logprobs is not None:
             self._sync_requests.add(request_id)  # its next step needs this one's tokens on the host
@@ -234,6 +238,8 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if scheduled:
             self._mark_scheduled(scheduled.seqs)
+        elif self._inflight is None:  # every runnable sequence waits for its grammar mask
+            self._wait_for_grammar_masks()
         launched = self._launch(scheduled) if scheduled else None
         if self._inflight is not None:  # step N's results, while the device runs step N + 1
             outputs += self._complete(self._inflight)
@@ -283,8 +289,10 @@ class LLMEngine:
         rows, seqs = [r for r, _ in kept], [s for _, s in kept]
         device = logits.device
         row_logits = logits if len(rows) == len(scheduled) else logits[h2d(torch.tensor(rows), device)]
-        constrained = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
-        allowed = self.grammars.fill_masks(constrained, len(seqs), device) if constrained else None
+        # masks were computed on grammar threads; a sequence admitted in this very step may still
+        # wait for its first one (the scheduler holds back the rest until theirs are done)
+        constrained = [(i, s.grammar_mask.result()) for i, s in enumerate(seqs) if s.matcher is not None]
+        allowed = self.grammars.masks_of(constrained, len(seqs), device) if constrained else None
         slot_ids = h2d(torch.tensor([s.slot for s in seqs], dtype=torch.long), device)
         flags = [self.slots.flags[s.slot] for s in seqs]
         step.seqs = seqs
@@ -330,6 +338,13 @@ class LLMEngine:
                 log.exception("request %s: handling its sampled token failed", seq.request_id)
                 outputs.append(self._fail(seq, exc))
         return outputs
+
+    def _wait_for_grammar_masks(self, timeout_s: float = 0.01) -> None:
+        """Nothing could run because every runnable sequence waits for its grammar mask: wait a
+        little for one (bounded, so the caller's step-boundary hooks keep running) instead of spinning."""
+        pending = [s.grammar_mask for s in self.scheduler.running if not s.grammar_ready()]
+        if pending:
+            concurrent.futures.wait(pending, timeout=timeout_s, return_when=concurrent.futures.FIRST_COMPLETED)
 
     def _sample_one(self, row_logits, slot_ids, flags, allowed, i: int):
         """Row i alone: (tokens, logprobs) of a one-row step, or the exception it raises."""
@@ -410,13 +425,20 @@ class LLMEngine:
             # the stop token counts as a completion token but is not part of the text
             out = self._finish(seq, "stop", token)
             out.ends_with_stop_token = True
-        elif seq.matcher is not None and (seq.matcher.is_stopped() or seq.matcher.is_error()):
+        elif seq.matcher is not None and seq.matcher.is_error():  # e.g. the parser's limits: never a cut answer
+            return self._fail(seq, RequestRejected(
+                f"the output grammar could not continue after {seq.num_completion_tokens} tokens: "
+                f"{seq.matcher.get_error().splitlines()[0][:300]}"))
+        elif seq.matcher is not None and seq.matcher.is_stopped():
             out = self._finish(seq, "stop", token)
         elif index + 1 >= seq.max_total_tokens:
             out = self._finish(seq, "length", token)
         else:
             out = self._output(seq, [token])
-        return self._text(seq, out)
+        out = self._text(seq, out)
+        if not out.finished and seq.matcher is not None:
+            seq.grammar_mask = self.grammars.prefetch(seq.matcher)
+        return out
 
     def _text(self, seq: Sequence, out: RequestOutput) -> RequestOutput:
         """With make_text: the output's text; a stop string that ends the request finishes it here."""

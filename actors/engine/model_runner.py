@@ -23,7 +23,7 @@ from actors.engine.ping_pong import PingPongRunner, micro_batch_tokens
 from actors.engine.scheduler import ScheduledBatch
 from actors.device import h2d
 from actors.engine.steps.step_inputs import build_inputs, to_step_batch
-from actors.model.expert_compute import StepRerun
+from actors.model.expert_compute import ExpertCompute, StepRerun
 from actors.model.kv_cache import PagedKVCache
 from actors.model.step_batch import StepBatch
 
@@ -41,9 +41,11 @@ class ModelRunner:
         cuda_graphs: bool = False,
         max_num_seqs: int = 0,
         max_model_len: int = 0,
-        graph_memory_mb: int = 4096,
+        cuda_graph_memory_mb: int = 4096,
         max_num_batched_tokens: int = 0,
     ) -> None:
+        if not isinstance(model.experts, ExpertCompute):  # the engine calls only what the seam declares
+            raise TypeError(f"model.experts must be an ExpertCompute, got {type(model.experts).__name__}")
         self.model = model
         self.cfg = cfg
         self.block_size = block_size
@@ -64,7 +66,7 @@ class ModelRunner:
             max_blocks = -(-max_model_len // block_size)
             pp = self.ping_pong
             self.graphs = StepGraphs(model, self.kv, max_num_seqs, max(max_num_batched_tokens, max_num_seqs),
-                                     max_blocks, graph_memory_mb, self.sampled,
+                                     max_blocks, cuda_graph_memory_mb, self.sampled,
                                      forward=pp.forward if pp is not None else None,
                                      micro_batches=micro_batch_tokens if pp is not None else None,
                                      mixed=pp is None)
@@ -73,10 +75,9 @@ class ModelRunner:
     def _graphs_possible(self, ping_pong: bool) -> bool:
         if self.device.type != "cuda":
             return False  # CPU and NPU run eagerly
-        experts = getattr(self.model, "experts", None)
+        experts = self.model.experts
         # ping-pong is captured only with experts that take part in the capture (the step lane)
-        lane = callable(getattr(experts, "graph_begin", None))
-        if (ping_pong and not lane) or not getattr(experts, "graph_safe", False):
+        if (ping_pong and not experts.graph_carrier) or not experts.graph_safe:
             log.info("steps run eagerly: the routed experts are not capturable in a CUDA graph (remote or partial)")
             return False
         return True
@@ -86,11 +87,10 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run one step: [B, V] logits, one row per scheduled sequence, and [E, V] logits of the
         flattened-token rows `prompt_rows` (prompt log-probabilities; None when none are asked)."""
-        boundary = getattr(getattr(self.model, "experts", None), "on_step_boundary", None)
+        boundary = self.model.experts.on_step_boundary  # a new placement epoch takes effect here, never inside a step
         inputs = build_inputs(scheduled.seqs, scheduled.num_new_tokens, self.block_size)
         if not prompt_rows and self.graphs is not None and self.graphs.covers(scheduled.num_new_tokens):
-            if boundary is not None:  # remote experts in the graph (step lane): the epoch switches here
-                boundary()
+            boundary()
             try:
                 return self.graphs.run(inputs), None
             except StepRerun:  # the lane failed during the replay: the step again, eagerly, below
@@ -102,14 +102,12 @@ class ModelRunner:
             # Rare (scoring requests' prefills), so it takes the plain path, not ping-pong.
             extra = h2d(torch.tensor(prompt_rows, dtype=torch.long), self.device)
             batch = dataclasses.replace(batch, logits_index=torch.cat([batch.logits_index, extra]))
-        if boundary is not None:  # a new placement epoch takes effect here, never inside the step
-            boundary()
+        boundary()
         plain = bool(prompt_rows)
         try:
             logits = self._forward(batch, plain)
         except StepRerun:  # a remote transport failed mid-step on the device: once more, routed around it
-            if boundary is not None:
-                boundary()
+            boundary()
             logits = self._forward(batch, plain)
         return (logits[:b], logits[b:]) if prompt_rows else (logits, None)
 

@@ -88,9 +88,7 @@ class PingPongRunner:
             return self.model(batch, kv)
         m = self.model
         parts = split_batch(batch, balanced_cut(batch))
-        begin = getattr(m.experts, "begin_step", None)
-        if begin is not None:  # the step lane: both micro-batches over one lane, in this order
-            begin([p.num_tokens for p in parts])
+        m.experts.begin_step([p.num_tokens for p in parts])  # the step lane: both over one lane, in this order
         halves = [_MicroBatch(b, m.embed(b.input_ids)) for b in parts]
         for layer in range(m.cfg.num_layers):
             for mb in halves:

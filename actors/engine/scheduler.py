@@ -88,6 +88,8 @@ class Scheduler:
             i += 1
             if seq.awaiting_last_token:  # async scheduling: its final token is in flight, nothing to run
                 continue
+            if not seq.grammar_ready():  # its grammar mask is still being computed: the rest go on
+                continue
             if seq.num_uncomputed_tokens > 1:
                 prefilling.append(seq)
                 continue
@@ -128,13 +130,17 @@ class Scheduler:
 
         # after a preemption the cache is full: admitting now would only preempt again
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            # the first waiting sequence that could sample now: one whose grammar mask is still being
+            # computed waits for it here, not in the step (the others keep their order)
+            seq = next((s for s in self.waiting if s.grammar_ready()), None)
+            if seq is None:
+                break
             hit = self.blocks.cached_prefix(seq)  # waiting sequences hold no blocks
             n = min(seq.num_tokens - len(hit) * self.blocks.block_size, budget)
             spare = self.watermark_blocks if self.running else 0
             if self.blocks.admission_cost(seq, hit, n) + spare > self.blocks.num_free_blocks:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.blocks.admit(seq, hit, n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -51,6 +51,9 @@ class Sequence:
     finish_reason: str | None = None
     slot: int | None = None  # sampling-state row (actors/engine/sampling/slots.py) from first sample to finish
     matcher: Any = None  # grammar matcher (llguidance) when the output is constrained
+    # the matcher's next-token mask, computed on a grammar thread (a Future of a [V/32] int32 row);
+    # the scheduler steps the sequence only once it is done, so no step waits for grammar work
+    grammar_mask: Any = None
     prompt_logprobs: list | None = None  # TokenLogprob per prompt token (None first) when asked for
     prompt_logprobs_sent: bool = False
     pending_logprobs: list = field(default_factory=list)  # TokenLogprobs not yet handed out
@@ -104,3 +107,7 @@ class Sequence:
         self.block_table = []
         self.num_hashed_blocks = 0
         self.status = SequenceStatus.WAITING
+
+    def grammar_ready(self) -> bool:
+        """Whether this sequence can take part in a step: unconstrained, or its mask is computed."""
+        return self.grammar_mask is None or self.grammar_mask.done()

@@ -8,10 +8,14 @@ allocated tensors instead of filling its final buffers, is alpha, and one holder
 actor at all (the attention replica holding its own groups, the "local" holder). So each holder
 runs a `GroupCopyServer` instead, which needs no Ray call to be reached:
 
-  rendezvous  the holder hosts a TCPStore on a port the OS picks and advertises {host, port,
-              backend} (ExpertWorker.endpoint()["copy"], or the replica's entry in Redis).
+  rendezvous  the holder hosts a TCPStore on a port the OS picks on its node address (not every
+              interface) and advertises {host, port, backend} (ExpertWorker.endpoint()["copy"],
+              or the replica's entry in Redis).
   request     the target takes a ticket n = store.add("seq", 1) and writes req/<n> = the manifest
-              it expects: [(group, layer, "w13"|"w2", shape, dtype)] in send order.
+              it expects, [(group, layer, "w13"|"w2", shape, dtype)] in send order, signed with the
+              cluster secret (rendezvous_auth.sign): TCPStore has no authentication, so the
+              holder acts on no request that does not verify, and on no value it cannot parse
+              (it drops it and goes on; a ticket nobody fills is skipped after a while).
   answer      the holder checks the manifest against what it holds and writes resp/<copy_id>
               ("ok" or the reason), then both join a fresh 2-rank group under prefix <copy_id>
               (holder rank 0, target rank 1), both prove they hold the cluster secret inside
@@ -42,12 +46,15 @@ import torch.distributed as dist
 from actors.device import collective_backend
 from actors.model.config import ModelConfig
 from actors.model.experts import ExpertGroupWeights
-from actors.experts.transport.collective import _make_group, abort_group
-from actors.experts.transport.rendezvous_auth import prove
+from actors.experts.carriers.pairs import abort_group, bound_store, make_group
+from actors.experts.carriers.rendezvous_auth import prove, sign, verify
 
 log = logging.getLogger(__name__)
 
-_STOP = b"stop"
+_REQUEST = "group-copy-request"
+SKIP_TICKET_S = 10.0  # a ticket taken but never written is skipped after this long
+LOOP_POLL_S = 0.05  # how often the request loop looks for the next request
+MAX_REQUEST_BYTES = 1 << 20
 _LIVE: "weakref.WeakSet[GroupCopyServer]" = weakref.WeakSet()
 
 
@@ -143,8 +150,9 @@ class GroupCopyServer:
         self.host = host
         self.backend = backend or collective_backend(device.type)
         self.timeout_s = timeout_s
-        self.store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False, timeout=_td(timeout_s))
+        self.store = bound_store(host, _td(timeout_s))
         self.copies_served = 0
+        self.requests_refused = 0  # values in the store that were not a signed request (metric, tests)
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="moge-group-copy", daemon=True)
         self._thread.start()
@@ -164,18 +172,62 @@ class GroupCopyServer:
         except Exception:  # noqa: BLE001
             return
         served = 0
-        while True:
+        missing_since = None
+        while not self._stopped:
             key = f"req/{served + 1}"
             try:
-                store.wait([key], datetime.timedelta(days=7))
-                raw = store.get(key)
+                ready = store.check([key])  # polled: a blocking wait would outlive stop()
+                taken = store.add("seq", 0) if not ready else 0
             except Exception:  # noqa: BLE001 - the store is gone: the process is ending
                 return
+            if not ready:
+                now = time.monotonic()
+                if taken <= served:
+                    missing_since = None  # nobody holds the next ticket yet
+                elif missing_since is None:
+                    missing_since = now
+                elif now - missing_since > SKIP_TICKET_S:
+                    served += 1  # a ticket whose request never came: skip it, serve the ones after
+                    missing_since = None
+                time.sleep(LOOP_POLL_S)
+                continue
+            missing_since = None
             served += 1
-            if raw == _STOP:
+            try:
+                raw = store.get(key)
+                store.delete_key(key)
+            except Exception:  # noqa: BLE001
                 return
-            threading.Thread(target=self._serve, args=(json.loads(raw),), name="moge-group-send",
-                             daemon=True).start()
+            req, refusal = self._verified(raw)
+            if req is None:
+                self.requests_refused += 1
+                if refusal is not None:  # a well-formed request without the secret: told at once, given nothing
+                    try:
+                        store.set(f"resp/{refusal}", "error: the request is not signed with the cluster secret")
+                    except Exception:  # noqa: BLE001
+                        return
+                continue
+            threading.Thread(target=self._serve, args=(req,), name="moge-group-send", daemon=True).start()
+
+    def _verified(self, raw: bytes) -> tuple[dict | None, str | None]:
+        """(the request, None) if `raw` is one signed with the cluster secret; (None, its copy id)
+        for a well-formed but unsigned one; (None, None) for anything else."""
+        try:
+            if len(raw) > MAX_REQUEST_BYTES:
+                return None, None
+            envelope = json.loads(raw)
+            body = envelope["body"]
+            req = json.loads(body)
+            copy_id = req.get("copy_id")
+            if not isinstance(copy_id, str) or not copy_id.startswith("copy-") or len(copy_id) > 64:
+                return None, None
+            if not verify(_REQUEST, body.encode(), envelope.get("tag"), self.secret):
+                return None, copy_id
+            if not isinstance(req.get("manifest"), list):
+                return None, None
+            return req, None
+        except Exception:  # noqa: BLE001 - garbage of any kind: not a request
+            return None, None
 
     def _serve(self, req: dict) -> None:
         copy_id = req["copy_id"]
@@ -185,7 +237,7 @@ class GroupCopyServer:
             return
         try:
             tensors = self._tensors(req["manifest"])
-        except Exception as exc:  # noqa: BLE001 - refuse: the target falls back at once
+        except Exception as exc:  # noqa: BLE001 - refuse (any malformed entry too): the target falls back
             store.set(f"resp/{copy_id}", f"error: {exc}")
             return
         store.set(f"resp/{copy_id}", "ok")
@@ -195,7 +247,7 @@ class GroupCopyServer:
         stream = _copy_stream(self.device)
         try:
             deadline = time.monotonic() + self.timeout_s
-            pg = _make_group(self.backend, dist.PrefixStore(copy_id, store), 0, _td(self.timeout_s))
+            pg = make_group(self.backend, dist.PrefixStore(copy_id, store), 0, _td(self.timeout_s))
             prove(pg, 0, self.device if self.backend != "gloo" else "cpu", _td(self.timeout_s), self.secret)
             with _on(stream):  # the sends wait for nothing the engine queued after the snapshot
                 works = [pg.send([t], 1, 0) for t in tensors]
@@ -227,12 +279,7 @@ class GroupCopyServer:
     def stop(self) -> None:
         if self._stopped:
             return
-        self._stopped = True
-        try:
-            n = self.store.add("seq", 1)
-            self.store.set(f"req/{n}", _STOP)
-        except Exception:  # noqa: BLE001
-            return
+        self._stopped = True  # the loop looks at this between its polls
         self._thread.join(5)
 
 
@@ -282,14 +329,15 @@ def _receive(endpoint, backend, cfg, groups, dtype, device, timeout_s, pgs, secr
     try:
         store = dist.TCPStore(endpoint["host"], int(endpoint["port"]), is_master=False, timeout=left())
         n = store.add("seq", 1)
-        store.set(f"req/{n}", json.dumps({"copy_id": copy_id, "manifest": manifest}))
+        body = json.dumps({"copy_id": copy_id, "manifest": manifest})
+        store.set(f"req/{n}", json.dumps({"body": body, "tag": sign(_REQUEST, body.encode(), secret)}))
         store.wait([f"resp/{copy_id}"], left())
         answer = store.get(f"resp/{copy_id}").decode()
         if answer != "ok":
             raise CopyFailed(f"holder refused: {answer}")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        pg = _make_group(backend, dist.PrefixStore(copy_id, store), 1, left())
+        pg = make_group(backend, dist.PrefixStore(copy_id, store), 1, left())
         pgs.append(pg)
         prove(pg, 1, device if backend != "gloo" else "cpu", left(), secret)
         connect_s = time.perf_counter() - start

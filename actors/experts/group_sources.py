@@ -21,7 +21,7 @@ import torch
 from actors.model.config import ModelConfig
 from actors.model.experts import ExpertGroupWeights
 from actors.experts.group_copy import CopyFailed, copy_groups
-from actors.experts.transport.codec import decode
+from actors.experts.carriers.codec import decode
 
 log = logging.getLogger(__name__)
 

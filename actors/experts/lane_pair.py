@@ -4,8 +4,8 @@ benchmark. Control calls (accept_lane, stats, ...) go over a multiprocessing pip
 over the step lane.
 
     with spawn_worker(spec, groups) as ref:          # a WorkerRef with a pipe-backed `local`
-        remote = RemoteExperts(cfg, NoTransport(), placement, {ref.worker_id: ref})
-        experts = StepLaneExperts(remote, "cuda:0")
+        experts = Dispatcher(cfg, NoCarrier(), placement, {ref.worker_id: ref},
+                             step_carrier=LaneCarrier("cuda:0"))
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from concurrent.futures import Future
 
 import torch.multiprocessing as mp
 
-from actors.experts.transport.base import ExpertTransport, TransportError, WorkerRef
+from actors.experts.carriers.base import Carrier, TransportError, WorkerRef
 
 
 def _serve(conn, worker_id: str, spec: dict, groups: list[int]) -> None:
-    from actors.experts.worker import ExpertWorker
+    from actors.experts.worker.worker import ExpertWorker
 
     worker = ExpertWorker(worker_id, spec, transport="inprocess", transport_options={"host": "127.0.0.1"})
     worker.load_groups(groups)
@@ -33,34 +33,53 @@ def _serve(conn, worker_id: str, spec: dict, groups: list[int]) -> None:
             conn.send(("ok", None))
             return
         try:
-            if hasattr(worker, method):
-                result = getattr(worker, method)(*args)
-            else:  # diagnostics of the lane module (e.g. time_lane_compute), run on this worker
-                from actors.experts import worker_lane
+            if method == "time_lane_compute":  # diagnostics of the lane module, run on this worker
+                from actors.experts.lane.worker_lane import time_lane_compute
 
-                result = getattr(worker_lane, method)(worker, *args)
+                result = time_lane_compute(worker, *args)
+            else:
+                result = getattr(worker, method)(*args)
             conn.send(("ok", result))
         except Exception as exc:  # noqa: BLE001 - handed back to the caller
             conn.send(("error", repr(exc)))
 
 
 class PipeWorker:
-    """ExpertWorker methods of the child process, called over the pipe (one call at a time)."""
+    """The ExpertWorker methods a replica's step lane and the benchmarks call, run in the child
+    process over the pipe (one call at a time)."""
 
     def __init__(self, conn) -> None:
         self._conn = conn
         self._lock = threading.Lock()
 
-    def __getattr__(self, method: str):
-        def call(*args):
-            with self._lock:
-                self._conn.send((method, args))
-                status, value = self._conn.recv()
-            if status != "ok":
-                raise RuntimeError(value)
-            return value
+    def _call(self, method: str, *args):
+        with self._lock:
+            self._conn.send((method, args))
+            status, value = self._conn.recv()
+        if status != "ok":
+            raise RuntimeError(value)
+        return value
 
-        return call
+    def accept_lane(self, lane_id: str, backend: str | None = None) -> dict:
+        return self._call("accept_lane", lane_id, backend)
+
+    def close_lane(self, lane_id: str) -> None:
+        return self._call("close_lane", lane_id)
+
+    def lane_stats(self) -> dict:
+        return self._call("lane_stats")
+
+    def stats(self) -> dict:
+        return self._call("stats")
+
+    def held_groups(self) -> list[int]:
+        return self._call("held_groups")
+
+    def endpoint(self) -> dict:
+        return self._call("endpoint")
+
+    def time_lane_compute(self, t: int, iters: int = 10) -> dict:
+        return self._call("time_lane_compute", t, iters)
 
 
 @contextlib.contextmanager
@@ -85,8 +104,8 @@ def spawn_worker(spec: dict, groups: list[int], worker_id: str = "w0", ready_tim
             proc.kill()
 
 
-class NoTransport(ExpertTransport):
-    """Per-call transport for setups with the step lane only: no fallback path (a failure is final)."""
+class NoCarrier(Carrier):
+    """Per-call carrier for setups with the step lane only: no fallback path (a failure is final)."""
 
     name = "none"
 
@@ -104,5 +123,5 @@ class NoTransport(ExpertTransport):
 
     def call(self, worker_id, layer, group_ids, x, ids, weights) -> Future:
         fut: Future = Future()
-        fut.set_exception(TransportError("no per-call transport in this setup"))
+        fut.set_exception(TransportError("no per-call carrier in this setup"))
         return fut

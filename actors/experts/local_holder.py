@@ -1,17 +1,18 @@
 """The attention replica as a holder of expert groups ("local" in the placement): the groups it
-computes in its own process with LocalExperts, next to those on expert workers. This is the one
+computes in its own process (GroupCompute), next to those on expert workers. This is the one
 device case grown live: a single GPU starts with attention and every group here; scaling to two
 moves half the groups to a worker over the device lane (this holder serves them through its
 GroupCopyServer) and back again on the way down.
 
 Changes follow the placement epochs (invariant 2): the replica's epoch listener fetches the groups
 a staged placement adds to "local" (off the step path) and `stage`s them; `commit`, called at the
-step boundary that swaps the placement in, builds the LocalExperts of the new set and lets go of
+step boundary that swaps the placement in, builds the GroupCompute of the new set and lets go of
 the groups that left. Every replica holds its own "local" copy, so dropping at its own swap is
-safe: after it no step of this replica routes to them.
+safe: after it no step of this replica routes to them. Its arithmetic is GroupCompute's, the same
+as a worker's, so a group computed here adds the same bits as one computed anywhere else.
 
 Memory: a group arrives once, into its final buffer (group_copy.py); at commit the kept and arrived
-groups are restacked layer by layer (LocalExperts keeps consecutive groups in one tensor per layer),
+groups are restacked layer by layer (GroupCompute keeps consecutive groups in one tensor per layer),
 each old layer stack freed as soon as its groups point at the new one, so the transient extra is
 one layer's stack.
 """
@@ -23,7 +24,8 @@ import threading
 import torch
 
 from actors.model.config import ModelConfig
-from actors.model.experts import ExpertGroupWeights, LocalExperts
+from actors.model.experts import ExpertGroupWeights
+from actors.model.group_compute import GroupCompute
 
 LOCAL = "local"  # the placement's holder id for "every attention replica, in process"
 
@@ -32,7 +34,7 @@ class LocalHolder:
     def __init__(self, cfg: ModelConfig, device: torch.device, dtype: torch.dtype,
                  groups: dict[int, ExpertGroupWeights] | None = None, copy_host: str | None = "127.0.0.1") -> None:
         self.cfg, self.device, self.dtype = cfg, device, dtype
-        self._experts: LocalExperts | None = LocalExperts(cfg, groups) if groups else None
+        self._experts: GroupCompute | None = GroupCompute(cfg, groups) if groups else None
         self._staged: tuple[frozenset[int], dict[int, ExpertGroupWeights]] | None = None
         self._lock = threading.Lock()
         self.copy_server = None
@@ -82,12 +84,12 @@ class LocalHolder:
         groups = {g: w for g, w in (old.groups.items() if old is not None else ()) if g in wanted}
         groups.update({g: w for g, w in arrived.items() if g in wanted})
         # drop every reference to the old stacks but the kept groups' views, so each layer's old
-        # stack is freed as soon as LocalExperts has restacked that layer
+        # stack is freed as soon as the new GroupCompute has restacked that layer
         self._experts = None
         if old is not None:
-            old._stacked = {}
+            old.stacked = {}
         del old, arrived, staged
-        self._experts = LocalExperts(self.cfg, groups) if groups else None
+        self._experts = GroupCompute(self.cfg, groups) if groups else None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return True
@@ -95,16 +97,13 @@ class LocalHolder:
     # ---- compute -----------------------------------------------------------------------------------
 
     def partials(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                 groups: list[int]) -> dict[int, torch.Tensor]:
-        """{g: [T, D] x.dtype} for `groups` (all held here), as LocalExperts computes them."""
+                 groups: list[int]) -> torch.Tensor:
+        """[n, T, D] x.dtype: the partials of `groups` (all held here), ascending."""
         experts = self._experts
-        if experts is None or not groups:
-            return {}
-        missing = [g for g in groups if g not in experts.groups]
+        missing = [g for g in groups if experts is None or g not in experts.groups]
         if missing:
             raise KeyError(f"local groups {missing} are not held by this replica")
-        parts = experts.group_partials(layer, x, topk_ids, topk_weights)
-        return {g: parts[g] for g in groups}
+        return experts.partials(layer, x, topk_ids, topk_weights, groups)
 
     def close(self) -> None:
         if self.copy_server is not None:

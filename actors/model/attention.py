@@ -68,15 +68,19 @@ def paged_attention(
     kv: PagedKVCache,
     step,  # the model's per-step context: .plan (an AttentionPlan, built on first use)
     scale: float,
+    fused: bool | None = None,
 ) -> torch.Tensor:
-    """-> [T, H, Dh]: the new tokens (their K/V already in the cache) against their whole context."""
+    """-> [T, H, Dh]: the new tokens (their K/V already in the cache) against their whole context.
+    `fused`: the varlen paged-attention kernel (chosen by the model once; None: decided here)."""
     if kernels.batch_invariant():
         from actors.model.kernels import invariant
 
         return invariant.attention(q, kv.k[layer], kv.v[layer], batch, scale, kv.max_seq_len)
     num_seqs, heads, head_dim = batch.num_seqs, q.shape[1], q.shape[2]
     kv_heads = kv.k[layer].shape[2]
-    if kernels.fused(q) and kernels.power_of_two(head_dim):
+    if fused is None:
+        fused = kernels.fused(q) and kernels.power_of_two(head_dim)
+    if fused:
         from actors.model.kernels.paged_attention import varlen_paged_attention
 
         return varlen_paged_attention(q, kv.k[layer], kv.v[layer], batch.block_tables, batch.query_start,

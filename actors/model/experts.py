@@ -1,11 +1,14 @@
-"""Routed experts: one group's weights, the kernel that computes them, and the in-process
-ExpertCompute.
+"""Routed experts: one group's weights and the kernel that computes them (GroupCompute,
+actors/model/group_compute.py, runs it over every group a process holds; LocalExperts,
+actors/model/local_experts.py, is the in-process ExpertCompute).
 
 Shape legend: T = tokens, D = hidden size, I = expert intermediate size, Eg = experts in the group,
 k = expert slots per token handed to the group, A = (token, expert) assignments of the group.
 
 An expert is SwiGLU: down(silu(gate(x)) * up(x)). Gate and up rows are stored stacked in one
-tensor (w13) so an expert is two matmuls.
+tensor (w13) so an expert is two matmuls. A weight is a tensor in the compute dtype or a BlockFp8
+(block-scaled FP8, actors/model/quant/blocks.py): the kernels take either; the torch fallback
+dequantizes an expert's weights where it uses them.
 """
 
 from __future__ import annotations
@@ -16,8 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from actors.model import kernels
-from actors.model.expert_compute import Done, PendingExperts
-from actors.model.config import ModelConfig
+from actors.model.quant import blocks
 
 
 @dataclass
@@ -31,7 +33,7 @@ class ExpertGroupWeights:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.w13, self.w2) for t in d.values())
+        return sum(blocks.nbytes(t) for d in (self.w13, self.w2) for t in d.values())
 
     def __getstate__(self) -> dict:
         # LocalExperts may turn these tensors into views of a stack of several groups; pickling a
@@ -51,7 +53,9 @@ class ExpertGroupWeights:
         )
 
 
-def _compact(t: torch.Tensor) -> torch.Tensor:
+def _compact(t):
+    if isinstance(t, blocks.BlockFp8):
+        return t.map(_compact)
     whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
     return t if whole and t.is_contiguous() else t.clone()
 
@@ -67,9 +71,11 @@ def group_forward(
     x: torch.Tensor,  # [T, D]
     local_ids: torch.Tensor,  # [T, k] int64, ids local to the group; outside [0, Eg) = not ours
     weights: torch.Tensor,  # [T, k] float32
+    fused: bool | None = None,
 ) -> torch.Tensor:
-    """[T, D] in x.dtype: Σ_k weight · expert_k(x) over this group's experts only."""
-    if kernels.fused(x):  # same per-slot arithmetic as LocalExperts' fused path: partials match
+    """[T, D] in x.dtype: Σ_k weight · expert_k(x) over this group's experts only. `fused`: the
+    Triton path (None: kernels.fused(x), for callers that have not chosen once)."""
+    if kernels.fused(x) if fused is None else fused:  # same per-slot arithmetic as the stacked fused path
         from actors.model.kernels.moe import fused_moe
 
         return fused_moe(x, w13, w2, local_ids, weights, experts_per_group=w13.shape[0], n_groups=1)
@@ -105,15 +111,15 @@ def slot_outputs(
         counts = [b - a for a, b in zip(bounds, bounds[1:])]
         ys = torch.zeros_like(xs)
         ys[: bounds[-1]] = grouped_swiglu(xs[: bounds[-1]], w13, w2, counts)
-    elif _grouped_mm_usable(x):
+    elif _grouped_mm_usable(x) and isinstance(w13, torch.Tensor):
         ys = _grouped_swiglu(w13, w2, xs, ends)
     else:
         ys = torch.zeros_like(xs)
         start = 0
         for e, end in enumerate(ends.tolist()):  # one host sync; the loop is over experts, not tokens
             if end > start:
-                gate, up = F.linear(xs[start:end], w13[e]).chunk(2, dim=-1)
-                ys[start:end] = F.linear(F.silu(gate) * up, w2[e])
+                gate, up = F.linear(xs[start:end], blocks.as_dense(w13[e], x.dtype)).chunk(2, dim=-1)
+                ys[start:end] = F.linear(F.silu(gate) * up, blocks.as_dense(w2[e], x.dtype))
             start = end
 
     ours = (key < n_local).unsqueeze(1)
@@ -132,108 +138,6 @@ def _grouped_swiglu(w13: torch.Tensor, w2: torch.Tensor, xs: torch.Tensor, ends:
     return torch._grouped_mm((F.silu(gate) * up).contiguous(), w2.transpose(1, 2), offs=offs)  # [A, D]
 
 
-class LocalExperts:
-    """ExpertCompute in one process: every group held here, computed one after another, partials
-    (x.dtype) summed in float32 in ascending group order — the arithmetic a distributed combine
-    reproduces, so its results can match bit for bit."""
-
-    def __init__(self, cfg: ModelConfig, groups: dict[int, ExpertGroupWeights]) -> None:
-        self.cfg = cfg
-        self.groups = dict(sorted(groups.items()))
-        self._stacked = self._stack_consecutive()
-
-    def _stack_consecutive(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """layer -> (w13 [E_held, 2I, D], w2) when the held groups are consecutive, so one sort and
-        one grouped matmul pair serve every group (a decode step is launch-bound otherwise). The
-        groups' own tensors are re-pointed at views of the stack: no second copy is kept."""
-        ids = list(self.groups)
-        if not ids or ids != list(range(ids[0], ids[0] + len(ids))):
-            return {}
-        if len(ids) == 1:
-            g = self.groups[ids[0]]
-            return {layer: (g.w13[layer], g.w2[layer]) for layer in g.w13}
-        stacked = {}
-        for layer in self.groups[ids[0]].w13:
-            w13 = torch.cat([g.w13[layer] for g in self.groups.values()])
-            w2 = torch.cat([g.w2[layer] for g in self.groups.values()])
-            eg = self.cfg.experts_per_group
-            for i, g in enumerate(self.groups.values()):
-                g.w13[layer], g.w2[layer] = w13[i * eg : (i + 1) * eg], w2[i * eg : (i + 1) * eg]
-            stacked[layer] = (w13, w2)
-        return stacked
-
-    def dispatch(
-        self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-    ) -> PendingExperts:
-        self._check_held(topk_ids)
-        if layer in self._stacked and kernels.fused(x):
-            from actors.model.kernels.moe import fused_moe
-
-            w13, w2 = self._stacked[layer]
-            first = next(iter(self.groups.values())).first_expert
-            eg = self.cfg.experts_per_group
-            return Done(fused_moe(x, w13, w2, topk_ids - first, topk_weights, eg, len(self.groups)))
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for partial in self.group_partials(layer, x, topk_ids, topk_weights).values():
-            out += partial.float()
-        return Done(out.to(x.dtype))
-
-    def group_partials(
-        self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
-    ) -> dict[int, torch.Tensor]:
-        """{group: [T, D] in x.dtype} for every held group, ascending: what a caller sums in group
-        order in float32 (dispatch here; RemoteExperts when some groups are held in process).
-        With the fused kernels each group goes through group_forward, as on an expert worker, so a
-        group's partial is the same wherever it is computed."""
-        if layer in self._stacked and not kernels.fused(x):
-            return self._partials_stacked(layer, x, topk_ids, topk_weights)
-        out = {}
-        for g, weights in self.groups.items():
-            ids, w = topk_ids, topk_weights
-            if self.cfg.family == "moge":  # MoGE slots come ordered by group: pass only ours
-                kg = self.cfg.k_per_group
-                ids, w = ids[:, g * kg : (g + 1) * kg], w[:, g * kg : (g + 1) * kg]
-            out[g] = group_forward(weights.w13[layer], weights.w2[layer], x, ids - weights.first_expert, w)
-        return out
-
-    def _partials_stacked(self, layer, x, topk_ids, topk_weights) -> dict[int, torch.Tensor]:
-        """Same per-group partials as the loop above (each group's slots summed, cast to x.dtype),
-        computed in one pass."""
-        w13, w2 = self._stacked[layer]
-        first = next(iter(self.groups.values())).first_expert
-        slots = slot_outputs(w13, w2, x, topk_ids - first, topk_weights)  # [T, K, D] float32
-        slot_group = topk_ids // self.cfg.experts_per_group  # [T, K]
-        out = {}
-        for g in self.groups:
-            if self.cfg.family == "moge":
-                kg = self.cfg.k_per_group
-                partial = slots[:, g * kg : (g + 1) * kg].sum(dim=1)
-            else:
-                partial = (slots * (slot_group == g).unsqueeze(-1)).sum(dim=1)
-            out[g] = partial.to(x.dtype)
-        return out
-
-    @property
-    def graph_safe(self) -> bool:
-        """Can a step through these experts be captured in a CUDA graph? Every group held (no
-        held-set check that reads ids on the host), consecutive (one stacked pass per layer) and the
-        fused CUDA path (no per-expert loop sized on the host)."""
-        if len(self.groups) != self.cfg.n_groups or not self._stacked:
-            return False
-        w13 = next(iter(self._stacked.values()))[0]
-        return kernels.fused(w13)
-
-    def _check_held(self, topk_ids: torch.Tensor) -> None:
-        if len(self.groups) == self.cfg.n_groups:
-            return
-        if self.cfg.family == "moge":  # every token visits every group
-            needed = range(self.cfg.n_groups)
-        else:  # costs a host sync, only for partial holders of top-k models (tests, debugging)
-            needed = torch.unique(topk_ids // self.cfg.experts_per_group).tolist()
-        missing = [g for g in needed if g not in self.groups]
-        if missing:
-            raise KeyError(f"expert groups {missing} are not held by this LocalExperts")
-
-    @property
-    def nbytes(self) -> int:
-        return sum(w.nbytes for w in self.groups.values())
+def cat_weights(weights: list):
+    """Stack expert weights along the expert dimension: tensors, or BlockFp8 with their scales."""
+    return blocks.cat(weights) if isinstance(weights[0], blocks.BlockFp8) else torch.cat(weights)

@@ -19,6 +19,8 @@ On CUDA the elementwise tails run as fused Triton kernels (actors/model/kernels/
 q/k norm + RoPE + KV write, SiLU-and-multiply, router softmax + top-K/G), decode attention reads the
 paged cache through the block table, and nothing in a step waits on the host, so a decode step can be
 captured in a CUDA graph (actors/engine/graphs/). Everywhere else the plain torch code below runs.
+Which of the two is chosen once, when the weights are in place (`choose_kernels`, called by the
+loader), never per call.
 """
 
 from __future__ import annotations
@@ -69,9 +71,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused = False  # choose_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.fused(x):
+        if self.fused:
             from actors.model.kernels.norm import rms_norm
 
             return rms_norm(x, self.weight, self.eps)
@@ -81,7 +84,7 @@ class RMSNorm(nn.Module):
 
     def add_forward(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (h + delta, norm(h + delta)): the residual add and the next norm in one pass."""
-        if kernels.fused(h):
+        if self.fused:
             from actors.model.kernels.norm import add_rms_norm
 
             return add_rms_norm(h, delta, self.weight, self.eps)
@@ -125,6 +128,7 @@ class SwiGLU(nn.Module):
         self.gate_proj = Linear(dim, inner)
         self.up_proj = Linear(dim, inner)
         self.down_proj = Linear(inner, dim)
+        self.fused = False  # choose_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if kernels.batch_invariant():
@@ -133,7 +137,7 @@ class SwiGLU(nn.Module):
             fused = self.__dict__.get("fused_gate_up")  # kernels/invariant.py fuse_projections
             gate, up = invariant.fused_linear(x, fused) if fused else (self.gate_proj(x), self.up_proj(x))
             return self.down_proj(invariant.silu_mul(gate, up))
-        if kernels.fused(x):
+        if self.fused:
             from actors.model.kernels.activation import silu_mul
 
             return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
@@ -153,6 +157,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
+        self.fused = False  # choose_kernels: the fused RoPE + KV write and paged decode kernels
 
     def forward(
         self, x: torch.Tensor, layer: int, batch: StepBatch, kv: PagedKVCache, step: "_StepContext"
@@ -168,7 +173,7 @@ class Attention(nn.Module):
         q = q.view(t, self.heads, self.head_dim)
         k = k.view(t, self.kv_heads, self.head_dim)
         v = v.view(t, self.kv_heads, self.head_dim)
-        if kernels.fused(x) and kernels.power_of_two(self.head_dim):
+        if self.fused:
             from actors.model.kernels.rope import qk_rope_store
 
             norms = (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps) if self.qk_norm else (None, None, 0.0)
@@ -178,7 +183,7 @@ class Attention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rotary(q, step.cos, step.sin), apply_rotary(k, step.cos, step.sin)
             kv.store(layer, k, v, batch.slot_mapping)
-        out = paged_attention(q, layer, batch, kv, step, self.head_dim**-0.5)  # [T, H, Dh]
+        out = paged_attention(q, layer, batch, kv, step, self.head_dim**-0.5, self.fused)  # [T, H, Dh]
         return self.o_proj(out.reshape(t, self.heads * self.head_dim))
 
 
@@ -257,7 +262,29 @@ class MoGEModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
         self.experts = experts
+        self._route = route  # choose_kernels: route_fused on CUDA
         self._steps: dict[int, _StepContext] = {}  # two slots: the ping-pong micro-batches
+
+    def choose_kernels(self) -> bool:
+        """The fused Triton kernels or the torch code, for every op of the model, once: where the
+        weights are and what kernels.fused says there (MOGE_FUSED_KERNELS, Triton installed).
+        Call again after moving the model or switching kernels (tests, benchmarks). -> fused."""
+        on = kernels.fused(self.embed_tokens.weight)
+        norms = [self.norm]
+        for block in self.layers:
+            norms += [block.input_layernorm, block.post_attention_layernorm]
+            attn = block.self_attn
+            attn.fused = on and kernels.power_of_two(attn.head_dim)
+            if attn.qk_norm:
+                norms += [attn.q_norm, attn.k_norm]
+            mlp = block.mlp
+            swiglu = getattr(mlp, "shared_expert", None) if block.is_moe else mlp
+            if swiglu is not None:
+                swiglu.fused = on
+        for norm in norms:
+            norm.fused = on
+        self._route = route_fused if on else route
+        return on
 
     # ---- per-layer pieces -------------------------------------------------------------------
 
@@ -286,9 +313,7 @@ class MoGEModel(nn.Module):
             return None, None
         moe: MoEBlock = block.mlp
         logits, scale = moe.gate(x), getattr(moe, "router_scale", None)
-        if kernels.fused(x):
-            return route_fused(self.cfg, logits, scale)
-        return route(self.cfg, logits, scale)
+        return self._route(self.cfg, logits, scale)
 
     @torch.no_grad()
     def finish_moe(

@@ -1,9 +1,11 @@
-"""config.json of an HF-format checkpoint -> ModelConfig, one small function per family."""
+"""config.json of an HF-format checkpoint -> ModelConfig, one small function per family, and its
+quantization_config checked (actors/weights/quantization.py says what is accepted and why)."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from actors.model.config import ModelConfig
@@ -14,6 +16,50 @@ PANGU_MODEL_TYPES = ("PanGuMoE", "PanguProMoE", "pangu_moe", "pangu_pro_moe")
 
 class UnsupportedModelError(ValueError):
     """The checkpoint is of a family or variant this server does not implement."""
+
+
+class UnsupportedQuantizationError(UnsupportedModelError):
+    """The checkpoint is quantized in a way this server cannot compute correctly."""
+
+
+@dataclass(frozen=True)
+class CheckpointQuant:
+    """The quantization_config of an accepted FP8 checkpoint."""
+
+    activation_scheme: str = "dynamic"
+    scale_fmt: str = "float"
+    not_converted: tuple[str, ...] = ()  # modules_to_not_convert / ignored_layers, as written
+
+
+def checkpoint_quantization(config: dict) -> CheckpointQuant | None:
+    """config.json's quantization_config -> CheckpointQuant, None without one; refuses the rest."""
+    q = config.get("quantization_config")
+    if not q:
+        return None
+    method = str(q.get("quant_method", "")).lower()
+    if method != "fp8":
+        raise UnsupportedQuantizationError(
+            f"quantization_config.quant_method {q.get('quant_method')!r} is not supported; this server reads "
+            "block-scaled FP8 checkpoints (quant_method 'fp8', weight_block_size [128, 128]) or unquantized ones"
+        )
+    block = q.get("weight_block_size")
+    if not isinstance(block, (list, tuple)) or list(block) != [128, 128]:
+        raise UnsupportedQuantizationError(
+            f"FP8 weight_block_size {block!r} is not supported (only [128, 128] blocks; None means per-tensor scales)"
+        )
+    fmt = str(q.get("fmt", "e4m3")).lower()
+    if fmt != "e4m3":
+        raise UnsupportedQuantizationError(f"FP8 fmt {q.get('fmt')!r} is not supported (only e4m3)")
+    scheme = str(q.get("activation_scheme", "dynamic")).lower()
+    if scheme not in ("dynamic", "static"):
+        raise UnsupportedQuantizationError(f"FP8 activation_scheme {q.get('activation_scheme')!r} is not supported")
+    scale_fmt = str(q.get("scale_fmt", "float")).lower()
+    if scale_fmt not in ("float", "ue8m0"):
+        raise UnsupportedQuantizationError(f"FP8 scale_fmt {q.get('scale_fmt')!r} is not supported")
+    if str(q.get("expert_dtype", "fp8")).lower() != "fp8":
+        raise UnsupportedQuantizationError(f"FP8 expert_dtype {q.get('expert_dtype')!r} is not supported (only fp8)")
+    skipped = q.get("modules_to_not_convert") or q.get("ignored_layers") or ()
+    return CheckpointQuant(scheme, scale_fmt, tuple(skipped))
 
 
 def _rope_theta(c: dict) -> float:
@@ -136,6 +182,7 @@ _BY_MODEL_TYPE = {"mixtral": _mixtral, "qwen2_moe": _qwen2_moe, "qwen3_moe": _qw
 
 
 def config_from_dict(c: dict) -> ModelConfig:
+    checkpoint_quantization(c)  # refuse a quantization the engine cannot compute before anything else
     arch = (c.get("architectures") or [""])[0]
     model_type = c.get("model_type", "")
     if arch in PANGU_ARCHITECTURES or model_type in PANGU_MODEL_TYPES:
@@ -150,8 +197,12 @@ def config_from_dict(c: dict) -> ModelConfig:
     return cfg
 
 
-def read_config(path: str | Path) -> ModelConfig:
+def read_config_dict(path: str | Path) -> dict:
     file = Path(path) / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no config.json")
-    return config_from_dict(json.loads(file.read_text()))
+    return json.loads(file.read_text())
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    return config_from_dict(read_config_dict(path))

@@ -5,6 +5,11 @@
 experts) lives in the MoGEModel; the routed experts are ExpertGroupWeights behind an ExpertCompute,
 so a replica whose experts are remote passes `experts=` and loads no expert tensors at all.
 
+`quantization` (actors/weights/quantization.py): "auto", "none" or "fp8". FP8 weights are block-scaled
+(actors/model/quant/): the model's FP8 linears are Fp8Linear modules swapped in before the state is
+assigned, routed experts BlockFp8 tensors in their ExpertGroupWeights. Presets with "fp8" are made
+and quantized tensor by tensor (each expert group per layer), so the peak never holds the bf16 model.
+
 Random preset weights are generated per tensor from a seed derived from (seed, name) — and for the
 experts from (seed, layer, group) — so a process that builds only some groups gets exactly the
 tensors a full build would. They are generated on the target device's generator (cuda: CUDA
@@ -22,10 +27,14 @@ import torch
 
 from actors.device import resolve_device, resolve_dtype
 from actors.model.expert_compute import ExpertCompute
-from actors.model.experts import ExpertGroupWeights, LocalExperts
+from actors.model.experts import ExpertGroupWeights
+from actors.model.local_experts import LocalExperts
 from actors.model.model import MoGEModel
 from actors.model.config import ModelConfig
 from actors.model.presets import get_preset
+from actors.model.quant.blocks import quantize
+from actors.model.quant.linear import is_fp8_weight, scale_name, swap_in_fp8
+from actors.weights.quantization import WeightPlan, plan_weights
 from actors.weights.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 PRESET_PREFIX = "preset:"
@@ -43,6 +52,7 @@ class LoadedModel:
     dtype: torch.dtype = torch.float32
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     attention_bytes: int = 0  # bytes of the attention part (embeddings, attention, router, shared, head)
+    quantization: str = "none"  # "fp8": FP8 weights kept (attention projections, shared, routed experts)
 
     @property
     def expert_bytes(self) -> int:
@@ -84,13 +94,24 @@ def _random_tensor(name: str, shape: torch.Size, seed: int, dtype, device) -> to
     return _randn(shape, shape[-1] ** -0.5, _seed(seed, name), dtype, device)
 
 
-def random_attention_part(cfg: ModelConfig, seed: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """Random state dict of a MoGEModel (everything but routed experts)."""
+def random_attention_part(cfg: ModelConfig, seed: int, dtype: torch.dtype, device: torch.device,
+                          fp8: bool = False) -> dict[str, torch.Tensor]:
+    """Random state dict of a MoGEModel (everything but routed experts); with fp8 the FP8 linears'
+    weights are quantized as they are made (weight + weight_scale_inv entries)."""
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in MoGEModel(cfg).state_dict().items()}
     if cfg.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
-    return {name: _random_tensor(name, shape, seed, dtype, device) for name, shape in shapes.items()}
+    out = {}
+    for name, shape in shapes.items():
+        t = _random_tensor(name, shape, seed, dtype, device)
+        if fp8 and is_fp8_weight(name):
+            b = quantize(t)
+            del t
+            out[name], out[scale_name(name)] = b.q, b.scale
+        else:
+            out[name] = t
+    return out
 
 
 def random_expert_groups(
@@ -99,8 +120,11 @@ def random_expert_groups(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    fp8: bool = False,
 ) -> dict[int, ExpertGroupWeights]:
-    """Random routed experts of `groups`; group g's tensors depend only on (seed, layer, g)."""
+    """Random routed experts of `groups`; group g's tensors depend only on (seed, layer, g). With fp8
+    each (layer, group) tensor is quantized as soon as it is made (w13: gate and up on their own
+    block grids, as a per-expert FP8 checkpoint stores them)."""
     device = torch.device(device)
     eg, inner, d = cfg.experts_per_group, cfg.moe_intermediate_size, cfg.hidden_size
     out = {}
@@ -110,22 +134,29 @@ def random_expert_groups(
         weights = ExpertGroupWeights(group=g, first_expert=cfg.experts_of_group(g).start)
         for layer in range(cfg.num_layers):
             if cfg.is_moe_layer(layer):
-                weights.w13[layer] = _randn((eg, 2 * inner, d), d**-0.5, _seed(seed, "w13", layer, g), dtype, device)
-                weights.w2[layer] = _randn((eg, d, inner), inner**-0.5, _seed(seed, "w2", layer, g), dtype, device)
+                w13 = _randn((eg, 2 * inner, d), d**-0.5, _seed(seed, "w13", layer, g), dtype, device)
+                weights.w13[layer] = quantize(w13, split=inner) if fp8 else w13
+                del w13
+                w2 = _randn((eg, d, inner), inner**-0.5, _seed(seed, "w2", layer, g), dtype, device)
+                weights.w2[layer] = quantize(w2) if fp8 else w2
+                del w2
         out[g] = weights
     return out
 
 
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], experts: ExpertCompute | None) -> MoGEModel:
-    """A MoGEModel holding exactly `state` (no second copy, no init pass)."""
+    """A MoGEModel holding exactly `state` (no second copy, no init pass). FP8 weights in `state`
+    (float8 `.weight` + `.weight_scale_inv`) turn their Linear into an Fp8Linear."""
     with torch.device("meta"):
         model = MoGEModel(cfg, experts)
+        swap_in_fp8(model, state)
     if cfg.tie_word_embeddings:
         state = {**state, "lm_head.weight": state["embed_tokens.weight"]}
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     model.requires_grad_(False)
+    model.choose_kernels()  # fused or torch, decided once the weights are where they will run
     return model.eval()
 
 
@@ -152,6 +183,7 @@ def load_model(
     experts: ExpertCompute | None = None,
     groups=None,
     name: str | None = None,
+    quantization: str = "auto",
 ) -> LoadedModel:
     """Load `source`. With `experts` given no expert tensors are read; otherwise `groups` (default:
     all) are loaded and served by a LocalExperts."""
@@ -162,25 +194,73 @@ def load_model(
         cfg = get_preset(preset)
         if n_groups is not None:
             cfg = cfg.with_groups(n_groups)
-        state = random_attention_part(cfg, seed, dt, dev)
-        wanted = range(cfg.n_groups) if groups is None else groups
-        held = {} if experts is not None else random_expert_groups(cfg, wanted, seed, dt, dev)
-        tokenizer: Tokenizer = ByteTokenizer(cfg.vocab_size)
-        label = name or preset
-    else:
-        from actors.weights import checkpoint
+        return build_preset(cfg, name or preset, source, seed, dt, dev, experts, groups, quantization)
+    from actors.weights import checkpoint
 
-        path = Path(source)
-        if not path.is_dir():
-            raise FileNotFoundError(f"model source {source!r} is neither 'preset:<name>' nor a directory")
-        cfg = checkpoint.read_config(path)
-        if n_groups is not None:
-            cfg = cfg.with_groups(n_groups)
-        reader = checkpoint.CheckpointReader(path)
-        state = checkpoint.load_attention_part(path, cfg, dt, dev, reader)
-        wanted = range(cfg.n_groups) if groups is None else groups
-        held = {} if experts is not None else checkpoint.load_expert_groups(path, cfg, wanted, dt, dev, reader)
-        tokenizer = _tokenizer_for_dir(path, cfg)
-        label = name or path.name
+    path = Path(source)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model source {source!r} is neither 'preset:<name>' nor a directory")
+    cfg = checkpoint.read_config(path)
+    if n_groups is not None:
+        cfg = cfg.with_groups(n_groups)
+    reader = checkpoint.CheckpointReader(path)
+    plan = checkpoint.weight_plan(path, dt, dev, quantization)
+    state = checkpoint.load_attention_part(path, cfg, dt, dev, reader, plan)
+    wanted = range(cfg.n_groups) if groups is None else groups
+    held = {} if experts is not None else checkpoint.load_expert_groups(path, cfg, wanted, dt, dev, reader, plan)
+    tokenizer = _tokenizer_for_dir(path, cfg)
+    return _assemble(cfg, state, held, experts, tokenizer, name or path.name, source, plan)
+
+
+def build_preset(
+    cfg: ModelConfig,
+    name: str,
+    source: str = "",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    experts: ExpertCompute | None = None,
+    groups=None,
+    quantization: str = "auto",
+) -> LoadedModel:
+    """A preset shape with random weights made on `device` (no disk); with quantization fp8 each tensor
+    is quantized as it is made. `load_model("preset:<name>")` comes here, and so may a test's scaled
+    copy of a preset: the same construction path."""
+    device = torch.device(device)
+    plan = plan_weights(quantization, None, dtype, device)
+    state = random_attention_part(cfg, seed, dtype, device, plan.fp8)
+    wanted = range(cfg.n_groups) if groups is None else groups
+    held = {} if experts is not None else random_expert_groups(cfg, wanted, seed, dtype, device, plan.fp8)
+    return _assemble(cfg, state, held, experts, ByteTokenizer(cfg.vocab_size), name, source, plan)
+
+
+def _assemble(cfg, state, held, experts, tokenizer, label, source, plan: WeightPlan) -> LoadedModel:
     model = build_model(cfg, state, experts if experts is not None else LocalExperts(cfg, held))
-    return LoadedModel(model, cfg, tokenizer, label, held, source, dt, dev, _state_bytes(state))
+    return LoadedModel(model, cfg, tokenizer, label, held, source, plan.dtype, plan.device, _state_bytes(state), plan.label)
+
+
+def dequantized(loaded: LoadedModel, dtype: torch.dtype | None = None) -> LoadedModel:
+    """The same model with every FP8 weight dequantized to `dtype` (default the compute dtype): the
+    reference an FP8 model is checked against. Costs the dense model's memory."""
+    from actors.model.quant.blocks import as_dense, dequantize
+    from actors.model.quant.linear import SCALE_SUFFIX
+
+    dtype = dtype or loaded.dtype
+    state = loaded.model.state_dict()
+    if loaded.cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    dense = {}
+    for name, t in state.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        scale = state.get(name[: -len("weight")] + SCALE_SUFFIX) if name.endswith(".weight") else None
+        dense[name] = dequantize(t, scale, dtype) if scale is not None else t.to(dtype)
+    groups = {
+        g: ExpertGroupWeights(w.group, w.first_expert,
+                              {layer: as_dense(t, dtype) for layer, t in w.w13.items()},
+                              {layer: as_dense(t, dtype) for layer, t in w.w2.items()})
+        for g, w in loaded.expert_groups.items()
+    }
+    model = build_model(loaded.cfg, dense, LocalExperts(loaded.cfg, groups))
+    return LoadedModel(model, loaded.cfg, loaded.tokenizer, loaded.name, groups, loaded.source, dtype,
+                       loaded.device, _state_bytes(dense), "none")

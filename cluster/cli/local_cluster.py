@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -92,6 +93,35 @@ def remove_private_ray_dir(root: str | None) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def keep_ray_logs(root: str | None) -> str | None:
+    """Copy the logs of a private Ray dir (before it is removed) to a new /tmp/moge-logs-* dir:
+    what a failed start leaves for the user to read. -> that dir, or None if there were none."""
+    if not root:
+        return None
+    logs = Path(root) / "session_latest" / "logs"
+    if not logs.is_dir():
+        return None
+    dest = tempfile.mkdtemp(prefix="moge-logs-", dir="/tmp")
+    shutil.copytree(logs, dest, dirs_exist_ok=True, ignore_dangling_symlinks=True,
+                    ignore=shutil.ignore_patterns("*.sock"))
+    return dest
+
+
+_ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception)\b: .+$")
+
+
+def first_replica_error(logs_dir: str) -> str | None:
+    """The exception a replica died of, from Serve's logs (the last `...Error: message` line that is
+    not Ray's own wrapper), so a failed start can say why without the user opening files."""
+    found = None
+    for log in sorted(Path(logs_dir, "serve").glob("*.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            line = line.strip()
+            if _ERROR_LINE.match(line) and not line.startswith("RuntimeError: Traceback"):
+                found = line
+    return found
+
+
 def start_ray(num_cpus: int) -> str:
     """ray.init for this machine: a new, private, loopback-only local instance (see the module
     docstring), bounded logical CPUs, no dashboard, workers that can import this checkout (they are
@@ -158,7 +188,7 @@ class LocalCluster:
             self._owns_ray = True
         config = self.config
         if elastic_enabled(config) and self.control_plane:
-            from cluster.serve.data_plane import WORKER_NAMESPACE
+            from cluster.replica.workers import WORKER_NAMESPACE
 
             self.stack = start_elastic(config, namespace=WORKER_NAMESPACE,
                                        bootstrap_timeout_s=max(1.0, deadline - time.monotonic()))
@@ -189,11 +219,16 @@ class LocalCluster:
             return port, "/"
         return int(_get_global_client().http_config.port), f"/{self.app_name}"
 
-    def stop(self) -> None:
+    def stop(self, keep_logs: bool = False) -> str | None:
         """Stop the app (Serve too, if this object started it), then the control plane and its
-        workers, then Ray if this object started it. Replicas go first: they leave the ack set."""
+        workers, then Ray if this object started it. Replicas go first: they leave the ack set.
+        `keep_logs`: copy the private Ray dir's logs out before it is removed -> their dir."""
         import ray
         from ray import serve
+
+        kept = None
+        if self.stack is not None and self.stack.redis is not None:
+            self.stack.redis.stop_supervising()  # stopping: a redis-server that exits now stays down
 
         try:
             if ray.is_initialized():
@@ -211,8 +246,11 @@ class LocalCluster:
                 if self._owns_ray:
                     ray.shutdown()
                     self._owns_ray = False
+                    if keep_logs:
+                        kept = keep_ray_logs(self._ray_dir)
                     remove_private_ray_dir(self._ray_dir)
                     self._ray_dir = None
+        return kept
 
     def __enter__(self) -> "LocalCluster":
         self.start()

@@ -25,7 +25,7 @@ import ray
 
 from actors.experts.local_holder import LOCAL
 from actors.experts.placement import Placement, groups_of, plan_groups
-from actors.experts.worker import model_config_of
+from actors.experts.worker.spec import model_config_of
 from cluster.config import MogeConfig
 from cluster.elastic.control.operations import BadRequest, ControllerBusy, Operations
 from cluster.elastic.control.ports import RayPorts
@@ -183,8 +183,11 @@ class ElasticController:
     # ---- reading ------------------------------------------------------------------------------
 
     def status(self) -> dict:
-        return status(self.inventory, self.section, self.n_groups, self.ports.replica_ttl_s,
-                      self._last_decision, self._last_error, self.started_at)
+        out = status(self.inventory, self.section, self.n_groups, self.ports.replica_ttl_s,
+                     self._last_decision, self._last_error, self.started_at)
+        if out["operation"] is None and self.ops.preparing is not None:  # not journaled yet
+            out["operation"] = dict(self.ops.preparing)
+        return out
 
     def consistency(self) -> list[str]:
         return consistency(self.inventory)

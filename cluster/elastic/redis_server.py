@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import signal
 import logging
 import socket
 import subprocess
@@ -93,8 +94,11 @@ class EmbeddedRedis:
             args += ["--dir", self.data_dir, "--appendonly", "yes", "--appendfsync", "always"]
         else:
             args += ["--appendonly", "no"]
-        # The password travels on argv; redis-server is only reachable on loopback.
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # The password travels on argv; redis-server is only reachable on loopback. Its own session
+        # (process group): a terminal's Ctrl-C goes to the foreground group only, so it reaches the
+        # server process, which stops Redis last, not redis-server itself mid-shutdown.
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        start_new_session=True, preexec_fn=_die_with_parent)
         self._wait_ready(timeout_s)
         return self
 
@@ -142,11 +146,15 @@ class EmbeddedRedis:
         self._supervisor.start()
         return self
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop_supervising(self, timeout_s: float = 10.0) -> None:
+        """From now on a redis-server that exits stays down (the cluster is shutting down)."""
         self._stopping.set()
-        if self._supervisor is not None:
+        if self._supervisor is not None and self._supervisor is not threading.current_thread():
             self._supervisor.join(timeout_s)
             self._supervisor = None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.stop_supervising(timeout_s)
         with self._lock:
             self._stop_process(timeout_s)
 
@@ -163,6 +171,17 @@ class EmbeddedRedis:
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the process that started it dies (Linux), so a
+    redis-server in its own session never outlives a `moge serve` that was killed outright."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def connect(url: str | None, password: str | None = None, *, socket_timeout_s: float = 5.0) -> redis.Redis:

@@ -13,8 +13,9 @@ from typing import Any
 
 import ray
 
-from actors.experts.worker import ExpertWorker, worker_options
-from actors.experts.transport.base import WorkerRef
+from actors.experts.worker.spec import worker_options
+from actors.experts.worker.worker import ExpertWorker
+from actors.experts.carriers.base import WorkerRef
 from cluster.config import MogeConfig
 
 log = logging.getLogger(__name__)

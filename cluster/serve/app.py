@@ -3,7 +3,7 @@
 `app_builder({"config": <MogeConfig dict>})` is the Serve application builder, usable from Python
 (`serve.run(app_builder(...))`) and from a Serve config file (`import_path:
 cluster.serve.app:app_builder`). Each replica builds its engine once, in `start_engine`, the single
-place that decides how the model is put together (cluster/serve/replica_engine.py), then serves HTTP through
+place that decides how the model is put together (cluster/replica/assemble.py), then serves HTTP through
 cluster/serve/openai_server.py, plus the admin routes (cluster/serve/admin_api.py) when it is elastic.
 
 The config is read with `MogeConfig.load` both in the builder (to size the deployment) and again in
@@ -24,7 +24,7 @@ from ray.serve import Application
 from cluster.config import MogeConfig, ServerSection
 from cluster.serve.metrics.replica import ReplicaMetrics
 from cluster.serve.openai_server import OpenAIServer, ServedModel, build_http_app
-from cluster.serve.replica_engine import ReplicaParts, assemble
+from cluster.replica.assemble import ReplicaParts, assemble
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,12 @@ class ReplicaEngine:
 
 
 def start_engine(config: MogeConfig) -> ReplicaEngine:
-    """Assemble this replica's engine (cluster/serve/replica_engine.py) and start its step thread."""
+    """Assemble this replica's engine (cluster/replica/assemble.py) and start its step thread."""
     from actors.engine.async_engine import AsyncEngine
 
     parts = assemble(config)
     served = ServedModel(name=parts.loaded.name, tokenizer=parts.loaded.tokenizer,
-                         max_model_len=parts.engine.spec.max_model_len)
+                         max_model_len=parts.engine.spec.max_model_len, family=parts.loaded.cfg.family)
     return ReplicaEngine(AsyncEngine(parts.engine), served, parts)
 
 
@@ -72,11 +72,11 @@ class AttentionReplica:
         self.metrics = ReplicaMetrics(self.served.name, self.engine.stats, self.served.max_model_len)
         if self.replica.elastic is not None:
             self.replica.elastic.attach(self.engine, self.metrics)
-        elif self.replica.parts.remote is not None:
-            self.metrics.watch_experts(self.replica.parts.remote)
+        elif self.replica.parts.experts is not None:
+            self.metrics.watch_experts(self.replica.parts.experts)
         self.front = OpenAIServer(self.engine, self.served, self.config.server, self.metrics)
         log.info("attention replica serving %s (context %d, experts %s)", self.served.name,
-                 self.served.max_model_len, self.replica.mode)
+                 self.served.max_model_len, self.replica.parts.plan.describe())
 
     def __serve_build_asgi_app__(self):  # Serve calls this once, after __init__
         from cluster.serve.middleware.request_guard import GuardLimits
@@ -87,11 +87,11 @@ class AttentionReplica:
 
     async def _ready(self) -> dict:
         """Degraded while an expert group has no live holder (its calls wait for a failover)."""
-        elastic = self.replica.elastic
-        if elastic is None:
+        experts = self.replica.parts.experts
+        if experts is None:
             return {"ready": True}
-        unserved = elastic.experts.groups_without_live_holder()
-        return {"ready": not unserved, "groups_without_live_holder": unserved, "epoch": elastic.epoch}
+        unserved = experts.groups_without_live_holder()
+        return {"ready": not unserved, "groups_without_live_holder": unserved, "epoch": experts.epoch}
 
     def _admin_routes(self):
         """/admin/status|scale|migrate, forwarded to the controller; only elastic replicas have one."""
@@ -99,7 +99,7 @@ class AttentionReplica:
             return None
         from cluster.serve.admin_api import admin_keys, admin_router
         from cluster.elastic.controller import get_controller
-        from cluster.serve.data_plane import WORKER_NAMESPACE
+        from cluster.replica.workers import WORKER_NAMESPACE
 
         return admin_router(lambda: get_controller(WORKER_NAMESPACE), admin_keys(self.config.server))
 

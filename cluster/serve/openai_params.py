@@ -18,13 +18,58 @@ from cluster.serve.errors import InvalidRequest
 
 
 def output_grammar(req: p._SamplingFields) -> GrammarSpec | None:
-    """response_format -> grammar (json_object: any JSON object; json_schema: that schema)."""
+    """response_format -> grammar (json_object: any JSON object; json_schema: that schema, closed
+    the OpenAI way when `strict` is true)."""
     fmt = req.response_format
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
         return GrammarSpec("json_object")
-    return GrammarSpec("json_schema", json.dumps(fmt.json_schema.schema_))
+    return schema_grammar(fmt.json_schema.schema_, bool(fmt.json_schema.strict))
+
+
+def schema_grammar(schema: dict, strict: bool) -> GrammarSpec:
+    return GrammarSpec("json_schema", json.dumps(strict_schema(schema) if strict else schema))
+
+
+# keywords whose value is a schema, or a list / map of schemas (JSON Schema 2020-12 and draft 7)
+_SUBSCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else", "propertyNames",
+              "unevaluatedItems", "unevaluatedProperties")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def strict_schema(schema: Any) -> Any:
+    """OpenAI's strict structured output: every object is closed (`additionalProperties: false`
+    unless the schema says otherwise) and requires all its properties, recursively through
+    properties, items, combinators and definitions. A copy; the client's schema is left as sent.
+    OpenAI refuses a strict schema whose `required` misses a property; here it is completed, so
+    the answer carries every key as OpenAI's would (a pydantic model with defaults still works)."""
+    if isinstance(schema, list):
+        return [strict_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA:
+        if isinstance(out.get(key), (dict, list)):
+            out[key] = strict_schema(out[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [strict_schema(s) for s in out[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: strict_schema(v) for k, v in out[key].items()}
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = strict_schema(out["additionalProperties"])
+    types = out.get("type")
+    is_object = types == "object" or (isinstance(types, list) and "object" in types) or "properties" in out
+    if is_object:
+        out.setdefault("additionalProperties", False)
+        props = out.get("properties")
+        if isinstance(props, dict):
+            required = [r for r in out.get("required", []) if isinstance(r, str)]
+            out["required"] = required + [k for k in props if k not in required]
+    return out
 
 
 def sampling_params(
@@ -34,7 +79,8 @@ def sampling_params(
     *,
     logprobs: int | None = None,
     prompt_logprobs: int | None = None,
-    grammar: GrammarSpec | None = None,
+    grammar: Any = None,
+    skip_special_tokens: bool | None = None,
 ) -> SamplingParams:
     """The engine parameters of choice `index` (a seed gives choice j the seed + j: distinct but
     reproducible choices)."""
@@ -56,7 +102,7 @@ def sampling_params(
         logit_bias=bias,
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
-        skip_special_tokens=req.skip_special_tokens,
+        skip_special_tokens=req.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
         grammar=grammar,
     )
@@ -119,6 +165,22 @@ def first_prompt_entry(token_id: int, token_text: TokenText, out: p.CompletionLo
     out.top_logprobs.append(None)
     out.text_offset.append(0)
     return len(text)
+
+
+def vllm_prompt_logprobs(entries: list[TokenLogprob | None], token_text: TokenText, k: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: None for the first prompt token, then per token a map from token id
+    to {logprob, rank, decoded_token} holding the prompt token and the k most likely ones."""
+    out: list[dict | None] = []
+    for e in entries:
+        if e is None:
+            out.append(None)
+            continue
+        entry = {str(i): p.PromptLogprob(logprob=lp, rank=r + 1, decoded_token=token_text(i))
+                 for r, (i, lp) in enumerate(e.top[:k])}
+        entry.setdefault(str(e.token_id), p.PromptLogprob(logprob=e.logprob, rank=e.rank,
+                                                          decoded_token=token_text(e.token_id)))
+        out.append(entry)
+    return out
 
 
 def chat_logprobs(entries: list[TokenLogprob], token_text: TokenText, top: int) -> p.ChatLogprobs:

@@ -7,7 +7,7 @@ vLLM does (clients send newer OpenAI fields such as `store` or `service_tier`, b
 `stream_options.continuous_usage_stats`); `ignored_fields` lists them and the server reports them in
 the `X-Ignored-Fields` response header and a log line. Extensions beyond OpenAI, as vLLM names them:
 `top_k`, `min_p`, `min_tokens`, `repetition_penalty`, `stop_token_ids`, `skip_special_tokens`,
-`include_stop_str_in_output`, `ignore_eos`, `return_token_ids`.
+`include_stop_str_in_output`, `ignore_eos`, `return_token_ids`, and on completions `prompt_logprobs`.
 
 Checks that need the server's configuration (model name, context length, max n) live in the
 serve app, not here.
@@ -203,6 +203,8 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = Field(None, ge=1, description="generate best_of, return the n with the highest log-probability")
     suffix: str | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
+        "extension (vLLM): per prompt token its log-probability and rank, and the k most likely tokens"))
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -235,8 +237,8 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("best_of must be at least n")
         if self.best_of is not None and self.best_of > self.n and self.stream:
             raise ValueError("best_of > n cannot be streamed")
-        if self.max_tokens == 0 and not self.echo:
-            raise ValueError("max_tokens 0 is only allowed with echo (prompt scoring)")
+        if self.max_tokens == 0 and not self.echo and self.prompt_logprobs is None:
+            raise ValueError("max_tokens 0 is only allowed with echo or prompt_logprobs (prompt scoring)")
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -336,6 +338,12 @@ class ChatCompletionRequest(_SamplingFields):
         return self.tools_active and (self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice))
 
     @property
+    def calls_parallel(self) -> bool:
+        """More than one tool call may come back: parallel_tool_calls, and no named tool_choice (a
+        named function is called exactly once, as vLLM does)."""
+        return self.parallel_tool_calls and not isinstance(self.tool_choice, NamedToolChoice)
+
+    @property
     def completion_limit(self) -> int | None:
         """max_completion_tokens is the newer name of max_tokens and wins when both are given."""
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -424,11 +432,21 @@ class CompletionLogprobs(_Response):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(_Response):
+    """vLLM's shape of one prompt token's entry: per token id (as a JSON key) its log-probability,
+    rank and text."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
 class CompletionChoice(_Response):
     index: int
     text: str
     finish_reason: FinishReason | None
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = Field(None, exclude_if=_omit_none)
     token_ids: list[int] | None = Field(None, exclude_if=_omit_none)
     prompt_token_ids: list[int] | None = Field(None, exclude_if=_omit_none)
 

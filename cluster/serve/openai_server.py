@@ -15,34 +15,38 @@ process over a fake engine in unit tests. What this file decides:
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from actors.engine.output.request_output import coalesce
 from actors.engine.request_rejected import RequestRejected
 from actors.engine.sampling_params import SamplingParams
 from cluster.serve import openai_protocol as p
 from cluster.serve.openai_params import (
     TokenText, chat_logprobs, check_vocab, completion_logprobs, first_prompt_entry, output_grammar, sampling_params,
+    vllm_prompt_logprobs,
 )
-from cluster.serve.tools import StreamingToolParser, forced_call_grammar, parse_tool_calls, tools_system_prompt
+from cluster.serve.tools.formats import choose_format, keeps_special_tokens, tools_system_prompt
+from cluster.serve.tools.grammar import forced_call_grammar
+from cluster.serve.tools.parsing import StreamingToolParser, parse_tool_calls
 from cluster.serve.middleware.auth import ApiKeyMiddleware, ApiKeys
 from cluster.config import ServerSection
 from cluster.serve.errors import (BodyTooLarge, ErrorBoundary, InvalidRequest, ModelNotFound, as_api_error,
                                   install_handlers)
 from cluster.serve.metrics.replica import CONTENT_TYPE, ReplicaMetrics
 from cluster.serve.middleware.scope import ARRIVAL, arrival_of, route_path
-from cluster.serve.openapi_doc import body_schema, install_request_schemas, parse_request, report_ignored
-from cluster.serve.middleware.request_guard import GuardLimits, RequestGuard
+from cluster.serve.openapi_doc import body_schema, install_docs_ui, install_request_schemas, parse_request, report_ignored
+from cluster.serve.middleware.request_guard import GuardLimits, RequestGuard, post_route_matcher
+from cluster.serve.responses.routes import install_responses
+from cluster.serve.streaming import ClosingStreamingResponse, _merge
 
 KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics",
                 "/admin/status", "/admin/scale", "/admin/migrate", "/tokenize", "/detokenize",
-                "/openapi.json", "/docs")
+                "/openapi.json", "/docs", "/redoc", "/v1/responses")
 
 
 class Tokenizer(Protocol):
@@ -66,6 +70,7 @@ class ServedModel:
     name: str
     tokenizer: Tokenizer
     max_model_len: int
+    family: str = ""  # ModelConfig.family: picks the tool-call format with the chat template
 
 
 @dataclass
@@ -88,6 +93,7 @@ class OpenAIServer:
         self.metrics = metrics
         decode = getattr(model.tokenizer, "decode", None)
         self.token_text = TokenText(decode) if decode is not None else None
+        self.tool_format = choose_format(settings.tool_call_parser, model.tokenizer, model.family)
 
     # ------------------------------------------------------------------------------------ routes
 
@@ -107,16 +113,16 @@ class OpenAIServer:
         k = req.logprobs
         candidates = req.best_of or req.n
         scored = k if k is not None else (0 if candidates > req.n else None)  # best_of ranks by logprob
-        grammar = output_grammar(req)
+        wanted = [x for x in (k if req.echo else None, req.prompt_logprobs) if x is not None]
+        grammar = await self.compiled(output_grammar(req))
         choices = self._plan(req, prompts, req.max_tokens, candidates, lambda j, budget: sampling_params(
-            req, j, budget, logprobs=scored,
-            prompt_logprobs=k if req.echo and k is not None else None, grammar=grammar,
+            req, j, budget, logprobs=scored, prompt_logprobs=max(wanted) if wanted else None, grammar=grammar,
         ))
         rid = p.new_id("cmpl")
         echo = _Echo(self, req, prompts, texts)
         if req.stream:
             return await self._stream(rid, req, choices, _CompletionChunks(rid, self.model.name, echo, [c.prompt_index for c in choices]), arrival)
-        outs = await self._collect(rid, choices, arrival)
+        outs = await self.collect(rid, choices, arrival)
         picked = _best(choices, outs, req.n, candidates)
         return JSONResponse(
             p.CompletionResponse(
@@ -128,6 +134,7 @@ class OpenAIServer:
                         text=echo.text(c.prompt_index) + o.text,
                         finish_reason=o.finish_reason,
                         logprobs=echo.logprobs(c.prompt_index, o) if k is not None else None,
+                        prompt_logprobs=echo.prompt_logprobs(o),
                         token_ids=o.token_ids if req.return_token_ids else None,
                         prompt_token_ids=c.prompt_ids if req.return_token_ids and req.echo else None,
                     )
@@ -138,33 +145,60 @@ class OpenAIServer:
         )
 
     async def chat(self, req: p.ChatCompletionRequest, arrival: float | None = None) -> Response:
+        choices, k, tools = await self.chat_plan(req)
+        rid = p.new_id("chatcmpl")
+        if req.stream:
+            chunks = _ChatChunks(rid, self.model.name, self, k, tools, req.calls_parallel)
+            return await self._stream(rid, req, choices, chunks, arrival)
+        outs = await self.collect(rid, choices, arrival)
+        return JSONResponse(
+            p.ChatCompletionResponse(
+                id=rid,
+                model=self.model.name,
+                choices=[self._chat_choice(c, o, k, tools, req) for c, o in zip(choices, outs)],
+                usage=_usage(choices, outs),
+            ).model_dump(mode="json")
+        )
+
+    async def chat_plan(self, req: p.ChatCompletionRequest) -> tuple[list[_Choice], int | None, set[str] | None]:
+        """Everything a chat request needs before generation (shared with /v1/responses): checks,
+        the templated prompt, the grammar (compiled off the loop), the engine requests.
+        -> (choices, top logprobs k or None, names of the offered tools or None)."""
         self._check_common(req)
         text = self._chat_prompt(req)
         prompts = [self._prompt_ids(text, "messages", chat=True)]
         if req.forced_tools:
             named = req.tool_choice.function.name if isinstance(req.tool_choice, p.NamedToolChoice) else None
-            grammar = forced_call_grammar(req.tools, named, req.parallel_tool_calls)
+            grammar = forced_call_grammar(req.tools, named, req.calls_parallel, self.tool_format, self.model.tokenizer)
         else:
             grammar = output_grammar(req)
+        grammar = await self.compiled(grammar)
         k = (req.top_logprobs or 0) if req.logprobs else None
-        choices = self._plan(req, prompts, req.completion_limit, req.n, lambda j, budget: sampling_params(
-            req, j, budget, logprobs=k, grammar=grammar))
-        rid = p.new_id("chatcmpl")
         tools = {t.function.name for t in req.tools or []} if req.tools_active else None
-        if req.stream:
-            return await self._stream(rid, req, choices, _ChatChunks(rid, self.model.name, self, k, tools), arrival)
-        outs = await self._collect(rid, choices, arrival)
-        return JSONResponse(
-            p.ChatCompletionResponse(
-                id=rid,
-                model=self.model.name,
-                choices=[self._chat_choice(c, o, k, tools, req.return_token_ids) for c, o in zip(choices, outs)],
-                usage=_usage(choices, outs),
-            ).model_dump(mode="json")
-        )
+        # a format whose markers are special tokens needs them in the text to find the calls
+        keep = False if tools and keeps_special_tokens(self.tool_format, self.model.tokenizer) else None
+        choices = self._plan(req, prompts, req.completion_limit, req.n, lambda j, budget: sampling_params(
+            req, j, budget, logprobs=k, grammar=grammar, skip_special_tokens=keep))
+        return choices, k, tools
 
-    def _chat_choice(self, c: _Choice, o: "_Result", k: int | None, tools: set[str] | None, with_ids: bool) -> p.ChatChoice:
-        content, calls = (o.text, []) if tools is None else parse_tool_calls(o.text, tools)
+    def tool_calls(self, text: str, tools: set[str] | None, parallel: bool):
+        """(content, calls) of a finished answer in the served tool-call format."""
+        if tools is None:
+            return text, []
+        return parse_tool_calls(text, tools, self.tool_format, parallel)
+
+    async def compiled(self, grammar: Any) -> Any:
+        """A grammar compiled by the engine off this event loop (an engine without the hook, e.g. a
+        test double, gets the spec as is)."""
+        compile_ = getattr(self.engine, "compile_grammar", None)
+        if grammar is None or compile_ is None:
+            return grammar
+        return await compile_(grammar)
+
+    def _chat_choice(self, c: _Choice, o: "_Result", k: int | None, tools: set[str] | None,
+                     req: p.ChatCompletionRequest) -> p.ChatChoice:
+        with_ids = req.return_token_ids
+        content, calls = self.tool_calls(o.text, tools, req.calls_parallel)
         message = p.AssistantMessage(
             content=content,
             tool_calls=[p.ToolCall(id=t.id, function=p.ToolCallFunction(name=t.name, arguments=t.arguments))
@@ -187,7 +221,7 @@ class OpenAIServer:
         template = getattr(tok, "chat_template", None) or ""
         if "tools" in template:  # the template renders the tools itself (Qwen, Hermes, Llama 3.1 ...)
             return tok.apply_chat_template(messages, tools=tool_dicts)
-        system = {"role": "system", "content": tools_system_prompt(req.tools)}
+        system = {"role": "system", "content": tools_system_prompt(req.tools, self.tool_format)}
         if messages and messages[0]["role"] == "system":
             system["content"] = messages[0]["content"] + "\n\n" + system["content"]
             messages = messages[1:]
@@ -280,7 +314,8 @@ class OpenAIServer:
                     param="max_tokens",
                     code="context_length_exceeded",
                 )
-            budget = max_tokens if max_tokens is not None else min(self.settings.max_tokens_default, room)
+            cap = self.settings.max_tokens_default  # None: until the context ends, as OpenAI and vLLM
+            budget = max_tokens if max_tokens is not None else (room if cap is None else min(cap, room))
             for j in range(per_prompt):
                 try:
                     params = make_params(j, budget)
@@ -294,24 +329,28 @@ class OpenAIServer:
     def _generators(self, rid: str, choices: list[_Choice]) -> list[AsyncIterator[Any]]:
         return [self.engine.generate(f"{rid}-{c.index}", c.prompt_ids, c.params) for c in choices]
 
-    async def _collect(self, rid: str, choices: list[_Choice], arrival: float | None) -> list["_Result"]:
+    def outputs(self, rid: str, choices: list[_Choice]) -> AsyncIterator[tuple[int, Any]]:
+        """The engine outputs of every choice, merged as (choice index, output); closing it aborts them."""
+        return _merge(self._generators(rid, choices))
+
+    async def collect(self, rid: str, choices: list[_Choice], arrival: float | None = None) -> list["_Result"]:
         results = [_Result(c.prompt_index) for c in choices]
         timers = [self.metrics.request_timer(arrival) for _ in choices]
         failed = True
         try:
-            async for i, out in _merge(self._generators(rid, choices)):
+            async for i, out in self.outputs(rid, choices):
                 results[i].add(out)
                 timers[i].observe(out)
             failed = False
         finally:
             for t in timers:
                 t.close(error=failed)
-        self._count_tokens(choices, results)
+        self.count_tokens(choices, results)
         return results
 
     async def _stream(self, rid: str, req: p._SamplingFields, choices: list[_Choice], chunks: "_Chunks",
                       arrival: float | None) -> Response:
-        events = _merge(self._generators(rid, choices))
+        events = self.outputs(rid, choices)
         # Wait for the first output before answering 200, so a request the engine refuses at
         # admission still gets a proper 4xx instead of an error inside a started stream.
         try:
@@ -338,7 +377,7 @@ class OpenAIServer:
                     for chunk in chunks.delta(i, out, req.return_token_ids, usage):
                         yield p.sse_event(chunk)
                     item = await anext(events, None)
-                self._count_tokens(choices, results)
+                self.count_tokens(choices, results)
                 if req.include_usage_in_stream:
                     yield p.sse_event(chunks.usage(_usage(choices, results)))
             except Exception as exc:  # the stream has started: report in-band, then end it
@@ -354,7 +393,7 @@ class OpenAIServer:
 
         return ClosingStreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    def _count_tokens(self, choices: list[_Choice], results: list["_Result"]) -> None:
+    def count_tokens(self, choices: list[_Choice], results: list["_Result"]) -> None:
         self.metrics.count_tokens(*_token_totals(choices, results)[:2])
 
 
@@ -402,6 +441,12 @@ class _Echo:
     def __init__(self, server: OpenAIServer, req: p.CompletionRequest, prompts: list[list[int]], texts: list[str | None]) -> None:
         self.server, self.on, self.k = server, req.echo, req.logprobs
         self.prompts, self.texts = prompts, texts
+        self.prompt_k = req.prompt_logprobs  # vLLM's prompt_logprobs, apart from the echo's
+
+    def prompt_logprobs(self, result: "_Result") -> list[dict | None] | None:
+        if self.prompt_k is None or result.prompt_logprobs is None:
+            return None
+        return vllm_prompt_logprobs(list(result.prompt_logprobs), self.server._token_text(), self.prompt_k)
 
     def text(self, prompt_index: int) -> str:
         if not self.on:
@@ -418,7 +463,9 @@ class _Echo:
         if self.on:
             ids = self.prompts[prompt_index]
             offset = first_prompt_entry(ids[0], tt, out)
-            prompt_part, offset = completion_logprobs(list(result.prompt_logprobs or [])[1:], tt, offset)
+            entries = [e if e is None or len(e.top) <= (self.k or 0) else dataclasses.replace(e, top=e.top[: self.k or 0])
+                       for e in list(result.prompt_logprobs or [])[1:]]  # prompt_logprobs may have asked for more
+            prompt_part, offset = completion_logprobs(entries, tt, offset)
             _extend(out, prompt_part)
             offset = max(offset, len(self.text(prompt_index)))
         gen, _ = completion_logprobs(result.logprobs, tt, offset)
@@ -484,13 +531,19 @@ class _CompletionChunks:
             self._offsets[index] = 0
         if first and self.echo.on:
             text = self.echo.text(self.prompt_of[index]) + text
-        if not (text or out.finished or (with_ids and out.new_token_ids) or (logprobs and logprobs.tokens)):
+        prompt_lps = None
+        if getattr(out, "prompt_logprobs", None) is not None:  # once, with the first output
+            result = _Result(0)
+            result.add(out)
+            prompt_lps = self.echo.prompt_logprobs(result)
+        if not (text or out.finished or (with_ids and out.new_token_ids) or (logprobs and logprobs.tokens) or prompt_lps):
             return []
         choice = p.CompletionChoice(
             index=index,
             text=text,
             finish_reason=out.finish_reason if out.finished else None,
             logprobs=logprobs,
+            prompt_logprobs=prompt_lps,
             token_ids=list(out.new_token_ids) if with_ids else None,
         )
         return [p.CompletionChunk(id=self.rid, created=self.created, model=self.model, choices=[choice], usage=usage)]
@@ -500,10 +553,12 @@ class _CompletionChunks:
 
 
 class _ChatChunks:
-    def __init__(self, rid: str, model: str, server: OpenAIServer, k: int | None, tools: set[str] | None) -> None:
+    def __init__(self, rid: str, model: str, server: OpenAIServer, k: int | None, tools: set[str] | None,
+                 parallel: bool = True) -> None:
         self.rid, self.model, self.server, self.k = rid, model, server, k
         self.created = p.now()
         self.tools = tools
+        self.parallel = parallel
         self._parsers: dict[int, StreamingToolParser] = {}
 
     def _chunk(self, choices: list[p.ChatChunkChoice], usage: p.Usage | None = None) -> p.ChatCompletionChunk:
@@ -516,10 +571,12 @@ class _ChatChunks:
     def delta(self, index: int, out: Any, with_ids: bool, usage: p.Usage | None) -> list[p.ChatCompletionChunk]:
         text, calls = out.new_text, []
         if self.tools is not None:
-            parser = self._parsers.setdefault(index, StreamingToolParser(self.tools))
+            parser = self._parsers.setdefault(
+                index, StreamingToolParser(self.tools, self.server.tool_format, self.parallel))
             text, calls = parser.feed(out.new_text)
             if out.finished:
-                text += parser.finish()
+                rest, more = parser.finish()
+                text, calls = text + rest, calls + more
         lps = getattr(out, "logprobs", None)
         logprobs = chat_logprobs(lps or [], self.server._token_text(), self.k) if self.k is not None and lps else None
         finish = None
@@ -547,71 +604,6 @@ class _ChatChunks:
 
     def usage(self, usage: p.Usage) -> p.ChatCompletionChunk:
         return self._chunk([], usage)
-
-
-async def _merge(gens: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
-    """Interleave several engine streams as (index, output), in arrival order; what is already
-    waiting when the consumer comes back folds into one output per index (a slow client gets one
-    chunk per choice, not one per token).
-
-    Closing the merged stream (client gone, error) cancels every pump task; cancellation raises
-    inside each engine generator, whose cleanup aborts its request.
-    """
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-    done = object()
-
-    async def pump(i: int, gen: AsyncIterator[Any]) -> None:
-        try:
-            async for out in gen:
-                queue.put_nowait((i, out))
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, re-raised there
-            queue.put_nowait((i, exc))
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-        finally:
-            queue.put_nowait((i, done))
-            aclose = getattr(gen, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            waiting = [await queue.get()]
-            while not queue.empty():
-                waiting.append(queue.get_nowait())
-            outputs: dict[int, list[Any]] = {}
-            error = None
-            for i, item in waiting:
-                if item is done:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    error = item
-                    break
-                else:
-                    outputs.setdefault(i, []).append(item)
-            for i, outs in outputs.items():
-                yield i, coalesce(outs)
-            if error is not None:
-                raise error
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-class ClosingStreamingResponse(StreamingResponse):
-    """Starlette stops iterating a body when the client disconnects but never closes it; closing
-    here runs the generator's cleanup (engine abort) now instead of at garbage collection."""
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
 
 
 # ---------------------------------------------------------------------------------------- app
@@ -666,8 +658,9 @@ def build_http_app(
     `ready`: -> {"ready": bool, ...details} for /ready (degraded while a group has no live holder).
     `limits`: body deadline, admission and total deadline (cluster/serve/middleware/request_guard.py)."""
     app = FastAPI(title="moge-serve", summary="OpenAI-compatible API of one attention replica",
-                  version="1", docs_url="/docs", redoc_url=None, openapi_url="/openapi.json")
+                  version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     install_handlers(app)
+    install_docs_ui(app)
     own_keys: tuple[str, ...] = ()
     if admin is not None:
         app.include_router(admin)
@@ -685,6 +678,8 @@ def build_http_app(
     async def chat_completions(request: Request) -> Response:
         req, ignored = parse_request(p.ChatCompletionRequest, await read_body(request, limit))
         return report_ignored(await server.chat(req, arrival_of(request.scope)), ignored)
+
+    install_responses(app, server, read_body)
 
     @app.get("/v1/models", response_model=p.ModelList)
     async def models() -> Response:
@@ -726,7 +721,8 @@ def build_http_app(
     install_request_schemas(app)
     # Outermost last: counting sees the 401s that auth answers itself and every 500 (ErrorBoundary);
     # the guard runs after auth, so an unauthenticated client's body is never read.
-    app.add_middleware(RequestGuard, limits=limits or GuardLimits(max_body_bytes=limit))
+    app.add_middleware(RequestGuard, limits=limits or GuardLimits(max_body_bytes=limit),
+                       takes_body=post_route_matcher(app.router))
     app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(server.settings.api_keys), own_keys_prefixes=own_keys)
     app.add_middleware(ErrorBoundary)
     app.add_middleware(RouteMetricsMiddleware, metrics=server.metrics)

@@ -146,11 +146,11 @@ def test_async_scheduling_through_graphs_equals_sync():
 
 
 def test_remote_or_partial_experts_decode_eagerly():
-    from actors.model.expert_compute import Done
+    from actors.model.expert_compute import Done, ExpertCompute
 
     loaded = load("bfloat16")
 
-    class Remote:  # an ExpertCompute without the graph_safe capability
+    class Remote(ExpertCompute):  # an ExpertCompute without the graph_safe capability
         def __init__(self, inner):
             self.inner = inner
 

@@ -54,15 +54,15 @@ def greedy(engine) -> dict[str, list[int]]:
 
 def run_replica(config_dict: dict, namespace: str) -> dict:
     """A replica as Ray actor task with its own GPU: reference tokens, then disaggregated tokens."""
-    from cluster.serve.replica_engine import build_engine
+    from cluster.replica.assemble import build_engine
     from cluster.config import MogeConfig
-    from cluster.serve.data_plane import DataPlane
-    from cluster.serve.replica_engine import assemble
+    from cluster.replica.workers import ReplicaWorkers
+    from cluster.replica.assemble import assemble
 
     config = MogeConfig.model_validate(config_dict)
     reference = greedy(build_engine(config)[0])
-    parts = assemble(config, data_plane=DataPlane(config, namespace=namespace))
-    engine, remote = parts.engine, parts.remote
+    parts = assemble(config, workers=ReplicaWorkers(config, namespace=namespace))
+    engine, remote = parts.engine, parts.experts
     try:
         return {"reference": reference, "remote": greedy(engine), "metrics": remote.metrics()}
     finally:
@@ -72,12 +72,12 @@ def run_replica(config_dict: dict, namespace: str) -> dict:
 def test_each_worker_sees_only_its_own_gpu(ray_gpu):
     import ray
 
-    from cluster.serve.data_plane import DataPlane, worker_ids
+    from cluster.replica.workers import ReplicaWorkers, worker_ids
 
     n = min(N_GPUS, 4)
     whole = n >= 2
     config = gpu_config("grpc", n if whole else 2, 1 if whole else 0.5)
-    plane = DataPlane(config, namespace=f"gpu-{uuid.uuid4().hex[:6]}")
+    plane = ReplicaWorkers(config, namespace=f"gpu-{uuid.uuid4().hex[:6]}")
     ids = worker_ids(config.data_plane.num_workers)
     try:
         infos = [ray.get(plane.fleet.start(w).device_info.remote()) for w in ids]
@@ -96,7 +96,7 @@ def test_each_worker_sees_only_its_own_gpu(ray_gpu):
 def test_disaggregated_matches_single_process_on_gpu(ray_gpu, transport):
     import ray
 
-    from cluster.serve.data_plane import DataPlane, worker_ids
+    from cluster.replica.workers import ReplicaWorkers, worker_ids
 
     if transport == "collective" and N_GPUS < 2:
         pytest.skip("NCCL needs the replica and the worker on different GPUs")
@@ -108,6 +108,6 @@ def test_disaggregated_matches_single_process_on_gpu(ray_gpu, transport):
         got = ray.get(ray.remote(num_gpus=replica_gpus)(run_replica).remote(config.model_dump(mode="json"), namespace),
                       timeout=600)
     finally:
-        DataPlane(config, namespace=namespace).stop(worker_ids(workers))
+        ReplicaWorkers(config, namespace=namespace).stop(worker_ids(workers))
     assert got["remote"] == got["reference"]
     assert all(v == 0.0 for v in got["metrics"]["imbalance"].values())

@@ -171,7 +171,7 @@ def test_model_through_the_kernels_matches_the_torch_path(kernels_everywhere, pr
     from actors.model.presets import get_preset
     from actors.model.reference import greedy_logits
     from actors.weights.loader import LoadedModel, build_model, random_attention_part, random_expert_groups
-    from actors.model.experts import LocalExperts
+    from actors.model.local_experts import LocalExperts
 
     cfg = get_preset("tiny-moge")
     if preset_family == "qwen3_moe":
@@ -184,6 +184,8 @@ def test_model_through_the_kernels_matches_the_torch_path(kernels_everywhere, pr
     prompt = [5, 77, 3, 190, 42, 8, 11]
     fast_tokens, fast_logits = greedy_logits(loaded, prompt, 6, stop_at_eos=False)
     kernels.set_enabled(False)
+    model.experts = LocalExperts(cfg, groups)  # the experts choose their kernels when built
+    assert model.choose_kernels() is False  # and so does the model: once, not per call
     tokens, logits = greedy_logits(loaded, prompt, 6, stop_at_eos=False)
     assert fast_tokens == tokens
     torch.testing.assert_close(fast_logits, logits, atol=1e-4, rtol=1e-4)
@@ -195,7 +197,7 @@ def test_group_partials_sum_to_the_fused_dispatch(kernels_everywhere, family):
     group order, to exactly what the one-pass fused dispatch returns."""
     from dataclasses import replace
 
-    from actors.model.experts import LocalExperts
+    from actors.model.local_experts import LocalExperts
     from actors.model.presets import get_preset
     from actors.weights.loader import random_expert_groups
 
@@ -213,18 +215,18 @@ def test_group_partials_sum_to_the_fused_dispatch(kernels_everywhere, family):
     else:
         w, ids = logits.softmax(-1).topk(cfg.top_k)
     whole = experts.dispatch(0, x, ids, w).wait()
-    parts = experts.group_partials(0, x, ids, w)
-    assert list(parts) == sorted(parts)
-    total = sum(p.float() for p in parts.values())
+    parts = experts.compute.partials(0, x, ids, w)  # [G, T, D]: the fused kernel's per-group combine
+    total = torch.zeros(x.shape, dtype=torch.float32, device=DEVICE)
+    for p in parts:
+        total += p.float()
     assert torch.equal(whole, total.to(x.dtype))
+    # the same groups held apart (one group_forward each, as a worker holding them unstacked)
+    from actors.model.group_compute import GroupCompute
 
-    # the step lane's worker (actors/experts/worker_lane.py) holding every group, stacked: the same
-    # float32 sum before the reply's cast
-    from actors.experts.worker_lane import held_partial
-
-    stacked = experts._stacked
-    assert torch.equal(held_partial(cfg, experts.groups, 0, x, ids, w, torch.float32, stacked), total)
-    assert torch.equal(held_partial(cfg, experts.groups, 0, x, ids, w, torch.float32, None), total)
+    apart = GroupCompute(cfg, {g: wts.to() for g, wts in experts.groups.items()}, stack=False)
+    assert torch.equal(apart.partials(0, x, ids, w), parts)
+    # a lane serving every group replies their sum: the same float32 sum before the cast
+    assert torch.equal(experts.compute.combined(0, x, ids, w, out_dtype=torch.float32), total)
 
 
 def test_expert_gemv_bits_do_not_depend_on_the_tuned_tile_or_the_assignment_count():
@@ -258,7 +260,8 @@ def test_split_local_and_remote_partials_equal_the_stacked_dispatch(kernels_ever
     Both expert paths: GEMV (3 tokens) and grouped (40, CUDA bf16)."""
     from dataclasses import replace
 
-    from actors.model.experts import LocalExperts, group_forward
+    from actors.model.experts import group_forward
+    from actors.model.local_experts import LocalExperts
     from actors.model.presets import get_preset
     from actors.weights.loader import random_expert_groups
 
@@ -276,7 +279,7 @@ def test_split_local_and_remote_partials_equal_the_stacked_dispatch(kernels_ever
     ids = (local_ids + (torch.arange(cfg.n_groups, device=DEVICE) * cfg.experts_per_group)[:, None]).reshape(tokens, -1)
     w = w.reshape(tokens, -1).contiguous()
     want = whole.dispatch(0, x, ids, w).wait()
-    parts = dict(local.group_partials(0, x, ids, w))
+    parts = dict(zip(local.compute.held, local.compute.partials(0, x, ids, w)))
     for gi in range(half, cfg.n_groups):  # as ExpertWorker.compute: the group's own slots, masked others
         kg = k_per_group
         gw = groups[gi]

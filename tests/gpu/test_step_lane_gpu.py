@@ -37,11 +37,11 @@ def greedy(engine) -> dict:
 
 @pytest.mark.parametrize("model", ["tiny-moge", "qwen3-moe"])
 def test_nccl_step_lane_tokens_match_single_process(model, request):
-    from actors.experts.lane_pair import NoTransport, spawn_worker
+    from actors.experts.dispatch.dispatcher import Dispatcher
+    from actors.experts.lane.step_lane import LaneCarrier
+    from actors.experts.lane_pair import NoCarrier, spawn_worker
     from actors.experts.placement import pack_groups
-    from actors.experts.remote_experts import RemoteExperts
-    from actors.experts.transport.step_lane import StepLaneExperts
-    from actors.experts.worker import model_config_of
+    from actors.experts.worker.spec import model_config_of
     from actors.engine.build import EngineSettings, LoadSpec, build_engine
 
     source = "preset:tiny-moge" if model == "tiny-moge" else request.getfixturevalue("qwen3_checkpoint")
@@ -58,13 +58,14 @@ def test_nccl_step_lane_tokens_match_single_process(model, request):
     cfg = model_config_of(spec)
     with spawn_worker(spec, list(range(cfg.n_groups))) as ref:
         for ping_pong in (False, True):
-            remote = RemoteExperts(cfg, NoTransport(), pack_groups(cfg.n_groups, ["w0"]), {"w0": ref})
-            experts = StepLaneExperts(remote, "cuda:0", slots=2, timeout_s=60)
+            lanes = LaneCarrier("cuda:0", timeout_s=60)
+            experts = Dispatcher(cfg, NoCarrier(), pack_groups(cfg.n_groups, ["w0"]), {"w0": ref}, step_carrier=lanes)
             engine, _ = build_engine(load, settings(ping_pong), experts)
             assert greedy(engine) == reference, f"ping_pong={ping_pong}"
-            assert {l.backend for l in experts._lanes.values()} == {"nccl"}
-            assert {slot for _, slot in experts._lanes} == {0}  # ping-pong too: one lane (communicator)
-            assert experts.graph_replays > 0 and experts.lane_failures == 0  # replica decode steps replayed
+            assert lanes.backends() == {"nccl"}
+            assert ref.local.lane_stats()["lanes"] == 1  # ping-pong too: one lane (communicator)
+            m = experts.metrics()
+            assert m["graph_replays"] > 0 and m["link_failures"] == 0  # replica decode steps replayed
             experts.close()
         stats = ref.local.lane_stats()
         assert stats["steps"] > 0 and stats["graph_replays"] > 0  # decode steps replayed captured loops

@@ -5,7 +5,7 @@
 A multi-node Ray cluster (ray.cluster_utils.Cluster) whose head carries one device slot (the custom
 resource `expert_slot`, standing in for {"NPU": 1} or a GPU); expert workers ask for one slot each.
 Under continuous greedy load on a real attention replica engine (the objects a Serve replica
-builds: LLMEngine + AsyncEngine + RemoteExperts + epoch listener) and the real controller actor.
+builds: LLMEngine + AsyncEngine + Dispatcher + epoch listener) and the real controller actor.
 The test plays the autoscaler: it adds a node when the cluster reports a pending demand for a slot
 and removes a node once nothing runs on it.
 
@@ -131,8 +131,8 @@ class NodesScenario:
         from actors.engine.async_engine import AsyncEngine
         from actors.weights.loader import load_model
         from actors.model.reference import greedy_reference
-        from cluster.elastic.replica import ElasticReplica
-        from cluster.serve.replica_engine import build_engine
+        from cluster.replica.elastic_side import ElasticReplica
+        from cluster.replica.assemble import build_engine
         from cluster.elastic.stack import start_elastic
         from tests.integration.ray_nodes_load import GreedyLoad
 

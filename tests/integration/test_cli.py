@@ -2,12 +2,16 @@
 a Hugging Face-format checkpoint (tiny Pangu Pro MoE layout) under the directory's name, ready
 within a bound, and gone cleanly after SIGTERM — with `--batch-invariant`, where 32 concurrent
 requests get the log-probabilities each gets alone, to the bit; with `--elastic --workers 2` the
-experts run on two gRPC expert workers under the controller and `moge status` reports them."""
+experts run on two gRPC expert workers under the controller: `moge status`, typed while the server
+still starts, waits for it and reports them, `moge scale 3` prints its phases as they happen, and
+Ctrl-C (SIGINT to the terminal's process group) stops everything: no process of the run is left and
+redis-server is not restarted."""
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -45,6 +49,47 @@ def user_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MOGE_"))}
     env["PYTHONPATH"] = str(REPO_ROOT)
     return env
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """pid -> command line of every live process below pid."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = {}, list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        try:
+            out[p] = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        todo += children.get(p, [])
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def redis_servers(port: str) -> list[int]:
+    """Live redis-server processes on this port (it rewrites its title to `redis-server host:port`)."""
+    found = []
+    for cmd in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmd.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "redis-server" in text and (f":{port}" in text or f"--port {port}" in text) and alive(int(cmd.parent.name)):
+            found.append(int(cmd.parent.name))
+    return found
 
 
 def moge(*argv: str, **kwargs) -> subprocess.Popen:
@@ -108,34 +153,56 @@ def check_batch_invariance(client: httpx.Client, model: str, vocab: int, concurr
     assert all(same), f"{sum(same)} of {len(targets)} requests kept their log-probabilities among {concurrent}"
 
 
-def test_moge_serve_elastic_workers_then_moge_status(reference_model):
+def test_moge_serve_elastic_status_while_starting_scale_with_phases_then_ctrl_c(reference_model):
     port, key, admin_key = free_port(), "sk-cli-elastic", "sk-cli-admin"
+    url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
+    # its own session: SIGINT to its process group is what a terminal's Ctrl-C sends
     proc = moge("serve", "--transport", "grpc", "--workers", "2", "--elastic", "--port", str(port),
-                "--api-key", key, "--admin-key", admin_key, "--device", "cpu")
+                "--api-key", key, "--admin-key", admin_key, "--device", "cpu", start_new_session=True)
     try:
+        status = subprocess.run(  # typed right after `moge serve ... &`: waits for the server
+            [sys.executable, "-m", "cluster.cli.main", "status", "--url", url, "--wait", str(READY_BOUND_S)],
+            capture_output=True, text=True, timeout=READY_BOUND_S + 60, cwd=REPO_ROOT,
+            env={**user_env(), "MOGE_ADMIN_KEY": admin_key})
+        assert status.returncode == 0, status.stderr
+        assert "waiting up to" in status.stderr
+        assert "devices 2" in status.stdout.splitlines()[0]
+        assert {"w0", "w1"} <= {line.split()[0] for line in status.stdout.splitlines()[2:4]}
         banner = "\n".join(read_until(proc, "Ctrl-C to stop", started + READY_BOUND_S))
         assert "2 grpc worker(s) under the elastic controller" in banner
 
         prompt = "two expert workers"
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60,
-                          headers={"Authorization": f"Bearer {key}"}) as client:
+        with httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {key}"}) as client:
             r = client.post("/v1/completions", json={"model": "tiny-moge", "prompt": prompt, "max_tokens": 8,
                                                       "temperature": 0, "return_token_ids": True})
         assert r.status_code == 200, r.text
         ids = reference_model.tokenizer.encode(prompt)
         assert r.json()["choices"][0]["token_ids"] == greedy_reference(reference_model, ids, 8)
 
-        status = subprocess.run([sys.executable, "-m", "cluster.cli.main", "status", "--url", f"http://127.0.0.1:{port}",
-                                 "--admin-key", admin_key], capture_output=True, text=True, timeout=60,
-                                env=user_env(), cwd=REPO_ROOT)
-        assert status.returncode == 0, status.stderr
-        assert "devices 2" in status.stdout.splitlines()[0]
-        assert {"w0", "w1"} <= {line.split()[0] for line in status.stdout.splitlines()[2:4]}
-        stop(proc)
+        scale = subprocess.run([sys.executable, "-m", "cluster.cli.main", "scale", "3", "--url", url,
+                                "--admin-key", admin_key], capture_output=True, text=True, timeout=300,
+                               env=user_env(), cwd=REPO_ROOT)
+        assert scale.returncode == 0, scale.stderr
+        phases = re.findall(r"^  scale (\w+)  \+[\d.]+s$", scale.stdout, re.MULTILINE)
+        assert "starting_workers" in phases, scale.stdout  # seen while the new worker starts
+        assert {"planned", "loading", "publishing", "published", "dropping", "done"} <= set(phases), scale.stdout
+        assert "scale done" in scale.stdout.splitlines()[-1] and "workers" in scale.stdout.splitlines()[-1]
+
+        tree = descendants(proc.pid)
+        redis = [pid for pid, cmd in tree.items() if "redis-server" in cmd]
+        assert len(redis) == 1
+        redis_port = re.search(r"(?:--port |:)(\d+)", tree[redis[0]]).group(1)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
+        assert proc.wait(timeout=120) == 0
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (any(alive(p) for p in tree) or redis_servers(redis_port)):
+            time.sleep(0.2)
+        assert not [tree[p] for p in tree if alive(p)]
+        assert redis_servers(redis_port) == []
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
 
 

@@ -1,6 +1,6 @@
 """Live elasticity on a real local Ray cluster, real redis-server, real gRPC expert workers.
 
-An attention replica (LLMEngine + AsyncEngine + RemoteExperts + epoch listener, exactly what a
+An attention replica (LLMEngine + AsyncEngine + Dispatcher + epoch listener, exactly what a
 Serve replica runs) serves concurrent greedy streams while the controller actor migrates every
 group and scales 1 -> 2 -> 4 -> 2 workers; then the controller is killed mid-scale, Redis is
 restarted mid-load, a migration whose target dies while loading rolls back, and a serving worker
@@ -60,8 +60,8 @@ def stack(ray_local, elastic_config, tmp_path_factory):
 @pytest.fixture(scope="module")
 def replica(stack):
     from actors.engine.async_engine import AsyncEngine
-    from cluster.elastic.replica import ElasticReplica
-    from cluster.serve.replica_engine import build_engine
+    from cluster.replica.elastic_side import ElasticReplica
+    from cluster.replica.assemble import build_engine
 
     er = ElasticReplica.connect(stack.config, "test-replica")
     engine, loaded = build_engine(stack.config, experts=er.experts)
@@ -313,20 +313,20 @@ def test_controller_restores_an_emptied_redis(stack, replica, expected):
 
 
 def test_status_shows_the_live_pid_of_a_worker_replaced_under_its_id(stack, replica, expected):
-    """A replica replaces a dead worker under the same id (DataPlane.replace); /admin/status (the
+    """A replica replaces a dead worker under the same id (ReplicaWorkers.replace); /admin/status (the
     controller's status) must then name the new process, not the dead one's pid."""
     import os
     import signal
 
     import ray
 
-    from cluster.serve.data_plane import DataPlane
+    from cluster.replica.workers import ReplicaWorkers
 
     engine, loaded, er = replica
     p = ctl(stack, "placement")
     victim = sorted(w for hs in p["holders"] for w in hs)[-1]
     groups = tuple(g for g, hs in enumerate(p["holders"]) if victim in hs)
-    plane = DataPlane(stack.config, namespace=stack.namespace)
+    plane = ReplicaWorkers(stack.config, namespace=stack.namespace)
     old_pid = ray.get(plane.fleet.handle(victim).device_info.remote(), timeout=30)["pid"]
     wait_until(lambda: ctl(stack, "status")["workers"][victim]["info"]["pid"] == old_pid, 30, "recorded pid")
     # Hold the controller still while the worker dies and comes back, as when a replica's replacement
@@ -374,12 +374,12 @@ def test_a_serving_worker_killed_under_load_changes_no_bit(stack, replica, expec
 
     import ray
 
-    from cluster.serve.data_plane import DataPlane
+    from cluster.replica.workers import ReplicaWorkers
 
     engine, loaded, er = replica
     p = ctl(stack, "placement")
     victim = sorted(w for hs in p["holders"] for w in hs)[0]
-    plane = DataPlane(stack.config, namespace=stack.namespace)
+    plane = ReplicaWorkers(stack.config, namespace=stack.namespace)
     pid = ray.get(plane.fleet.handle(victim).device_info.remote(), timeout=30)["pid"]
     with Load(engine, loaded.tokenizer, CONCURRENCY) as load:
         load.wait_for(CONCURRENCY)

@@ -48,8 +48,8 @@ def stack(ray_local, local_config):
 @pytest.fixture(scope="module")
 def replica(stack):
     from actors.engine.async_engine import AsyncEngine
-    from cluster.elastic.replica import ElasticReplica
-    from cluster.serve.replica_engine import build_engine
+    from cluster.replica.elastic_side import ElasticReplica
+    from cluster.replica.assemble import build_engine
 
     er = ElasticReplica.connect(stack.config, "local-replica")
     engine, loaded = build_engine(stack.config, experts=er.experts)
@@ -105,7 +105,8 @@ def _worker_calls(stack, wid):
 def two_workers(ray_local):
     import ray
 
-    from actors.experts.worker import ExpertWorker, worker_options
+    from actors.experts.worker.spec import worker_options
+    from actors.experts.worker.worker import ExpertWorker
 
     actor = ray.remote(ExpertWorker)
     made = [actor.options(**worker_options("cpu", num_cpus=0.25)).remote(w, SPEC, "inprocess") for w in ("h", "t")]

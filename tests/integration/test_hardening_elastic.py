@@ -4,9 +4,10 @@
 - kill -9 the embedded redis-server: the supervisor restarts it from its append-only file, the
   controller and replicas reconnect, and `moge scale` (the CLI, over the admin API) works again
   within 30 s;
-- SIGSTOP one expert worker for MOGE_SIGSTOP_S (default 30, as in docs/reliability.md):
-  no stream stalls more than 5 s (the replica waits one latency-derived deadline, then computes the
-  worker's groups itself from the checkpoint), /ready reports degraded meanwhile, the controller
+- SIGSTOP one expert worker for MOGE_SIGSTOP_S (default 30, as in docs/reliability.md), default
+  data-plane settings: no stream stalls more than 2 s (the replica waits one latency-derived
+  deadline, then computes the worker's groups itself with its warm failover copy), /ready reports
+  degraded meanwhile, the controller
   replaces the hung worker (it notices a hang after one stats deadline and one ping deadline, each
   within [2.5 s, 5 s], cluster/elastic/control/liveness.py; with a stop shorter than ~20 s the
   worker may resume before the repair finishes; that check then skips).
@@ -32,7 +33,7 @@ from actors.model.reference import greedy_reference
 from cluster.cli.local_cluster import LocalCluster, free_port
 from cluster.config import MogeConfig
 from cluster.elastic.worker_fleet import WorkerFleet
-from cluster.serve.data_plane import WORKER_NAMESPACE
+from cluster.replica.workers import WORKER_NAMESPACE
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +52,7 @@ def elastic(ray_local):
         model={"source": "preset:tiny-moge", "device": "cpu", "dtype": "float32"},
         engine={"max_num_seqs": 16, "num_kv_blocks": 256},
         server={"host": "127.0.0.1", "port": free_port(), "api_keys": [API_KEY], "admin_keys": [ADMIN_KEY]},
-        data_plane={"transport": "grpc", "num_workers": 2, "worker_num_cpus": 0.25, "ping_pong": False},
+        data_plane={"transport": "grpc", "num_workers": 2, "worker_num_cpus": 0.25},
         elastic={"key_prefix": "hardening-test",
                  "policy": {"name": "none", "min_devices": 1, "max_devices": 4, "period_s": 1}},
     )
@@ -169,7 +170,7 @@ def _worker_pid(worker_id: str) -> int:
     return ray.get(WorkerFleet.handle(handle, worker_id).device_info.remote(), timeout=30)["pid"]
 
 
-def test_sigstop_one_worker_under_load_no_stall_over_5s_nothing_fails_same_tokens(elastic, expected):
+def test_sigstop_one_worker_under_load_no_stall_over_2s_nothing_fails_same_tokens(elastic, expected):
     base_url, _ = elastic
     status = httpx.get(f"{base_url}/admin/status", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60).json()
     victim = sorted(status["workers"])[-1]
@@ -198,7 +199,7 @@ def test_sigstop_one_worker_under_load_no_stall_over_5s_nothing_fails_same_token
     assert load.failures == []
     assert len(during) > CONCURRENCY
     assert all(ids == expected[p] for p, ids, _ in load.results)
-    assert worst < 5, worst
+    assert worst <= 2, worst
     assert any(degraded)  # /ready told balancers while the group was served by the fallback
     if SIGSTOP_S < 20:
         return  # resumed before the controller's hang detection could act

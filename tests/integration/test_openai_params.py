@@ -91,6 +91,37 @@ def test_echo_scoring_sums_the_models_prompt_log_probabilities(moge_server, refe
     assert len(choice.logprobs.tokens) == len(prompt_ids)
 
 
+def test_prompt_logprobs_are_the_models_with_ranks_and_top_k(moge_server, reference_model):
+    """vLLM's extension: per prompt token after the first, {token id: {logprob, rank, decoded_token}}
+    holding the prompt token and the k most likely ones."""
+    prompt_ids = reference_model.tokenizer.encode(PROMPT)
+    with moge_server.http() as client:
+        r = client.post("/v1/completions", json={"model": moge_server.model, "prompt": PROMPT, "max_tokens": 1,
+                                                 "temperature": 0, "prompt_logprobs": 2})
+    assert r.status_code == 200, r.text
+    entries = r.json()["choices"][0]["prompt_logprobs"]
+    lp = all_logits(reference_model, prompt_ids).log_softmax(-1)
+    assert entries[0] is None and len(entries) == len(prompt_ids)
+    for pos, entry in enumerate(entries[1:]):
+        row, target = lp[pos], prompt_ids[pos + 1]
+        mine = entry[str(target)]
+        assert math.isclose(mine["logprob"], row[target].item(), abs_tol=TOL)
+        assert mine["rank"] == int((row > row[target]).sum()) + 1
+        top = torch.topk(row, 2).indices.tolist()
+        assert {int(k) for k in entry} == set(top) | {target}
+        assert [entry[str(t)]["rank"] for t in top] == [1, 2]
+
+
+def test_max_tokens_omitted_generates_to_eos_or_the_context_end(moge_server):
+    """As OpenAI and vLLM: no server-side default cap (the tiny model's context is short)."""
+    client = moge_server.openai()
+    limit = client.models.retrieve(moge_server.model).model_extra["max_model_len"]
+    prompt = [65 + i % 26 for i in range(limit - 24)]  # leaves room for 24 tokens
+    res = client.completions.create(model=moge_server.model, prompt=prompt, temperature=0, extra_body={"ignore_eos": True})
+    assert res.choices[0].finish_reason == "length"
+    assert (res.usage.prompt_tokens, res.usage.completion_tokens) == (limit - 24, 24)
+
+
 def test_streamed_logprobs_and_echo_equal_the_whole_response(moge_server):
     client = moge_server.openai()
     args = dict(model=moge_server.model, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2, echo=True,
@@ -209,6 +240,6 @@ def test_tokenize_detokenize_model_card_openapi_and_docs(moge_server, reference_
         assert r.status_code == 200 and r.json()["id"] == moge_server.model
         assert client.get("/v1/models/not-a-model").status_code == 404
         doc = client.get("/openapi.json").json()
-        assert {"/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"} <= set(doc["paths"])
+        assert {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize", "/detokenize"} <= set(doc["paths"])
         assert "CompletionRequest" in doc["components"]["schemas"] and "ChatCompletionResponse" in doc["components"]["schemas"]
         assert "swagger" in client.get("/docs").text.lower()

@@ -21,7 +21,7 @@ KEY, ADMIN_KEY = "sk-serve-config", "sk-serve-config-admin"
 
 def test_replica_starts_the_controller_when_deployed_from_a_serve_config(ray_local, reference_model):
     from cluster.elastic.controller import get_controller
-    from cluster.serve.data_plane import WORKER_NAMESPACE
+    from cluster.replica.workers import WORKER_NAMESPACE
     from cluster.elastic.stack import ElasticStack
 
     redis = EmbeddedRedis().start()

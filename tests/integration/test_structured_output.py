@@ -113,8 +113,11 @@ def test_named_tool_choice_and_streamed_tool_call_deltas(moge_server):
                 max_tokens=300, temperature=0)
     whole = client.chat.completions.create(**args).choices[0]
     assert whole.finish_reason == "tool_calls"
-    for call in whole.message.tool_calls:
-        check_call(call, {"get_time"})
+    assert len(whole.message.tool_calls) == 1  # a named function is called once, parallel_tool_calls or not
+    check_call(whole.message.tool_calls[0], {"get_time"})
+    for parallel in (False, True):
+        again = client.chat.completions.create(**args, parallel_tool_calls=parallel)
+        assert len(again.choices[0].message.tool_calls) == 1
     calls: dict[int, dict] = {}
     finish = None
     for chunk in client.chat.completions.create(**args, stream=True):

@@ -123,6 +123,7 @@ def test_step_boundary_hooks_run_between_steps_never_inside(engine):
         state["hook_calls"] += 1
         state["overlaps"] += state["in_step"]
 
+    model.experts = inner.experts  # the runner still calls the experts' step hooks
     engine.engine.runner.model = model
     engine.on_step_boundary(hook)
 
@@ -191,6 +192,7 @@ def test_a_failing_step_fails_its_requests_instead_of_hanging(engine):
     def broken(batch, kv):
         raise RuntimeError("expert worker unreachable")
 
+    broken.experts = engine.engine.runner.model.experts  # the runner still calls the experts' step hooks
     engine.engine.runner.model = broken
 
     async def main():

@@ -165,13 +165,13 @@ def test_greedy_tokens_match_the_default_mode(model, target):
 
 
 def test_every_placement_gives_the_local_bits_for_any_batch():
-    """RemoteExperts over the in-process transport on 1..4 workers, with groups held twice (their
+    """The Dispatcher over the in-process carrier on 1..4 workers, with groups held twice (their
     tokens split between holders) and with groups in the replica's own process (the local holder),
     against LocalExperts, for one token alone and in batches."""
     from dataclasses import replace
 
     from actors.experts.placement import pack_groups
-    from actors.model.experts import LocalExperts
+    from actors.model.local_experts import LocalExperts
     from actors.model.presets import get_preset
     from actors.weights.loader import random_expert_groups
     from tests.unit.test_remote_experts import make_workers, remote, routing
@@ -192,9 +192,9 @@ def test_every_placement_gives_the_local_bits_for_any_batch():
     # groups 0, 1 held in the replica's own process (the "local" holder), 2, 3 on a worker
     from actors.experts.local_holder import LOCAL, LocalHolder
     from actors.experts.placement import Placement
-    from actors.experts.remote_experts import RemoteExperts
-    from actors.experts.transport.base import WorkerRef
-    from actors.experts.transport.inprocess import InProcessTransport
+    from actors.experts.carriers.base import WorkerRef
+    from actors.experts.carriers.inprocess import InProcessCarrier
+    from actors.experts.dispatch.dispatcher import Dispatcher
 
     cfg = get_preset("tiny-moge")
     local = LocalExperts(cfg, random_expert_groups(cfg, range(cfg.n_groups), 0))
@@ -203,7 +203,7 @@ def test_every_placement_gives_the_local_bits_for_any_batch():
     worker = make_workers(cfg, ["w0"])["w0"]
     worker.load_groups([2, 3])
     holder = LocalHolder(cfg, torch.device("cpu"), torch.float32, random_expert_groups(cfg, [0, 1], 0))
-    rx = RemoteExperts(cfg, InProcessTransport(), Placement(0, ((LOCAL,), (LOCAL,), ("w0",), ("w0",))),
+    rx = Dispatcher(cfg, InProcessCarrier(), Placement(0, ((LOCAL,), (LOCAL,), ("w0",), ("w0",))),
                        {"w0": WorkerRef("w0", local=worker)}, local=holder)
     assert torch.equal(rx.dispatch(2, x[3:17], ids[3:17], w[3:17]).wait(), alone[3:17])
     rx.close()

@@ -60,6 +60,12 @@ def test_env_without_section_separator_is_ignored():
         ({"engine": {"kv_cache_fraction": 1.5}}, "kv_cache_fraction"),
         ({"model": {"dtype": "int3"}}, "dtype"),
         ({"data_plane": {"step_lane": True}, "elastic": {"local_groups": True}}, "local_groups"),
+        ({"data_plane": {"transport": "grpc", "per_step": "lane"}, "elastic": {"local_groups": True}}, "local_groups"),
+        ({"data_plane": {"per_step": "lane"}}, "needs expert workers"),
+        ({"data_plane": {"transport": "collective", "per_step": "stream"}}, "needs data_plane.transport grpc"),
+        ({"data_plane": {"ping_pong": True}}, "ping_pong"),
+        ({"elastic": {"local_groups": True}}, "local_groups"),
+        ({"data_plane": {"transport": "grpc", "per_step": "stream", "step_lane": True}}, "step_lane"),
     ],
 )
 def test_bad_values_are_refused_naming_the_knob(overrides, needle):
@@ -87,3 +93,20 @@ def test_a_dumped_config_validates_back_unchanged():
     """The Serve app ships the config to replicas as a JSON dict; nothing may change on the way."""
     cfg = MogeConfig.load(env={}, server={"num_replicas": "auto", "max_replicas": 3})
     assert MogeConfig.model_validate(cfg.model_dump(mode="json")) == cfg
+
+
+def test_the_replica_plan_resolves_the_modes_once():
+    from cluster.replica.plan import plan_of
+
+    plain = plan_of(MogeConfig.load(env={}))
+    assert (plain.mode, plain.remote, plain.ping_pong) == ("inprocess", False, False)
+    grpc = MogeConfig.load(env={}, model={"device": "cpu"}, data_plane={"transport": "grpc", "per_step": "stream"})
+    plan = plan_of(grpc)
+    assert (plan.mode, plan.carrier, plan.per_step, plan.local_groups) == ("static", "grpc", "stream", False)
+    assert plan.ping_pong is False and plan.warm_fallback is True  # auto: measured to pay nowhere yet; CPU: warm
+    elastic = MogeConfig.load(env={}, model={"device": "cpu"}, elastic={"redis_url": "redis://127.0.0.1:1"},
+                              data_plane={"transport": "collective", "step_lane": True, "ping_pong": True})
+    plan = plan_of(elastic)
+    assert (plan.mode, plan.per_step, plan.ping_pong) == ("elastic", "lane", True)  # the older name still works
+    with pytest.raises(ValueError, match="control plane"):
+        plan_of(MogeConfig.load(env={}, data_plane={"transport": "grpc"}, elastic={"local_groups": True}))

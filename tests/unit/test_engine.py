@@ -32,6 +32,9 @@ class ContextSumModel(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # tells the engine the device and dtype
+        from actors.model.local_experts import LocalExperts
+
+        self.experts = LocalExperts(FAKE_CFG, {})  # the engine's seam; this model routes nothing to it
 
     def forward(self, batch, kv):
         kv.k[0].view(-1)[batch.slot_mapping] = batch.input_ids.float()
@@ -297,7 +300,7 @@ def tiny_config(**engine):
 
 
 def test_build_engine_sizes_the_kv_cache_from_the_config():
-    from cluster.serve.replica_engine import build_engine
+    from cluster.replica.assemble import build_engine
     from actors.model.kv_cache import bytes_per_block
 
     engine, loaded = build_engine(tiny_config(num_kv_blocks=10))
@@ -312,7 +315,7 @@ def test_build_engine_sizes_the_kv_cache_from_the_config():
 
 
 def test_build_engine_defaults_the_context_length_to_the_model():
-    from cluster.serve.replica_engine import build_engine
+    from cluster.replica.assemble import build_engine
     from cluster.config import MogeConfig
 
     config = MogeConfig.load(env={}, model={"device": "cpu", "dtype": "float32"}, engine={"num_kv_blocks": 4})

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from actors.model.experts import LocalExperts, group_forward
+from actors.model.experts import group_forward
+from actors.model.local_experts import LocalExperts
 from actors.weights.loader import random_expert_groups
 from actors.model.presets import PRESETS
 from actors.model.routing import route
@@ -92,7 +93,7 @@ def test_stacked_local_experts_match_group_by_group_and_pickle_compactly():
     x = torch.randn(7, CFG.hidden_size)
     ids, weights = route(CFG, torch.randn(7, CFG.n_experts) * 3, None)
     stacked = LocalExperts(CFG, groups)  # consecutive groups: one pass over a stack
-    assert stacked._stacked
+    assert stacked.compute.stacked
     expected = torch.zeros(7, CFG.hidden_size)
     for g in single.values():  # what a distributed combine does: partials summed in group order
         expected += group_forward(g.w13[1], g.w2[1], x, ids - g.first_expert, weights)

@@ -1,6 +1,7 @@
-"""A hung (not dead) expert worker: RemoteExperts waits one deadline derived from recent call
-latency, then computes the worker's groups itself from the checkpoint (same tokens), asks for a
-replacement in the background, and goes back to the worker once it is replaced."""
+"""A hung (not dead) expert worker: the Dispatcher waits one deadline derived from recent call
+latency (fixed when the call was sent, from latencies taken when replies arrived), then computes the
+worker's groups itself from the checkpoint (same tokens), asks for a replacement in the background,
+goes back to the worker once it is replaced, and never waits on a worker already marked down."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import time
 import torch
 
 from actors.experts.placement import pack_groups
-from actors.experts.remote_experts import RemoteExperts
-from actors.experts.transport.base import WorkerRef
-from actors.experts.transport.inprocess import InProcessTransport
-from actors.experts.worker import ExpertWorker
-from actors.model.experts import LocalExperts
+from actors.experts.dispatch.dispatcher import Dispatcher
+from actors.experts.carriers.base import WorkerRef
+from actors.experts.carriers.inprocess import InProcessCarrier
+from actors.experts.worker.worker import ExpertWorker
+from actors.model.local_experts import LocalExperts
 from actors.weights.loader import random_expert_groups
 from tests.unit.test_remote_experts import MOGE, SPEC, routing
 
@@ -45,7 +46,7 @@ def build(replacer=None, **kw):
         workers[w].load_groups(list(placement.groups_of(w)))
     refs = {w: WorkerRef(w, local=workers[w]) for w in ids}
     fallback = ExpertWorker("replica-fallback", SPEC)
-    rx = RemoteExperts(MOGE, InProcessTransport(), placement, refs, replacer=replacer, local_fallback=fallback,
+    rx = Dispatcher(MOGE, InProcessCarrier(), placement, refs, replacer=replacer, local_fallback=fallback,
                        wait_timeout_s=WAIT_S, min_deadline_s=0.3, **kw)
     return rx, workers, fallback
 
@@ -80,7 +81,7 @@ def test_the_replacement_runs_in_the_background_and_the_worker_is_used_again():
     replaced = threading.Event()
     box = {}
 
-    def replacer(worker_id, groups):
+    def replacer(worker_id, groups, failed=None):
         box["worker"].resume.set()  # the controller / replacement brought it back
         replaced.set()
         return WorkerRef(worker_id, local=box["worker"])
@@ -102,6 +103,63 @@ def test_the_replacement_runs_in_the_background_and_the_worker_is_used_again():
         before = workers["w1"].stats()["calls"]
         rx.dispatch(1, x, ids, w).wait()
         assert workers["w1"].stats()["calls"] == before + 1
+    finally:
+        workers["w1"].resume.set()
+        rx.close()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_latency_is_taken_when_the_reply_arrives_and_the_deadline_when_the_call_is_sent():
+    """A step thread held up after sending (the other micro-batch, a failover) neither stretches the
+    recorded latency nor the call's deadline."""
+    clock = FakeClock()
+    rx, workers, _ = build(clock=clock)
+    try:
+        x, ids, w = routing(MOGE, 5, seed=1)
+        pending = rx.dispatch(1, x, ids, w)
+        for call in pending.calls:
+            call.future.result(timeout=WAIT_S)  # the replies are in
+        clock.t += 5.0  # only then does the step thread come back
+        pending.wait()
+        assert list(rx.liveness._latencies) == [0.0, 0.0]  # one per worker, taken at arrival
+        workers["w1"].resume.clear()  # SIGSTOP
+        pending = rx.dispatch(1, x, ids, w)
+        clock.t += 2 * WAIT_S  # past any deadline of a call sent before
+        t0 = time.monotonic()
+        pending.wait()
+        assert time.monotonic() - t0 < WAIT_S / 2  # the deadline was fixed at send: no wait left
+        assert rx.liveness.is_down("w1")
+    finally:
+        workers["w1"].resume.set()
+        rx.close()
+
+
+def test_a_second_micro_batch_does_not_wait_for_a_worker_already_marked_down():
+    rx, workers, _ = build(warm_fallback=True)
+    local = LocalExperts(MOGE, random_expert_groups(MOGE, range(MOGE.n_groups), 0))
+    try:
+        for layer in range(10):
+            rx.dispatch(1, *routing(MOGE, 5, seed=layer)).wait()
+        workers["w1"].resume.clear()
+        inputs = [routing(MOGE, 5, seed=20), routing(MOGE, 3, seed=21)]
+        a, b = (rx.dispatch(1, *inp) for inp in inputs)  # ping-pong: both in flight to the hung worker
+        t0 = time.monotonic()
+        got_a = a.wait()
+        t1 = time.monotonic()
+        got_b = b.wait()
+        t2 = time.monotonic()
+        assert t1 - t0 < rx.call_deadline_s() + 0.5  # one deadline, the warm fallback then answers
+        assert t2 - t1 < 0.3  # nothing more for B
+        assert torch.equal(got_a, local.dispatch(1, *inputs[0]).wait())
+        assert torch.equal(got_b, local.dispatch(1, *inputs[1]).wait())
+        assert workers["w1"].stuck == 2  # both calls reached it before it was marked down
     finally:
         workers["w1"].resume.set()
         rx.close()

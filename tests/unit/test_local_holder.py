@@ -10,11 +10,11 @@ from actors.experts.group_copy import CopyFailed, GroupCopyServer, allocate_grou
 from actors.experts.group_sources import NoSource, chain_of, fetch_groups
 from actors.experts.local_holder import LOCAL, LocalHolder
 from actors.experts.placement import Placement
-from actors.experts.remote_experts import RemoteExperts
-from actors.experts.transport.base import WorkerRef
-from actors.experts.transport.inprocess import InProcessTransport
-from actors.experts.worker import ExpertWorker
-from actors.model.experts import LocalExperts
+from actors.experts.dispatch.dispatcher import Dispatcher
+from actors.experts.carriers.base import WorkerRef
+from actors.experts.carriers.inprocess import InProcessCarrier
+from actors.experts.worker.worker import ExpertWorker
+from actors.model.local_experts import LocalExperts
 from actors.model.presets import get_preset
 from actors.weights.loader import random_expert_groups
 
@@ -99,7 +99,7 @@ def test_mixed_local_and_remote_matches_local_experts_bit_for_bit_across_epochs(
     reference = LocalExperts(CFG, random_expert_groups(CFG, range(CFG.n_groups), 0))
     holder = LocalHolder(CFG, CPU, torch.float32, dict(all_groups))
     worker = ExpertWorker("w0", SPEC)
-    rx = RemoteExperts(CFG, InProcessTransport(), Placement(0, ((LOCAL,),) * CFG.n_groups),
+    rx = Dispatcher(CFG, InProcessCarrier(), Placement(0, ((LOCAL,),) * CFG.n_groups),
                        {"w0": WorkerRef("w0", local=worker)}, local=holder)
 
     def check(seed):

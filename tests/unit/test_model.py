@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from actors.model.expert_compute import Done
+from actors.model.expert_compute import Done, ExpertCompute
 from actors.model.kv_cache import PagedKVCache
 from actors.weights.loader import load_model
 from actors.model.reference import greedy_reference, one_sequence_batch
@@ -66,7 +66,7 @@ def test_per_layer_pieces_compose_to_forward():
     torch.testing.assert_close(model.head(h, batch.logits_index)[0], _alone_logits(loaded, prompt))
 
 
-class _Recording:
+class _Recording(ExpertCompute):
     """An ExpertCompute that forwards to another and records what it was sent."""
 
     def __init__(self, inner):

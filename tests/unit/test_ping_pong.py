@@ -27,7 +27,9 @@ def test_same_greedy_tokens_as_the_plain_model():
     calls = []
     real = loaded.model.experts
 
-    class Recording:
+    from actors.model.expert_compute import ExpertCompute
+
+    class Recording(ExpertCompute):
         def dispatch(self, layer, x, ids, w):
             calls.append((layer, x.shape[0]))
             return real.dispatch(layer, x, ids, w)

@@ -243,7 +243,7 @@ def test_shared_blocks_are_referenced_by_each_holder_and_abort_releases_only_its
 
 
 def test_the_config_switch_reaches_the_engine():
-    from cluster.serve.replica_engine import engine_settings
+    from cluster.replica.assemble import engine_settings
     from tests.unit.test_engine import tiny_config
 
     assert engine_settings(tiny_config()).enable_prefix_caching is True

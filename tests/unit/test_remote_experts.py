@@ -1,18 +1,19 @@
-"""RemoteExperts over the in-process transport: exact combine, placements, epochs, failover."""
+"""The Dispatcher per call over the in-process carrier: exact combine, placements, epochs, failover."""
 
 from dataclasses import replace
 
 import pytest
 import torch
 
-from actors.experts.worker import ExpertWorker
-from actors.model.experts import LocalExperts
+from actors.experts.worker.worker import ExpertWorker
+from actors.model.local_experts import LocalExperts
 from actors.weights.loader import random_expert_groups
 from actors.experts.placement import Placement, pack_groups
 from actors.model.presets import get_preset
-from actors.experts.remote_experts import ExpertCallFailed, RemoteExperts
-from actors.experts.transport.base import WorkerRef
-from actors.experts.transport.inprocess import InProcessTransport
+from actors.experts.dispatch.dispatcher import Dispatcher
+from actors.experts.dispatch.failover import ExpertCallFailed
+from actors.experts.carriers.base import WorkerRef
+from actors.experts.carriers.inprocess import InProcessCarrier
 
 MOGE = get_preset("tiny-moge")
 TOPK = replace(MOGE, family="mixtral", top_k=3, router_scale=False, renormalize=True)
@@ -55,7 +56,7 @@ def remote(cfg, placement, workers, **kw):
     for w in placement.workers:
         workers[w].load_groups(list(placement.groups_of(w)))
     refs = {w: WorkerRef(w, local=workers[w]) for w in workers}
-    return RemoteExperts(cfg, InProcessTransport(), placement, refs, **kw)
+    return Dispatcher(cfg, InProcessCarrier(), placement, refs, **kw)
 
 
 @pytest.mark.parametrize("cfg", [MOGE, TOPK], ids=["moge", "topk"])
@@ -112,7 +113,7 @@ def test_sole_holder_failure_uses_the_replacement():
     workers = make_workers(MOGE, ["a", "b"])
     replaced = []
 
-    def replacer(worker_id, groups):
+    def replacer(worker_id, groups, failed=None):
         fresh = FlakyWorker(worker_id, SPEC)
         fresh.load_groups(list(groups))
         replaced.append((worker_id, groups))
@@ -134,7 +135,7 @@ def test_a_staged_epoch_rescues_a_step_waiting_for_a_replacement():
     workers = make_workers(MOGE, ["a", "b"])
     entered, release = threading.Event(), threading.Event()
 
-    def replacer(worker_id, groups):  # no device free: blocks until the test lets it fail
+    def replacer(worker_id, groups, failed=None):  # no device free: blocks until the test lets it fail
         entered.set()
         release.wait(30)
         raise RuntimeError("no device for a replacement")
@@ -176,4 +177,23 @@ def test_adopt_takes_effect_only_at_the_step_boundary():
     assert rx.epoch == 0 and workers["b"].stats()["calls"] == 0  # still the old epoch mid-step
     assert rx.on_step_boundary() == 1
     rx.dispatch(0, *routing(MOGE, 4)).wait()
-    assert workers["b"].stats()["calls"] == 1 and rx.transport.connected() == ["b"]
+    assert workers["b"].stats()["calls"] == 1 and rx.carrier.connected() == ["b"]
+
+
+def test_the_route_table_maps_groups_to_live_holder_slots_on_the_device():
+    from actors.experts.dispatch.route_table import RouteTable
+
+    p = Placement(3, (("a",), ("a", "b"), ("c",), ("c",)))
+    route = RouteTable(MOGE, p, usable={"a", "b"})  # c is down
+    assert route.slots == ["a", "b"] and route.unrouted == [2, 3] and route.split
+    assert route.groups_of == [(0, 1), (1,)]
+    x, ids, w = routing(MOGE, 4)
+    slot_of = route.slot_of(ids)  # [T, K]
+    group_of = ids // MOGE.experts_per_group
+    assert (slot_of[group_of == 0] == 0).all() and (slot_of[group_of >= 2] == -1).all()
+    # group 1's rows split between a (rows 0, 1) and b (rows 2, 3)
+    assert slot_of[:, 1].tolist() == [0, 0, 1, 1]
+    masked = route.masked(ids, slot_of, 1)
+    assert (masked[:, [0, 2, 3]] == -1).all() and masked[2:, 1].tolist() == ids[2:, 1].tolist()
+    whole = RouteTable(MOGE, pack_groups(4, ["a"]), usable={"a"})
+    assert whole.whole and whole.masked(ids, None, 0) is ids

@@ -170,6 +170,21 @@ def test_405_names_the_allowed_methods():
     assert r.status_code == 405 and r.headers["allow"] == "POST"
 
 
+@pytest.mark.parametrize("path, status", [("/health", 405), ("/metrics", 405), ("/nowhere", 404)])
+def test_a_post_where_no_post_route_is_answers_405_or_404_not_415(path, status):
+    app, _, _ = build()
+
+    async def main():
+        async with client(app) as c:
+            return await c.post(path, content=b"x", headers={"Content-Type": "text/plain"})
+
+    r = asyncio.run(main())
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["message"]
+    if status == 405:
+        assert r.headers["allow"] == "GET"
+
+
 def test_every_error_is_counted_including_500s_and_errors_inside_streams():
     app, _, metrics = build(BrokenEngine())
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from actors.experts.transport.codec import decode, encode
+from actors.experts.carriers.codec import decode, encode
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.bool])
@@ -51,7 +51,7 @@ def test_bad_input_is_a_clear_error():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
 def test_host_buffer_round_trip_is_exact_and_owned(dtype):
-    from actors.experts.transport.codec import to_host_buffer
+    from actors.experts.carriers.codec import to_host_buffer
 
     t = (torch.randn(4, 3, 2) * 50).to(dtype).transpose(0, 2)  # non-contiguous on purpose
     name, shape, buf = to_host_buffer(t)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from actors.experts.worker import worker_options
+from actors.experts.worker.spec import worker_options
 
 
 def test_cuda_worker_asks_for_a_gpu():

@@ -67,7 +67,7 @@ def token_buckets(max_seqs: int, max_tokens: int) -> list[int]:
 
 class StepGraphs:
     def __init__(self, model, kv: PagedKVCache, max_seqs: int, max_tokens: int, max_blocks_per_seq: int,
-                 memory_budget_mb: int, sampled: torch.Tensor, forward=None, micro_batches=None,
+                 cuda_graph_memory_mb: int, sampled: torch.Tensor, forward=None, micro_batches=None,
                  mixed: bool = True) -> None:
         """`forward(batch, kv)`: what a graph captures (default the model; the ping-pong runner's
         forward for remote experts with ping-pong); `micro_batches(tp)`: the token counts it
@@ -79,10 +79,10 @@ class StepGraphs:
         self.model, self.kv = model, kv
         self.forward = forward or model
         self.micro_batches = micro_batches or (lambda tp: [tp])
-        # an ExpertCompute with NCCL ops inside the captured step (the step lane): told before a
-        # capture and around each replay (header, lane checks, deadline); None for local experts
-        experts = getattr(model, "experts", None)
-        self.hooks = experts if callable(getattr(experts, "graph_begin", None)) else None
+        # the ExpertCompute is told before a capture and around each replay (the step lane, whose
+        # NCCL ops sit inside the captured step: header, lane checks, deadline; no-ops otherwise)
+        self.hooks = model.experts
+        self.carrier = self.hooks.graph_carrier
         self.device = kv.k[0].device
         self.block_size = kv.block_size
         self.pad_slot = kv.pad_block * kv.block_size
@@ -90,7 +90,7 @@ class StepGraphs:
         self.mixed = mixed
         self.sizes = token_buckets(max_seqs, max_tokens) if mixed else bucket_sizes(max_seqs)
         self.max_tokens = self.sizes[-1]
-        self.budget_bytes = memory_budget_mb << 20
+        self.budget_bytes = cuda_graph_memory_mb << 20
         long = dict(dtype=torch.long, device=self.device)
         self.fixed = torch.zeros(self._fixed_len(self.max_tokens), **long)
         self.tables = torch.full((max_seqs + 1, max_blocks_per_seq), kv.pad_block, **long)
@@ -174,7 +174,7 @@ class StepGraphs:
         side = torch.cuda.Stream(self.device)
         captured = []
         # the step lane keeps its order of old (smallest first, stop at the first size it cannot take)
-        for tp in sorted(self.sizes, reverse=self.hooks is None):
+        for tp in sorted(self.sizes, reverse=not self.carrier):
             flat, _ = self._fill(None, tp)
             self.fixed[: len(flat)].copy_(torch.tensor(flat, dtype=torch.long))
             batch, src = self.batch(tp)
@@ -185,7 +185,7 @@ class StepGraphs:
                 # the bucket's packet and reply buffers the capture then reuses)
                 self._step(batch, src)
             torch.cuda.current_stream(self.device).wait_stream(side)
-            if self.hooks is not None and not self.hooks.graph_prepare(tp, self.micro_batches(tp)):
+            if not self.hooks.graph_prepare(tp, self.micro_batches(tp)):
                 log.warning("CUDA graphs: the expert lanes cannot be captured now; step size %d and up run eagerly", tp)
                 break
             graph = torch.cuda.CUDAGraph()
@@ -193,14 +193,13 @@ class StepGraphs:
                 with torch.cuda.graph(graph, pool=pool):
                     self.logits[:r].copy_(self._step(batch, src))
             except Exception:
-                if self.hooks is None:
+                if not self.carrier:
                     raise
                 # nothing captured ran, so the workers saw nothing of it: stay eager for this size
                 self.hooks.graph_captured(tp, ok=False)
                 log.exception("CUDA graphs: capture over the expert lanes failed at step size %d; eager from here", tp)
                 break
-            if self.hooks is not None:
-                self.hooks.graph_captured(tp)
+            self.hooks.graph_captured(tp)
             used = self._reserved() - reserved0
             if used > self.budget_bytes and captured:
                 del graph
@@ -247,10 +246,9 @@ class StepGraphs:
         self.tables[:b, :width].copy_(dev[n:].view(b, width))
         _, r = self._rows(tp)
         graph = self.graphs.get(tp)
-        if graph is not None and (self.hooks is None or self.hooks.graph_begin(tp)):
+        if graph is not None and self.hooks.graph_begin(tp):
             graph.replay()
-            if self.hooks is not None:
-                self.hooks.graph_end()  # may raise StepRerun (the model runner re-runs eagerly)
+            self.hooks.graph_end()  # may raise StepRerun (the model runner re-runs eagerly)
         else:
             self.logits[:r].copy_(self._step(*self.batch(tp, max_query)))
         return self.logits[:b]

@@ -7,6 +7,9 @@ hundred MB that do not install on the benchmark machine (no registry there, 64 M
 none of them covers MoGE routing; Triton kernels are plain Python, compile on the device, run in a CUDA
 graph and can be checked on a CPU with TRITON_INTERPRET=1.
 
+gemm/ holds the GEMMs over block-scaled FP8 (and the tuned bf16 grouped path): their torch fallbacks
+are the dequantizing code in actors/model/quant/linear.py and actors/model/experts.py.
+
 `fused(x)` decides per call: CUDA tensor, Triton importable, not switched off. MOGE_FUSED_KERNELS=0
 in the environment (or set_enabled(False)) switches every op back to torch, e.g. to measure.
 

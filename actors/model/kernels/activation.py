@@ -12,6 +12,17 @@ import triton.language as tl
 
 
 @triton.jit
+def silu_mul_load(src, cols, col_ok, n_in):
+    """silu(gate) * up of one row h = [gate (n_in) | up (n_in)] at `cols`, rounded as silu_mul rounds,
+    as float32: the input of a down projection that folds the activation into its loads."""
+    gate = tl.load(src + cols, mask=col_ok, other=0.0)
+    up = tl.load(src + n_in + cols, mask=col_ok, other=0.0).to(tl.float32)
+    gf = gate.to(tl.float32)
+    silu = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype).to(tl.float32)
+    return (silu * up).to(gate.dtype).to(tl.float32)
+
+
+@triton.jit
 def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, stride_g, stride_u, stride_out, n_cols, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from actors.model.kernels import batch_invariant
-from actors.model.kernels.activation import silu_mul
+from actors.model.kernels.activation import silu_mul, silu_mul_load
 
 # Largest token count that takes the GEMV path in bf16. On the H200, Qwen3-30B-A3B layer shape
 # (bench/kernel_check.py, docs/performance.md): GEMV 278 us vs grouped 350 us at 16 tokens, even at 32.
@@ -61,11 +61,7 @@ def _expert_gemv_kernel(
             cols = k0 + tl.arange(0, BLOCK_K)
             col_ok = cols < n_in
             if ACT:
-                gate = tl.load(src + cols, mask=col_ok, other=0.0)
-                up = tl.load(src + n_in + cols, mask=col_ok, other=0.0).to(tl.float32)
-                gf = gate.to(tl.float32)
-                silu = (gf / (1.0 + tl.exp(-gf))).to(gate.dtype).to(tl.float32)
-                inp = (silu * up).to(gate.dtype).to(tl.float32)
+                inp = silu_mul_load(src, cols, col_ok, n_in)
             else:
                 inp = tl.load(src + cols, mask=col_ok, other=0.0).to(tl.float32)
             w = tl.load(w_rows + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
@@ -96,9 +92,9 @@ _expert_gemv_tuned = triton.autotune(
 @triton.jit
 def _combine_kernel(
     ys_ptr, rows_ptr, ids_ptr, w_ptr, out_ptr,
-    stride_y, stride_out, n_cols, n_local,
+    stride_y, stride_out, stride_group, n_cols, n_local,
     K: tl.constexpr, K_PAD: tl.constexpr, G: tl.constexpr, EG: tl.constexpr,
-    HAS_ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_ROWS: tl.constexpr, PER_GROUP: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -120,8 +116,13 @@ def _combine_kernel(
             w = tl.load(w_ptr + t * K + k)
             y = tl.load(ys_ptr + row * stride_y + cols, mask=col_ok & mine, other=0.0)
             part += tl.where(mine, y.to(tl.float32) * w, 0.0)
-        acc += part.to(ys_ptr.dtype.element_ty).to(tl.float32)  # a group's partial, in the model dtype
-    tl.store(out_ptr + t * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+        if PER_GROUP:  # out [G, T, D]: each group's partial, for a caller that combines elsewhere
+            tl.store(out_ptr + g * stride_group + t * stride_out + cols, part.to(out_ptr.dtype.element_ty),
+                     mask=col_ok)
+        else:
+            acc += part.to(ys_ptr.dtype.element_ty).to(tl.float32)  # a group's partial, in the model dtype
+    if not PER_GROUP:
+        tl.store(out_ptr + t * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 def expert_gemv(
@@ -153,18 +154,24 @@ def combine(
     experts_per_group: int,
     n_groups: int,
     dtype: torch.dtype,
+    per_group: bool = False,
 ) -> torch.Tensor:
+    """[T, D] in dtype: Σ over groups of the group's partial (see the module doc); per_group:
+    [G, T, D] in ys' dtype, the partials themselves (what a per-group combine adds up)."""
     t, k = local_ids.shape
     d = ys.shape[1]
-    out = torch.empty((t, d), dtype=dtype, device=ys.device)
+    if per_group:
+        out = torch.empty((n_groups, t, d), dtype=ys.dtype, device=ys.device)
+    else:
+        out = torch.empty((t, d), dtype=dtype, device=ys.device)
     if t == 0:
         return out
     block_d = min(512, triton.next_power_of_2(d))
     _combine_kernel[(t, triton.cdiv(d, block_d))](
         ys, rows if rows is not None else local_ids, local_ids, weights.contiguous(), out,
-        ys.stride(0), out.stride(0), d, n_local,
+        ys.stride(0), out.stride(-2), out.stride(0) if per_group else 0, d, n_local,
         K=k, K_PAD=triton.next_power_of_2(k), G=n_groups, EG=experts_per_group,
-        HAS_ROWS=rows is not None, BLOCK_D=block_d, num_warps=4,
+        HAS_ROWS=rows is not None, PER_GROUP=per_group, BLOCK_D=block_d, num_warps=4,
     )
     return out
 
@@ -183,9 +190,11 @@ def fused_moe(
     n_groups: int,
     gemv_max_tokens: int | None = None,
     out_dtype: torch.dtype | None = None,
+    per_group: bool = False,
 ) -> torch.Tensor:
     """[T, D] in out_dtype (default x.dtype): per token Σ over groups of the group's partial (see
-    module doc); float32 keeps the sum unrounded, for a caller that adds other partials to it."""
+    module doc); float32 keeps the sum unrounded, for a caller that adds other partials to it.
+    per_group: [n_groups, T, D] in x.dtype, each group's partial (for a combine elsewhere)."""
     out_dtype = out_dtype or x.dtype
     t, k = local_ids.shape
     n_local, two_i, _ = w13.shape
@@ -196,11 +205,16 @@ def fused_moe(
         from actors.model.kernels.invariant_matmul import grouped_swiglu
 
         ys, rows = grouped_swiglu(x, w13, w2, local_ids)
-        return combine(ys, rows, local_ids, weights, n_local, experts_per_group, n_groups, out_dtype)
+        return combine(ys, rows, local_ids, weights, n_local, experts_per_group, n_groups, out_dtype, per_group)
+    from actors.model.kernels.gemm import moe as gemm_moe  # block-FP8 weights; the tuned bf16 grouped path
+
+    if gemm_moe.takes(w13, x, t, limit):
+        ys = gemm_moe.expert_outputs(x, w13, w2, local_ids, gemv_max_tokens=gemv_max_tokens)
+        return combine(ys, None, local_ids, weights, n_local, experts_per_group, n_groups, out_dtype, per_group)
     if not grouped_usable(x) or t <= limit:
         h = expert_gemv(x, w13, flat, k, act=False)  # [A, 2I]
         ys = expert_gemv(h, w2, flat, k, act=True)  # [A, D]
-        return combine(ys, None, local_ids, weights, n_local, experts_per_group, n_groups, out_dtype)
+        return combine(ys, None, local_ids, weights, n_local, experts_per_group, n_groups, out_dtype, per_group)
 
     key = torch.where((flat >= 0) & (flat < n_local), flat, n_local)
     key, order = torch.sort(key, stable=True)  # ours first, grouped by expert
@@ -212,4 +226,4 @@ def fused_moe(
     ys = torch._grouped_mm(act, w2.transpose(1, 2), offs=offs)  # [A, D]
     rows = torch.empty_like(order)
     rows[order] = torch.arange(order.numel(), device=x.device)
-    return combine(ys, rows, local_ids, weights, n_local, experts_per_group, n_groups, out_dtype)
+    return combine(ys, rows, local_ids, weights, n_local, experts_per_group, n_groups, out_dtype, per_group)

@@ -51,6 +51,8 @@ class Operations:
         self.lock = lock
         self.clock = clock
         self.local = [LOCAL] if local_groups else []  # the replicas' device, first of the devices
+        # what an admin operation does before it is journaled (starting workers), for status readers
+        self.preparing: dict | None = None
 
     def run(self, kind: str, new_groups: Groups, added: list[str] = (), retired: list[str] = (),
             p: Placement | None = None) -> dict:
@@ -118,6 +120,7 @@ class Operations:
                 self.store.set_controller(last_scale_at=done_at, desired_devices=devices, last_reason=reason)
             return result
         finally:
+            self.preparing = None
             self.ports.source = default_source
             self.lock.release()
 
@@ -126,6 +129,8 @@ class Operations:
         warm = self.inventory.standby(alive_only=True)[:need]
         added = warm + self.inventory.next_ids(need - len(warm))
         started = []
+        self.preparing = {"op_id": f"start-{self.clock()}", "kind": "scale", "phase": "starting_workers",
+                          "workers": added[len(warm):]}
         try:
             for wid in added[len(warm):]:
                 self.inventory.start_worker(wid)

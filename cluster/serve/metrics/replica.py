@@ -135,7 +135,7 @@ class ReplicaMetrics:
         return RequestTimer(self, self.clock() if arrival is None else arrival, self.clock)
 
     def watch_experts(self, experts_metrics: Callable[[], dict], cluster_state: Callable[[], dict] | None = None) -> None:
-        """Export the data plane too: `experts_metrics()` as RemoteExperts.metrics() answers (group load,
+        """Export the data plane too: `experts_metrics()` as Dispatcher.metrics() answers (group load,
         epoch, retries); `cluster_state()` the controller's counters (elastic mode)."""
         self._experts.watch(experts_metrics, cluster_state)
 

@@ -49,7 +49,7 @@ class EngineCollector:
 
 
 class ExpertCollector:
-    """Empty until `watch` names the replica's RemoteExperts (disaggregated and elastic modes)."""
+    """Empty until `watch` names the replica's Dispatcher (static and elastic modes)."""
 
     def __init__(self) -> None:
         self.experts: Any = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -33,7 +34,7 @@ from cluster.serve.errors import (
 )
 from cluster.serve.middleware.scope import header, route_path
 
-GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions"})
+GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses"})
 ADMIN_PREFIX = "/admin"
 
 
@@ -60,9 +61,12 @@ class GuardLimits:
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, limits: GuardLimits) -> None:
+    def __init__(self, app: ASGIApp, limits: GuardLimits, takes_body: Callable[[Scope], bool] | None = None) -> None:
+        """`takes_body(scope)`: whether a route answers this POST (`post_route_matcher`); a POST
+        anywhere else goes to the app unread, which answers 405 (GET routes) or 404, not 415."""
         self.app = app
         self.limits = limits
+        self.takes_body = takes_body
         self.in_flight = 0  # sequences of admitted, unfinished requests (this event loop only)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -90,7 +94,7 @@ class RequestGuard:
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route_path(scope)
-        if scope.get("method") != "POST":
+        if scope.get("method") != "POST" or (self.takes_body is not None and not self.takes_body(scope)):
             await self.app(scope, receive, send)
             return
         if not _is_json(header(scope, b"content-type")):
@@ -134,6 +138,14 @@ class RequestGuard:
         except TimeoutError:
             raise RequestTimeout(
                 f"The request body was not received within {self.limits.body_read_timeout_s:g}s") from None
+
+
+def post_route_matcher(router) -> Callable[[Scope], bool]:
+    """scope -> whether one of the router's routes (included routers too) fully matches it, method
+    included: Starlette's own matching, so route prefixes and path parameters count as they route."""
+    from starlette.routing import Match
+
+    return lambda scope: any(route.matches(scope)[0] == Match.FULL for route in router.routes)
 
 
 def sequences_of(body: bytes) -> int:

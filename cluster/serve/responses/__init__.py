@@ -1,0 +1,3 @@
+"""OpenAI's Responses API (/v1/responses) over the chat path: wire models (protocol), input items
+and stored turns as chat messages (conversation), the bounded store of past responses (store),
+create / stream / retrieve / delete (service) and the routes (routes)."""
