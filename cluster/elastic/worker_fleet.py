@@ -34,7 +34,8 @@ def model_spec(config: MogeConfig) -> dict:
         # a worker on a Ray-granted accelerator sees only that one, as index 0: "cuda:1" (the
         # replica's own device, e.g. bench/scale_latency.py --local) would not exist there
         device = device.split(":")[0]
-    return {"source": m.source, "n_groups": m.n_groups, "device": device, "dtype": m.dtype, "seed": m.seed}
+    return {"source": m.source, "n_groups": m.n_groups, "device": device, "dtype": m.dtype, "seed": m.seed,
+            "batch_invariant": config.engine.batch_invariant}
 
 
 def transport_options(config: MogeConfig) -> dict:
