@@ -163,7 +163,7 @@ def test_fp8_kernels_compute_the_dequantized_model(bench_models):
     _, fp8, _ = bench_models
     ref = dequantized(fp8)
     rows = {}
-    for n, bound in ((32, 0.05), (256, 0.20)):  # weight-only, then W8A8 (configs.w8a8_min_tokens = 64)
+    for n, bound in ((32, 0.05), (256, 0.20)):  # weight-only, then W8A8 (W8A8 above configs w8a8_over_tokens = 64)
         prompt = [(29 * j) % 30000 + 300 for j in range(n)]
         rows[n] = compare(prefill_logits(ref, prompt).float(), prefill_logits(fp8, prompt).float())
         assert rows[n]["rel_fro"] < bound, rows[n]

@@ -351,7 +351,10 @@ class ExpertWorker:
     # ---- health and metrics ----------------------------------------------------------------------
 
     def ping(self) -> dict:
-        return {"worker_id": self.worker_id, "held_groups": self.held_groups()}
+        # the spec and carrier let a starter that got this live actor by name check it serves the
+        # model it asked for (WorkerFleet.start)
+        return {"worker_id": self.worker_id, "held_groups": self.held_groups(), "spec": dict(self.spec),
+                "transport": self.transport}
 
     def device_info(self) -> dict:
         """What this process can see: its torch device, the visible-devices variable, Ray's grant."""

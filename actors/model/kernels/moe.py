@@ -31,9 +31,7 @@ import triton.language as tl
 from actors.model.kernels import batch_invariant
 from actors.model.kernels.activation import silu_mul, silu_mul_load
 
-# Largest token count that takes the GEMV path in bf16. On the H200, Qwen3-30B-A3B layer shape
-# (bench/kernel_check.py, docs/performance.md): GEMV 278 us vs grouped 350 us at 16 tokens, even at 32.
-GEMV_MAX_TOKENS = int(os.environ.get("MOGE_MOE_GEMV_MAX_TOKENS", "16"))
+from actors.model.kernels.gemm.configs import MOE_GEMV_MAX_TOKENS as GEMV_MAX_TOKENS  # noqa: E402
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
