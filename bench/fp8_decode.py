@@ -171,8 +171,9 @@ def bench_kernels(loaded, label: str, tokens_list, bw: float) -> None:
 
     cfg = loaded.cfg
     experts = loaded.model.experts
-    layer = next(iter(experts._stacked))
-    w13, w2 = experts._stacked[layer]
+    stacked = experts.compute.stacked  # actors/model/group_compute.py: one stack per layer
+    layer = next(iter(stacked))
+    w13, w2 = stacked[layer]
     per_expert = (nbytes(w13) + nbytes(w2)) / w13.shape[0]
     gen = torch.Generator(device=loaded.device).manual_seed(0)
     fp8 = loaded.quantization == "fp8"

@@ -164,7 +164,8 @@ def cutovers(all_timings: list[dict]) -> dict:
     big = [t for t in DENSE_TOKENS if t >= min(dense_min, DENSE_TOKENS[-1])]
     mm_wins = sum(sum(total(f"dense/scaled_mm/{s}/{t}") for s in dense_keys)
                   < sum(total(f"dense/w8a8/{s}/{t}") for s in dense_keys) for t in big)
-    return {"gemv_max_tokens": gemv_max, "w8a8_min_tokens": w8a8_min, "dense_w8a8_min_tokens": dense_min,
+    # "W8A8 from t tokens" becomes "above t - 1" (configs.w8a8 rounds it up to a graph bucket)
+    return {"gemv_max_tokens": gemv_max, "w8a8_over_tokens": w8a8_min - 1, "dense_w8a8_over_tokens": dense_min - 1,
             "bf16_grouped": "triton" if triton_wins > len(GROUPED_TOKENS) // 2 else "torch",
             "dense_w8a8_backend": "scaled_mm" if mm_wins > len(big) // 2 else "triton"}
 

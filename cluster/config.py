@@ -51,8 +51,9 @@ class EngineSection(_Section):
         "CUDA graphs, the KV cache in the rest), as vLLM's; a fractional replica_num_gpus scales it; CPU: 0.3 of free memory")
     num_kv_blocks: int | None = Field(None, ge=1, description="overrides the byte budget (tests)")
     enable_prefix_caching: bool = Field(True, description="reuse the KV of prompt prefixes seen before")
-    cuda_graphs: bool = Field(True, description="decode through CUDA graphs (CUDA; in-process experts or the step lane); false = eager")
-    cuda_graph_memory_mb: int = Field(4096, ge=0, description="device memory the decode graphs may take")
+    batch_invariant: bool = Field(
+        False, description="a request's logits bit-identical whatever else is in its batch, wherever its "
+        "groups are placed and whether its prefix came from the cache (docs/architecture.md, invariant 7)")
     grammar_max_bytes: int = Field(
         512 << 10, ge=1024, description="largest JSON schema / grammar a request may constrain its output with (400 beyond)")
     grammar_compile_timeout_s: float = Field(
@@ -237,6 +238,9 @@ class MogeConfig(_Section):
             raise ValueError("model.quantization fp8 applies to in-process experts only: expert workers hold "
                              "their groups in model.dtype (FP8 groups do not migrate yet); use data_plane."
                              "transport inprocess, or quantization auto / none")
+        if self.model.quantization == "fp8" and self.engine.batch_invariant:
+            raise ValueError("engine.batch_invariant does not cover model.quantization fp8 yet (the invariant "
+                             "kernels take bf16/fp32 weights); turn one of them off")
         return self
 
     @classmethod

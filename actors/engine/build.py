@@ -23,6 +23,7 @@ import torch
 
 from actors.device import memory_free, memory_total, synchronize
 from actors.engine.engine import EngineSpec, LLMEngine
+from actors.model import kernels
 from actors.engine.sampling.grammar import GrammarLimits
 from actors.model.expert_compute import ExpertCompute
 from actors.model.kv_cache import PagedKVCache, bytes_per_block
@@ -63,6 +64,7 @@ class EngineSettings:
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True
     cuda_graph_memory_mb: int = 4096
+    batch_invariant: bool = False  # a row's logits do not depend on its batch (kernels/invariant.py)
     grammar: GrammarLimits = GrammarLimits()
     async_scheduling: bool | None = None
     step_cost_ratio: float = 1.5
@@ -171,10 +173,16 @@ def build_engine(
     load: LoadSpec, settings: EngineSettings, experts: ExpertCompute | None = None
 ) -> tuple[LLMEngine, LoadedModel]:
     """`experts`: an ExpertCompute to use instead of local experts (remote expert workers)."""
+    kernels.set_batch_invariant(settings.batch_invariant)  # before any weight or kernel is touched
     loaded = load_model(
         load.source, load.dtype, load.device, n_groups=load.n_groups, seed=load.seed, experts=experts, name=load.name,
         quantization=load.quantization,
     )
+    if settings.batch_invariant and loaded.quantization != "none":
+        # the invariant kernels (kernels/invariant*.py) take bf16/fp32 weights only; serving FP8 with
+        # the default kernels would break the promise silently
+        raise ValueError(f"engine.batch_invariant does not cover {loaded.quantization} weights yet: "
+                         "serve this checkpoint with batch_invariant off, or a bf16 checkpoint invariant")
     max_model_len = load.max_model_len or loaded.cfg.max_position_embeddings
     blocks, reserved = kv_block_budget(settings, loaded, max_model_len)
     spec = EngineSpec(
@@ -187,6 +195,7 @@ def build_engine(
         enable_prefix_caching=settings.enable_prefix_caching,
         cuda_graphs=settings.cuda_graphs,
         cuda_graph_memory_mb=settings.cuda_graph_memory_mb,
+        batch_invariant=settings.batch_invariant,
         grammar=settings.grammar,
         async_scheduling=settings.async_scheduling,
         step_cost_ratio=settings.step_cost_ratio,

@@ -33,6 +33,7 @@ from actors.engine.output.text_stream import TextStream
 from actors.engine.scheduler import Scheduler
 from actors.engine.sequence import PENDING, Sequence
 from actors.engine.steps.launched import LaunchedStep
+from actors.model import kernels
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,9 @@ class EngineSpec:
     enable_prefix_caching: bool = True  # share full KV blocks of identical prefixes between requests
     cuda_graphs: bool = True  # decode steps replayed from CUDA graphs (CUDA, in-process experts)
     cuda_graph_memory_mb: int = 4096  # device memory the captured graphs may take
+    # every row's logits independent of the rest of its batch (kernels/invariant.py); the mode is
+    # the process's, so the engine sets it before its graphs are captured
+    batch_invariant: bool = False
     grammar: GrammarLimits = GrammarLimits()  # size, compile time and threads of structured output
     async_scheduling: bool | None = None  # launch step N + 1 before step N's tokens reach the host (None: on CUDA)
     # a step with prompt chunks costs at most this times a full decode step (start-up profile of the
@@ -77,6 +81,11 @@ class LLMEngine:
         self.tokenizer = loaded.tokenizer
         self.name = getattr(loaded, "name", "model")
         self.spec = spec
+        kernels.set_batch_invariant(spec.batch_invariant)
+        if spec.batch_invariant:
+            from actors.model.kernels.invariant import fuse_projections
+
+            fuse_projections(self.model)  # before the decode graphs are captured
         self.runner = ModelRunner(
             self.model, self.cfg, spec.num_kv_blocks, spec.block_size, ping_pong=spec.ping_pong,
             cuda_graphs=spec.cuda_graphs, max_num_seqs=spec.max_num_seqs, max_model_len=spec.max_model_len,
@@ -234,6 +243,7 @@ class LLMEngine:
         scheduled in step N + 1: that one row is computed and dropped. Steps with grammar-
         constrained or prompt-scoring requests run synchronously (their next step needs the host to
         have seen the tokens)."""
+        kernels.set_batch_invariant(self.spec.batch_invariant)  # the mode is the process's; engines may share one
         outputs: list[RequestOutput] = []
         overlap = self._can_overlap()
         if self._inflight is not None and not overlap:

@@ -13,6 +13,8 @@ kernel (actors/model/kernels/paged_attention.py), which reads the block table on
 never gathers the KV into a dense copy: no host value is needed, so any step can be captured in a
 CUDA graph. The padded SDPA path below is the CPU / NPU fallback (and the reference the kernel is
 tested against); it asks the device for Q only when the host did not say (StepBatch.max_query).
+With `engine.batch_invariant` both give way to kernels/invariant.py: one computation per row whose
+result depends on the row's own context only (the same kernel with one fixed KV split size on CUDA).
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ def paged_attention(
 ) -> torch.Tensor:
     """-> [T, H, Dh]: the new tokens (their K/V already in the cache) against their whole context.
     `fused`: the varlen paged-attention kernel (chosen by the model once; None: decided here)."""
+    if kernels.batch_invariant():
+        from actors.model.kernels import invariant
+
+        return invariant.attention(q, kv.k[layer], kv.v[layer], batch, scale, kv.max_seq_len)
     num_seqs, heads, head_dim = batch.num_seqs, q.shape[1], q.shape[2]
     kv_heads = kv.k[layer].shape[2]
     if fused is None:

@@ -104,7 +104,14 @@ def slot_outputs(
     xs = x[order // k]  # [T*k, D]
     ends = torch.searchsorted(key, torch.arange(1, n_local + 1, device=x.device))  # [Eg] end row per expert
 
-    if _grouped_mm_usable(x) and isinstance(w13, torch.Tensor):
+    if kernels.batch_invariant():  # fixed row blocks, no kernel chosen by the row count
+        from actors.model.kernels.invariant import grouped_swiglu
+
+        bounds = [0] + ends.tolist()  # one host sync
+        counts = [b - a for a, b in zip(bounds, bounds[1:])]
+        ys = torch.zeros_like(xs)
+        ys[: bounds[-1]] = grouped_swiglu(xs[: bounds[-1]], w13, w2, counts)
+    elif _grouped_mm_usable(x) and isinstance(w13, torch.Tensor):
         ys = _grouped_swiglu(w13, w2, xs, ends)
     else:
         ys = torch.zeros_like(xs)

@@ -50,6 +50,10 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(d_out)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.batch_invariant():
+            from actors.model.kernels import invariant
+
+            return invariant.linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -127,6 +131,12 @@ class SwiGLU(nn.Module):
         self.fused = False  # choose_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.batch_invariant():
+            from actors.model.kernels import invariant
+
+            fused = self.__dict__.get("fused_gate_up")  # kernels/invariant.py fuse_projections
+            gate, up = invariant.fused_linear(x, fused) if fused else (self.gate_proj(x), self.up_proj(x))
+            return self.down_proj(invariant.silu_mul(gate, up))
         if self.fused:
             from actors.model.kernels.activation import silu_mul
 
@@ -153,9 +163,16 @@ class Attention(nn.Module):
         self, x: torch.Tensor, layer: int, batch: StepBatch, kv: PagedKVCache, step: "_StepContext"
     ) -> torch.Tensor:
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
+        fused = self.__dict__.get("fused_qkv") if kernels.batch_invariant() else None
+        if fused:  # one matmul (kernels/invariant.py fuse_projections)
+            from actors.model.kernels import invariant
+
+            q, k, v = invariant.fused_linear(x, fused)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(t, self.heads, self.head_dim)
+        k = k.view(t, self.kv_heads, self.head_dim)
+        v = v.view(t, self.kv_heads, self.head_dim)
         if self.fused:
             from actors.model.kernels.rope import qk_rope_store
 
@@ -188,7 +205,13 @@ class MoEBlock(nn.Module):
             return None
         y = self.shared_expert(x)
         if hasattr(self, "shared_expert_gate"):
-            y = torch.sigmoid(self.shared_expert_gate(x)) * y
+            gate = self.shared_expert_gate(x)
+            if kernels.batch_invariant() and not kernels.fused(x):
+                from actors.model.kernels import invariant
+
+                y = invariant.sigmoid(gate) * y
+            else:
+                y = torch.sigmoid(gate) * y
         return y
 
 

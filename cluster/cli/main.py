@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--elastic", action="store_true",
                        help="expert workers under the controller with an embedded Redis, scalable live "
                        "with `moge scale` (implies --transport grpc unless given)")
+    serve.add_argument("--batch-invariant", action="store_true", default=None,
+                       help="a request's logits bit-identical whatever else is in its batch "
+                       "(engine.batch_invariant; costs some speed, docs/performance.md)")
     serve.add_argument("--admin-key", action="append", dest="admin_keys", metavar="KEY",
                        help="Bearer key for /admin and `moge status|scale|migrate` (repeatable; default: "
                        "none, and the admin API is off: the API keys never open it)")
@@ -104,6 +107,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     put("server", "tool_call_parser", getattr(args, "tool_call_parser", None))
     put("data_plane", "transport", args.transport or ("grpc" if args.elastic else None))
     put("data_plane", "num_workers", args.workers)
+    put("engine", "batch_invariant", args.batch_invariant)
     return out
 
 

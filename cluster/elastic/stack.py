@@ -49,10 +49,32 @@ class ElasticStack:
         fleet = WorkerFleet(self.config, self.namespace)
         for wid in fleet.running():
             fleet.stop(wid)
+        # ray.kill returns before Ray drops the names: a stack started right after would get the
+        # dying controller back (get_if_exists), still on this stack's config and Redis
+        _wait_names_released(self.namespace, fleet)
         if self.redis is not None:
             self.redis.stop()
         if self.redis_dir is not None:
             shutil.rmtree(self.redis_dir, ignore_errors=True)
+
+
+def _wait_names_released(namespace: str | None, fleet: Any, timeout_s: float = 30.0, poll_s: float = 0.1) -> None:
+    import time
+
+    import ray
+
+    from cluster.elastic.controller import CONTROLLER_NAME
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(CONTROLLER_NAME, namespace=namespace)
+        except ValueError:
+            if not fleet.running():
+                return
+        time.sleep(poll_s)
+    log.warning("the controller or expert workers of namespace %r still registered %.0f s after stop",
+                namespace, timeout_s)
 
 
 def elastic_enabled(config: MogeConfig) -> bool:

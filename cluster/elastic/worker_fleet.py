@@ -9,6 +9,7 @@ reaches the cluster: a node joins with that resource, and the next worker lands 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import ray
@@ -34,7 +35,8 @@ def model_spec(config: MogeConfig) -> dict:
         # a worker on a Ray-granted accelerator sees only that one, as index 0: "cuda:1" (the
         # replica's own device, e.g. bench/scale_latency.py --local) would not exist there
         device = device.split(":")[0]
-    return {"source": m.source, "n_groups": m.n_groups, "device": device, "dtype": m.dtype, "seed": m.seed}
+    return {"source": m.source, "n_groups": m.n_groups, "device": device, "dtype": m.dtype, "seed": m.seed,
+            "batch_invariant": config.engine.batch_invariant}
 
 
 def transport_options(config: MogeConfig) -> dict:
@@ -64,21 +66,38 @@ class WorkerFleet:
 
     def start(self, worker_id: str, ready_timeout_s: float = 120.0) -> Any:
         """Create the worker (or get the live one of that id) and wait until it answers a ping.
-        TimeoutError when Ray cannot place it (no free device) within the timeout."""
+        A live one that serves another model spec or carrier (left by an earlier deployment: workers
+        are detached) is stopped and created anew, never used. TimeoutError when Ray cannot place
+        it (no free device) within the timeout."""
         dp = self.config.data_plane
+        spec = model_spec(self.config)
         opts = worker_options(device_kind(self.config), num_gpus=dp.worker_num_gpus, num_cpus=dp.worker_num_cpus,
                               resources=dp.worker_resources, name=actor_name(worker_id), namespace=self.namespace)
-        handle = self._actor_cls.options(**opts).remote(
-            worker_id, model_spec(self.config), dp.transport, transport_options(self.config))
+        for attempt in range(2):
+            handle = self._actor_cls.options(**opts).remote(worker_id, spec, dp.transport, transport_options(self.config))
+            reply = self._ready(worker_id, handle, opts, ready_timeout_s)
+            if reply.get("spec") == spec and reply.get("transport") == dp.transport:
+                return handle
+            log.warning("worker %s is alive with another model spec or carrier (%s, %s); replacing it",
+                        worker_id, reply.get("spec"), reply.get("transport"))
+            self.stop(worker_id, handle)
+            self._wait_released(worker_id, ready_timeout_s)
+        raise RuntimeError(f"worker {worker_id}: a worker of another model spec keeps the name")
+
+    def _wait_released(self, worker_id: str, timeout_s: float, poll_s: float = 0.1) -> None:
+        deadline = time.monotonic() + timeout_s
+        while worker_id in self.running() and time.monotonic() < deadline:
+            time.sleep(poll_s)
+
+    def _ready(self, worker_id: str, handle: Any, opts: dict, ready_timeout_s: float) -> dict:
         try:
-            ray.get(handle.ping.remote(), timeout=ready_timeout_s)
+            return ray.get(handle.ping.remote(), timeout=ready_timeout_s)
         except Exception as e:
             self.stop(worker_id, handle)
             if isinstance(e, ray.exceptions.GetTimeoutError):
                 raise TimeoutError(f"worker {worker_id} not placed within {ready_timeout_s}s: "
                                    f"is there a free device ({opts.get('resources') or 'CPU'})?") from e
             raise
-        return handle
 
     def handle(self, worker_id: str) -> Any:
         """The live actor of `worker_id`; ValueError if there is none."""

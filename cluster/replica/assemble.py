@@ -44,6 +44,7 @@ def engine_settings(config: MogeConfig, ping_pong: bool = False) -> EngineSettin
         enable_prefix_caching=e.enable_prefix_caching,
         cuda_graphs=e.cuda_graphs,
         cuda_graph_memory_mb=e.cuda_graph_memory_mb,
+        batch_invariant=e.batch_invariant,
         grammar=GrammarLimits(max_bytes=e.grammar_max_bytes, compile_timeout_s=e.grammar_compile_timeout_s,
                               workers=e.grammar_workers),
         async_scheduling=e.async_scheduling,

@@ -8,7 +8,8 @@ Bounds, as ||out - ref|| / ||ref|| (Frobenius):
 - weight-only FP8 (activations in the compute dtype) against the same math on the dequantized
   weights: 1e-5 in float32 (interpreter; only the summation order differs), 1e-2 in bf16 (the
   reference rounds once more per output);
-- W8A8 against the same reference with the activations quantized in torch the same way: 1e-5 / 2e-2;
+- W8A8 against the same reference with the activations quantized in torch the same way: 1e-5 / 2e-2
+  (3e-2 through the routed experts' two quantized stages);
   against the unquantized activations (the FP8 error itself): 6e-2; a whole tiny-moge model's
   prefill logits through every FP8 kernel against the dequantizing fallback: 10x the weight-only
   bound, 0.15 with W8A8 (the interpreter measured 0.066);
@@ -37,6 +38,10 @@ pytestmark = [
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 EXACT = 1e-5 if DTYPE == torch.float32 else 1e-2
 W8A8_EXACT = 1e-5 if DTYPE == torch.float32 else 2e-2
+# the routed experts' W8A8 path quantizes twice (input, then SiLU·mul of the first GEMM): where the
+# kernel's and torch's bf16 roundings of the intermediate differ, an element can land on the other
+# side of an e4m3 rounding step (1/16 relative); the H200 measured 0.0203 at 6 tokens x 3 slots
+W8A8_TWO_STAGE_EXACT = 1e-5 if DTYPE == torch.float32 else 3e-2
 W8A8_VS_UNQUANTIZED = 6e-2
 W8A8_MODEL = 0.15  # a whole 4-layer model's logits, W8A8 against weight-only (0.066 measured on CPU)
 
@@ -186,7 +191,7 @@ def test_fp8_expert_outputs_every_path(mode, tokens, e, d, inner, split):
         h = F.linear(xq[tok[a]][None].float(), w13d[flat[a]].float()).to(DTYPE)
         act = (F.silu(h[:, :inner]) * h[:, inner:]).to(DTYPE)
         emulated.append(F.linear(quantized_act_ref(act).float(), w2d[flat[a]].float())[0])
-    assert rel(ys[ok], torch.stack(emulated)[ok]) < W8A8_EXACT
+    assert rel(ys[ok], torch.stack(emulated)[ok]) < W8A8_TWO_STAGE_EXACT
 
 
 @pytest.mark.parametrize("tokens", [2, 24])
@@ -204,10 +209,10 @@ def test_fused_moe_with_fp8_weights_keeps_the_combine(tokens):
     slots = slot_outputs(w13.dequantize(torch.float32), w2.dequantize(torch.float32), x.float(), ids, w)
     group = ids.clamp(0, e - 1) // eg
     want = sum((slots * (group == gi).unsqueeze(-1)).sum(1).to(DTYPE).float() for gi in range(e // eg))
-    for limit in (0, 1 << 20):  # grouped (weight-only, W8A8 from w8a8_min_tokens), GEMV
+    for limit in (0, 1 << 20):  # grouped (weight-only, W8A8 above w8a8_over_tokens), GEMV
         got = fused_moe(x, w13, w2, ids, w, eg, e // eg, gemv_max_tokens=limit)
         assert got.dtype == DTYPE
-        assert rel(got, want) < (W8A8_VS_UNQUANTIZED if tokens >= 64 and limit == 0 else EXACT * 2)
+        assert rel(got, want) < (W8A8_VS_UNQUANTIZED if tokens > 64 and limit == 0 else EXACT * 2)
 
 
 @pytest.mark.parametrize("tokens, e, d, inner", [(5, 8, 64, 32), (50, 4, 96, 80)])
@@ -247,7 +252,7 @@ def test_block_schedule_covers_every_row_once():
     assert sorted(seen) == list(range(100))
 
 
-@pytest.mark.parametrize("prompt_len", [20, 64])  # prefill weight-only / W8A8 (w8a8_min_tokens 64); decode GEMV
+@pytest.mark.parametrize("prompt_len", [20, 80])  # prefill weight-only / W8A8 (above w8a8_over_tokens 64); decode GEMV
 def test_fp8_model_through_the_kernels_matches_the_torch_fallback(prompt_len):
     """A whole FP8 model (tiny-moge, quantization fp8): every FP8 kernel in the model (dense linears,
     expert GEMV, grouped experts, combine) against the fallback that dequantizes per use."""

@@ -4,16 +4,22 @@ load peak. Skips without CUDA or on GPUs without FP8 (compute capability < 8.9).
 
     python -m pytest -q -s tests/gpu/test_fp8_model_gpu.py     # MOGE_REPORT_DIR=dir: JSON lines there
 
+Random-weight models have near-ties everywhere: on the H200, bench-moge in bf16 changes its first
+greedy token when only the batch around a prompt changes (bench/gpu_fp8_invariant.sh). So greedy
+tokens are compared where they are decided: the compared model decodes the reference's tokens
+(teacher forcing), and at every position where the reference's top-1 leads its top-2 by more than a
+stated tie margin, both must pick the same token ("decided top-1"). Plain top-1 agreement and
+free-running greedy agreement are reported beside it.
+
 Stated tolerances:
 - FP8 (quantization fp8) vs bf16, bench-moge (12 layers, random weights), a 256-token prefill (W8A8
-  path) and 16 decode steps (weight-only path): top-1 agreement >= 0.75, mean KL(bf16 || fp8) < 0.05
-  nats; max |delta logit| is reported. (On a CPU the same model at a smaller shape, weight-only, gives
-  top-1 0.88 and mean KL 0.002: random-weight logits have many near-ties.)
+  path) and 16 decode steps (weight-only path): mean KL(bf16 || fp8) < 0.05 nats and decided top-1
+  >= 0.95 at a 1.0-logit margin (the H200 measured max |delta logit| 0.76 and plain top-1 0.71 / 0.81).
 - FP8 kernels vs the same weights dequantized to bf16 and run by the bf16 kernels: prefill logits
   within 5% (relative Frobenius) through the weight-only path (32 tokens), 20% through W8A8 (256:
   activations rounded to e4m3 in every linear of 12 layers; a 4-layer model measured 6.6% on CPU);
-  greedy decode (weight-only) gives the same first token for every prompt and the same 8 tokens for
-  at least 3 of 4 prompts (bf16 rounding order differs, so a near-tie may flip late).
+  8 decode steps (weight-only) of every prompt: decided top-1 = 1 at a 0.5-logit margin (only the
+  bf16 rounding order differs; the H200 measured max |delta logit| 0.22 at prefill).
 - An FP8 checkpoint (tests/checkpoints.py) loaded as FP8 vs its dequantized checkpoint in bf16: the
   same decode tolerance.
 """
@@ -64,16 +70,36 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
             "rel_fro": float((a - b).norm() / a.norm())}
 
 
-def decode_agreement(a, b, n: int = 8) -> tuple[int, int]:
-    """-> (prompts with the same first token, prompts with the same n tokens)."""
-    from actors.model.reference import greedy_reference
+def decided_top1(a: torch.Tensor, b: torch.Tensor, tie: float) -> tuple[float, int]:
+    """-> (share of positions where b picks a's top-1, among those a decides by more than `tie`
+    logits; how many such positions)."""
+    top2 = a.topk(2, dim=-1).values
+    decided = (top2[:, 0] - top2[:, 1]) > tie
+    n = int(decided.sum())
+    agree = (a.argmax(-1) == b.argmax(-1))[decided]
+    return (float(agree.float().mean()) if n else 1.0), n
 
+
+def decode_agreement(a, b, n: int = 8, tie: float = 0.5) -> dict:
+    """Every prompt (ids folded into the model's vocabulary), n greedy steps of `a`, `b` teacher-forced
+    on a's tokens: decided top-1 over all steps, and free-running greedy agreement (reported)."""
+    from actors.model.reference import greedy_logits, greedy_reference
+
+    vocab = a.cfg.vocab_size
+    ref, got = [], []
     first = same = 0
     for p in PROMPTS:
-        x, y = greedy_reference(a, p, n, stop_at_eos=False), greedy_reference(b, p, n, stop_at_eos=False)
-        first += x[0] == y[0]
-        same += x == y
-    return first, same
+        p = [t % vocab for t in p]
+        tokens, logits = greedy_logits(a, p, n, stop_at_eos=False)
+        ref.append(logits.float())
+        got.append(greedy_logits_forced(b, p, tokens)[1].float())
+        y = greedy_reference(b, p, n, stop_at_eos=False)
+        first += tokens[0] == y[0]
+        same += tokens == y
+    share, decided = decided_top1(torch.cat(ref), torch.cat(got), tie)
+    return {"decided_top1": share, "decided_positions": decided, "positions": n * len(PROMPTS),
+            "max_abs_delta_logit": round(float((torch.cat(ref) - torch.cat(got)).abs().max()), 4),
+            "free_running_first_token_equal": first, "free_running_all_equal": same, "prompts": len(PROMPTS)}
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +132,12 @@ def test_fp8_vs_bf16_logits_of_the_same_model(bench_models):
     # the FP8 model decodes the bf16 model's tokens (teacher forcing), so every step compares like with like
     _, got = greedy_logits_forced(fp8, prompt[:16], tokens)
     decode = compare(ref.float(), got.float())
+    for r, a, b in ((prefill, prefill_logits(bf16, prompt).float(), prefill_logits(fp8, prompt).float()),
+                    (decode, ref.float(), got.float())):
+        r["decided_top1"], r["decided_positions"] = decided_top1(a, b, tie=1.0)
     report({"test": "fp8_vs_bf16", "model": "bench-moge", "prefill_256": prefill, "decode_16": decode})
     for r in (prefill, decode):
-        assert r["top1_agreement"] >= 0.75 and r["kl_mean"] < 0.05
+        assert r["kl_mean"] < 0.05 and r["decided_top1"] >= 0.95, r
 
 
 def greedy_logits_forced(loaded, prompt, tokens):
@@ -134,14 +163,13 @@ def test_fp8_kernels_compute_the_dequantized_model(bench_models):
     _, fp8, _ = bench_models
     ref = dequantized(fp8)
     rows = {}
-    for n, bound in ((32, 0.05), (256, 0.20)):  # weight-only, then W8A8 (configs.w8a8_min_tokens = 64)
+    for n, bound in ((32, 0.05), (256, 0.20)):  # weight-only, then W8A8 (W8A8 above configs w8a8_over_tokens = 64)
         prompt = [(29 * j) % 30000 + 300 for j in range(n)]
         rows[n] = compare(prefill_logits(ref, prompt).float(), prefill_logits(fp8, prompt).float())
         assert rows[n]["rel_fro"] < bound, rows[n]
-    first, same = decode_agreement(ref, fp8)
-    report({"test": "fp8_kernels_vs_dequantized", "model": "bench-moge", "prefill": rows,
-            "decode_first_token_equal": first, "decode_8_tokens_equal": same, "prompts": len(PROMPTS)})
-    assert first == len(PROMPTS) and same >= len(PROMPTS) - 1
+    decode = decode_agreement(ref, fp8)
+    report({"test": "fp8_kernels_vs_dequantized", "model": "bench-moge", "prefill": rows, "decode_8": decode})
+    assert decode["decided_top1"] == 1.0, decode
     del ref
 
 
@@ -154,10 +182,9 @@ def test_fp8_checkpoint_close_to_its_dequantized_copy_on_gpu(tmp_path):
         kept = load_model(fp8_dir, "bfloat16", "cuda")  # auto: FP8 stays FP8 on this GPU
         assert kept.quantization == "fp8"
         dense = load_model(dense_dir, "bfloat16", "cuda")
-        first, same = decode_agreement(dense, kept)
-        report({"test": "fp8_checkpoint_vs_dequantized", "layout": layout, "decode_first_token_equal": first,
-                "decode_8_tokens_equal": same, "prompts": len(PROMPTS)})
-        assert first == len(PROMPTS) and same >= len(PROMPTS) - 1
+        decode = decode_agreement(dense, kept)
+        report({"test": "fp8_checkpoint_vs_dequantized", "layout": layout, "decode_8": decode})
+        assert decode["decided_top1"] == 1.0, decode
 
 
 @pytest.fixture(scope="module")

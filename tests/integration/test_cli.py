@@ -1,19 +1,22 @@
 """`moge serve` as a user runs it: a subprocess with its own local Ray. With `--model DIR` it serves
 a Hugging Face-format checkpoint (tiny Pangu Pro MoE layout) under the directory's name, ready
-within a bound, and gone cleanly after SIGTERM; with `--elastic --workers 2` the experts run on two
-gRPC expert workers under the controller: `moge status`, typed while the server still starts, waits
-for it and reports them, `moge scale 3` prints its phases as they happen, and Ctrl-C (SIGINT to the
-terminal's process group) stops everything: no process of the run is left and redis-server is
-not restarted."""
+within a bound, and gone cleanly after SIGTERM — with `--batch-invariant`, where 32 concurrent
+requests get the log-probabilities each gets alone, to the bit; with `--elastic --workers 2` the
+experts run on two gRPC expert workers under the controller: `moge status`, typed while the server
+still starts, waits for it and reports them, `moge scale 3` prints its phases as they happen, and
+Ctrl-C (SIGINT to the terminal's process group) stops everything: no process of the run is left and
+redis-server is not restarted."""
 
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -103,7 +106,8 @@ def test_moge_serve_a_checkpoint_directory_then_sigterm(tmp_path: Path):
     ckpt = write_checkpoint(tmp_path / "pangu-tiny", PANGU_TINY_CONFIG, pangu_tensors(PANGU_TINY_CONFIG, seed=3))
     port, key = free_port(), "sk-cli-test"
     started = time.monotonic()
-    proc = moge("serve", "--model", str(ckpt), "--port", str(port), "--api-key", key, "--device", "cpu")
+    proc = moge("serve", "--model", str(ckpt), "--port", str(port), "--api-key", key, "--device", "cpu",
+                "--batch-invariant")
     try:
         lines = read_until(proc, "Ctrl-C to stop", started + READY_BOUND_S)
         banner = "\n".join(lines)
@@ -117,6 +121,7 @@ def test_moge_serve_a_checkpoint_directory_then_sigterm(tmp_path: Path):
                                                       "temperature": 0})
             assert r.status_code == 200, r.text
             assert r.json()["usage"]["prompt_tokens"] == 3
+            check_batch_invariance(client, "pangu-tiny", vocab=PANGU_TINY_CONFIG["vocab_size"])
 
         stop(proc)
         with pytest.raises(httpx.TransportError):
@@ -125,6 +130,27 @@ def test_moge_serve_a_checkpoint_directory_then_sigterm(tmp_path: Path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def check_batch_invariance(client: httpx.Client, model: str, vocab: int, concurrent: int = 32) -> None:
+    """Three prompts (5, 17 and 40 tokens) alone, then among 29 other requests of random lengths,
+    all 32 at once: every log-probability (chosen and top-3) the same float."""
+    rng = random.Random(5)
+
+    def logprobs(prompt: list[int], n: int) -> list:
+        r = client.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": n,
+                                                  "temperature": 0, "logprobs": 3})
+        assert r.status_code == 200, r.text
+        lp = r.json()["choices"][0]["logprobs"]
+        return [lp["token_logprobs"], lp["top_logprobs"]]
+
+    targets = [[rng.randrange(vocab) for _ in range(n)] for n in (5, 17, 40)]
+    alone = [logprobs(t, 6) for t in targets]
+    others = [[rng.randrange(vocab) for _ in range(rng.randrange(1, 60))] for _ in range(concurrent - len(targets))]
+    with ThreadPoolExecutor(concurrent) as pool:
+        crowd = list(pool.map(lambda job: logprobs(*job), [(t, 6) for t in targets] + [(o, 8) for o in others]))
+    same = [crowd[i] == alone[i] for i in range(len(targets))]
+    assert all(same), f"{sum(same)} of {len(targets)} requests kept their log-probabilities among {concurrent}"
 
 
 def test_moge_serve_elastic_status_while_starting_scale_with_phases_then_ctrl_c(reference_model):

@@ -3,8 +3,10 @@
 An attention replica (LLMEngine + AsyncEngine + Dispatcher + epoch listener, exactly what a
 Serve replica runs) serves concurrent greedy streams while the controller actor migrates every
 group and scales 1 -> 2 -> 4 -> 2 workers; then the controller is killed mid-scale, Redis is
-restarted mid-load, and a migration whose target dies while loading rolls back. Every request
-must finish and produce the single-process model's tokens.
+restarted mid-load, a migration whose target dies while loading rolls back, and a serving worker
+is killed. Every request must finish and produce the single-process model's tokens, and, with
+`engine.batch_invariant` on (docs/architecture.md, invariant 7), log-probabilities bit-identical to
+the same request served alone on the static one-worker placement.
 
 MOGE_SLOW=1 stretches the load to 60 s (the issue's demonstration); the default keeps CI short.
 """
@@ -35,7 +37,7 @@ def elastic_config(tmp_path_factory) -> MogeConfig:
     return MogeConfig.load(
         env={},
         model={"source": "preset:tiny-moge", "device": "cpu", "dtype": "float32"},
-        engine={"max_num_seqs": 16, "num_kv_blocks": 256},
+        engine={"max_num_seqs": 16, "num_kv_blocks": 256, "batch_invariant": True},
         data_plane={"transport": "grpc", "num_workers": 1, "worker_num_cpus": 0.25, "ping_pong": False},
         elastic={"key_prefix": "elastic-test", "policy": {"name": "none", "min_devices": 1, "max_devices": 4,
                                                            "period_s": 0.5}},
@@ -70,12 +72,33 @@ def replica(stack):
     finally:
         async_engine.shutdown()
         er.close()
+        from actors.model import kernels
+
+        kernels.set_batch_invariant(False)  # the process's mode, set by this replica's engine
+
+
+def params() -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=2)
+
+
+async def _generate(engine, rid: str, ids: list[int]) -> tuple[list[int], list, str | None]:
+    tokens, logprobs, reason = [], [], None
+    async for out in engine.generate(rid, ids, params()):
+        tokens.extend(out.new_token_ids)
+        logprobs.extend((lp.token_id, lp.logprob, tuple(lp.top)) for lp in out.logprobs or [])
+        if out.finished:
+            reason = out.finish_reason
+    return tokens, logprobs, reason
 
 
 @pytest.fixture(scope="module")
 def expected(replica, reference_model):
-    _, loaded, _ = replica
-    return {p: greedy_reference(reference_model, loaded.tokenizer.encode(p), MAX_TOKENS) for p in PROMPTS}
+    """Per prompt: the reference's greedy tokens, and the log-probabilities of the prompt served
+    alone (one at a time, static placement) — what every request under load must reproduce."""
+    engine, loaded, _ = replica
+    alone = {p: asyncio.run(_generate(engine, f"alone-{i}", loaded.tokenizer.encode(p)))[1]
+             for i, p in enumerate(PROMPTS)}
+    return {p: (greedy_reference(reference_model, loaded.tokenizer.encode(p), MAX_TOKENS), alone[p]) for p in PROMPTS}
 
 
 class Load:
@@ -83,7 +106,7 @@ class Load:
 
     def __init__(self, engine, tokenizer, concurrency: int) -> None:
         self.engine, self.tok, self.concurrency = engine, tokenizer, concurrency
-        self.results: list[tuple[str, list[int]]] = []
+        self.results: list[tuple[str, list[int], list]] = []
         self.failures: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
@@ -94,14 +117,11 @@ class Load:
             prompt = PROMPTS[(slot + n) % len(PROMPTS)]
             rid = f"s{slot}-{n}"
             n += 1
-            ids: list[int] = []
             try:
-                async for out in self.engine.generate(rid, self.tok.encode(prompt),
-                                                      SamplingParams(temperature=0, max_tokens=MAX_TOKENS)):
-                    ids.extend(out.new_token_ids)
-                    if out.finished and out.finish_reason not in ("stop", "length"):
-                        self.failures.append(f"{rid}: finish_reason {out.finish_reason}")
-                self.results.append((prompt, ids))
+                ids, logprobs, reason = await _generate(self.engine, rid, self.tok.encode(prompt))
+                if reason not in ("stop", "length"):
+                    self.failures.append(f"{rid}: finish_reason {reason}")
+                self.results.append((prompt, ids, logprobs))
             except Exception as e:  # noqa: BLE001 - every failure is counted, none tolerated
                 self.failures.append(f"{rid}: {type(e).__name__}: {e}")
 
@@ -123,11 +143,13 @@ class Load:
             time.sleep(0.05)
 
 
-def check(load: Load, expected: dict[str, list[int]]) -> None:
+def check(load: Load, expected: dict[str, tuple[list[int], list]]) -> None:
     assert load.failures == []
     assert load.results, "no request finished"
-    wrong = [(p, ids) for p, ids in load.results if ids != expected[p]]
+    wrong = [(p, ids) for p, ids, _ in load.results if ids != expected[p][0]]
     assert wrong == [], f"{len(wrong)} of {len(load.results)} requests changed tokens"
+    moved = [p for p, _, lps in load.results if lps != expected[p][1]]
+    assert moved == [], f"{len(moved)} of {len(load.results)} requests changed a log-probability bit"
 
 
 def ctl(stack, method, *args, timeout=300):
@@ -342,3 +364,26 @@ def _acked(stack, er) -> bool:
         return store.live_replicas(10).get(er.replica_id) == er.epoch
     except Exception:  # noqa: BLE001
         return False
+
+
+def test_a_serving_worker_killed_under_load_changes_no_bit(stack, replica, expected):
+    """kill -9 of a worker that holds groups: its calls go to another holder, the local fallback or
+    a replacement within the step, the controller repairs the placement; every request keeps its
+    tokens and its log-probabilities to the bit."""
+    import signal
+
+    import ray
+
+    from cluster.replica.workers import ReplicaWorkers
+
+    engine, loaded, er = replica
+    p = ctl(stack, "placement")
+    victim = sorted(w for hs in p["holders"] for w in hs)[0]
+    plane = ReplicaWorkers(stack.config, namespace=stack.namespace)
+    pid = ray.get(plane.fleet.handle(victim).device_info.remote(), timeout=30)["pid"]
+    with Load(engine, loaded.tokenizer, CONCURRENCY) as load:
+        load.wait_for(CONCURRENCY)
+        os.kill(pid, signal.SIGKILL)
+        load.wait_for(2 * CONCURRENCY)
+    check(load, expected)
+    wait_until(lambda: ctl(stack, "consistency") == [], 60, "placement repaired")

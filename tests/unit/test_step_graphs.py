@@ -28,8 +28,31 @@ def test_token_buckets_cover_every_step_size_with_bounded_padding():
     for t in range(1, 8193):
         bucket = next(s for s in sizes if s >= t)
         assert bucket - t <= max(7, t // 4), t
-    assert token_buckets(8, 100) == [1, 2, 4, 8, 64, 100]
+    assert token_buckets(8, 100) == [1, 2, 4, 8, 16, 64, 100]  # 16: the GEMV cut-over
     assert token_buckets(32, 16) == [1, 2, 4, 8, 16]
+
+
+def test_a_padded_step_takes_the_kernel_path_of_its_real_token_count():
+    """Every cut-over of the kernel table (GEMV vs grouped, FP8 activations kept vs quantized)
+    puts a step's real token count and the graph bucket it is padded to on the same side, whatever
+    the engine's sizes and a tuned cut-over (CUDA graphs must give the eager step's tokens)."""
+    import os
+
+    from actors.model.kernels.gemm import configs
+
+    for over in ("64", "100", "127", "300"):
+        os.environ["MOGE_GEMM_W8A8_OVER_TOKENS"] = os.environ["MOGE_GEMM_DENSE_W8A8_OVER_TOKENS"] = over
+        try:
+            for max_seqs, max_tokens in ((4, 256), (12, 2048), (64, 2048), (70, 512), (256, 8192)):
+                sizes = token_buckets(max_seqs, max_tokens)
+                for t in range(1, max_tokens + 1):
+                    b = next(s for s in sizes if s >= t)
+                    for key in ("w8a8_over_tokens", "dense_w8a8_over_tokens"):
+                        assert configs.w8a8(t, key) == configs.w8a8(b, key), (over, max_seqs, t, b)
+                    for limit in configs.cutover_tokens():
+                        assert (t <= limit) == (b <= limit), (max_seqs, t, b, limit)
+        finally:
+            del os.environ["MOGE_GEMM_W8A8_OVER_TOKENS"], os.environ["MOGE_GEMM_DENSE_W8A8_OVER_TOKENS"]
 
 
 def with_static_steps(engine: LLMEngine, max_seqs: int, max_tokens: int) -> StepGraphs:
@@ -62,7 +85,7 @@ def test_static_buffers_and_padding_give_eager_tokens(block_size):
 
     engine = LLMEngine(loaded, spec)
     graphs = with_static_steps(engine, max_seqs=8, max_tokens=20)
-    assert graphs.sizes == [1, 2, 4, 8, 20]
+    assert graphs.sizes == [1, 2, 4, 8, 16, 20]  # 16: the GEMV cut-over
     calls = []
     run = graphs.run
     graphs.run = lambda inputs: calls.append((inputs.num_tokens, inputs.num_seqs)) or run(inputs)

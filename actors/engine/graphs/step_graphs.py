@@ -57,8 +57,13 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 def token_buckets(max_seqs: int, max_tokens: int) -> list[int]:
     """The decode sizes up to max_seqs, then multiples of 64 up to 1,024, of 256 up to 4,096 and of
-    1,024 beyond, up to max_tokens (itself included): padding stays under a quarter of a step."""
-    sizes = set(bucket_sizes(min(max_seqs, max_tokens)))
+    1,024 beyond, up to max_tokens (itself included): padding stays under a quarter of a step. The
+    kernels' token-count cut-overs are buckets too (configs.cutover_tokens; the FP8 activation
+    scheme's lies on a multiple of 64 already), so a step replayed from a graph runs the kernel
+    path it runs eagerly."""
+    from actors.model.kernels.gemm.configs import cutover_tokens
+
+    sizes = set(bucket_sizes(min(max_seqs, max_tokens))) | {t for t in cutover_tokens() if 0 < t < max_tokens}
     for step, top in ((64, 1024), (256, 4096), (1024, max_tokens)):
         sizes |= {s for s in range(step, min(top, max_tokens) + 1, step) if s > max_seqs}
     sizes.add(max_tokens)

@@ -30,6 +30,7 @@ from actors.experts.carriers.base import GroupNotHeld
 from actors.experts.carriers.codec import to_host_buffer
 from actors.experts.worker.meter import Meter
 from actors.experts.worker.spec import export_weights, groups_from_source, model_config_of, node_ip
+from actors.model import kernels
 from actors.model.experts import ExpertGroupWeights
 from actors.model.group_compute import GroupCompute
 
@@ -58,6 +59,8 @@ class ExpertWorker:
         self.device = resolve_device(self.spec.get("device", "auto"))
         self.dtype = resolve_dtype(self.spec.get("dtype", "auto"), self.device)
         self.seed = int(self.spec.get("seed", 0))
+        if "batch_invariant" in self.spec:  # the replicas' engine.batch_invariant (a process's one mode)
+            kernels.set_batch_invariant(bool(self.spec["batch_invariant"]))
         self._compute = GroupCompute(self.cfg, {})  # replaced, never mutated: a step reads a snapshot
         self._load_lock = threading.Lock()
         self._meter = Meter(clock)
@@ -348,7 +351,10 @@ class ExpertWorker:
     # ---- health and metrics ----------------------------------------------------------------------
 
     def ping(self) -> dict:
-        return {"worker_id": self.worker_id, "held_groups": self.held_groups()}
+        # the spec and carrier let a starter that got this live actor by name check it serves the
+        # model it asked for (WorkerFleet.start)
+        return {"worker_id": self.worker_id, "held_groups": self.held_groups(), "spec": dict(self.spec),
+                "transport": self.transport}
 
     def device_info(self) -> dict:
         """What this process can see: its torch device, the visible-devices variable, Ray's grant."""

@@ -12,6 +12,11 @@ are the dequantizing code in actors/model/quant/linear.py and actors/model/exper
 
 `fused(x)` decides per call: CUDA tensor, Triton importable, not switched off. MOGE_FUSED_KERNELS=0
 in the environment (or set_enabled(False)) switches every op back to torch, e.g. to measure.
+
+`batch_invariant()` is the process's `engine.batch_invariant` mode (set_batch_invariant: by the
+engine's builder and by an expert worker from its model spec; a process serves one model in one
+mode): every op then gives a row the same bits whatever else is in its batch
+(kernels/invariant.py says how, op by op).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ _enabled = os.environ.get("MOGE_FUSED_KERNELS", "1") != "0"
 # Tests only: run the Triton path on CPU tensors too (with TRITON_INTERPRET=1), so the model's use of
 # every kernel is checked on a machine without a GPU.
 _on_cpu = False
+_batch_invariant = False
 
 
 @functools.cache
@@ -39,6 +45,15 @@ def triton_available() -> bool:
 def set_enabled(on: bool, on_cpu: bool = False) -> None:
     global _enabled, _on_cpu
     _enabled, _on_cpu = on, on_cpu
+
+
+def set_batch_invariant(on: bool) -> None:
+    global _batch_invariant
+    _batch_invariant = bool(on)
+
+
+def batch_invariant() -> bool:
+    return _batch_invariant
 
 
 def fused(x: torch.Tensor) -> bool:

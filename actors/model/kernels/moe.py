@@ -15,6 +15,9 @@ Two ways to the per-slot outputs ys [A, D], then one combine:
 The combine computes, per token, Σ_g dtype(Σ_{slot in g} weight · y) summed in float32 in ascending
 group order and rounded to the dtype: the arithmetic of LocalExperts' per-group partials and of the
 distributed combine, in one launch instead of a few per group.
+
+With `engine.batch_invariant` neither way runs: the GEMV/grouped cut-over changes a slot's bits with
+the token count, so every count takes kernels/invariant_matmul.py's grouped kernel, then the combine.
 """
 
 from __future__ import annotations
@@ -25,11 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
+from actors.model.kernels import batch_invariant
 from actors.model.kernels.activation import silu_mul, silu_mul_load
 
-# Largest token count that takes the GEMV path in bf16. On the H200, Qwen3-30B-A3B layer shape
-# (bench/kernel_check.py, docs/performance.md): GEMV 278 us vs grouped 350 us at 16 tokens, even at 32.
-GEMV_MAX_TOKENS = int(os.environ.get("MOGE_MOE_GEMV_MAX_TOKENS", "16"))
+from actors.model.kernels.gemm.configs import MOE_GEMV_MAX_TOKENS as GEMV_MAX_TOKENS  # noqa: E402
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -197,6 +199,11 @@ def fused_moe(
     local_ids = local_ids.contiguous()
     flat = local_ids.view(-1)
     limit = GEMV_MAX_TOKENS if gemv_max_tokens is None else gemv_max_tokens
+    if batch_invariant():  # one grouped kernel for every token count (kernels/invariant_matmul.py)
+        from actors.model.kernels.invariant_matmul import grouped_swiglu
+
+        ys, rows = grouped_swiglu(x, w13, w2, local_ids)
+        return combine(ys, rows, local_ids, weights, n_local, experts_per_group, n_groups, out_dtype, per_group)
     from actors.model.kernels.gemm import moe as gemm_moe  # block-FP8 weights; the tuned bf16 grouped path
 
     if gemm_moe.takes(w13, x, t, limit):

@@ -2,9 +2,11 @@
 
 Every choice here changes only speed (and, for the activation scheme, FP8 rounding of activations):
     gemv_max_tokens      routed experts: per-(token, expert) GEMV up to this many tokens, grouped above
-    w8a8_min_tokens      routed experts, grouped path: activations quantized to FP8 per token group of
-                         128 (W8A8) from this many tokens; below, kept in the compute dtype (weight-only)
-    dense_w8a8_min_tokens  the same cut-over for the dense FP8 linears (attention, shared expert)
+    w8a8_over_tokens     routed experts, grouped path: activations quantized to FP8 per token group of
+                         128 (W8A8) above this many tokens; up to it, kept in the compute dtype
+                         (weight-only). Read as a multiple of 64 in [64, 1024] (`w8a8`), so a step and
+                         the CUDA-graph bucket it is padded to take the same scheme
+    dense_w8a8_over_tokens  the same cut-over for the dense FP8 linears (attention, shared expert)
     bf16_grouped         routed experts in bf16, grouped path: "torch" (torch._grouped_mm) or "triton"
                          (this package's grouped kernel with the tile table)
     dense_w8a8_backend   the dense FP8 linears' W8A8: "triton" or "scaled_mm" (F.scaled_mm blockwise)
@@ -32,8 +34,8 @@ TUNED_FILE = Path(__file__).with_name("tuned.json")
 
 DEFAULTS = {
     "gemv_max_tokens": 16,
-    "w8a8_min_tokens": 64,
-    "dense_w8a8_min_tokens": 64,
+    "w8a8_over_tokens": 64,
+    "dense_w8a8_over_tokens": 64,
     "bf16_grouped": "torch",
     "dense_w8a8_backend": "triton",
 }
@@ -103,6 +105,28 @@ def setting(key: str):
     if env is not None:
         return type(default)(env)
     return _tuned().get(key, default)
+
+
+# Largest token count that takes the routed experts' GEMV path in bf16 (kernels/moe.py). On the H200,
+# Qwen3-30B-A3B layer shape (bench/kernel_check.py, docs/performance.md): GEMV 278 us vs grouped
+# 350 us at 16 tokens, even at 32.
+MOE_GEMV_MAX_TOKENS = int(os.environ.get("MOGE_MOE_GEMV_MAX_TOKENS", "16"))
+
+
+def cutover_tokens() -> set[int]:
+    """Token counts where a kernel path changes with the count (GEMV up to them, grouped above): the
+    step graphs capture a bucket at each, so no padded step crosses one its eager twin does not."""
+    return {MOE_GEMV_MAX_TOKENS, int(setting("gemv_max_tokens"))}
+
+
+def w8a8(tokens: int, key: str = "w8a8_over_tokens") -> bool:
+    """Quantize the activations of a step of `tokens` rows? The cut-over is taken up to a multiple of
+    64 (at most 1,024): every such count is a step-graph bucket (actors/engine/graphs/step_graphs.py
+    `token_buckets`: multiples of 8 up to max_seqs, of 64 past it up to 1,024), so the padded count a
+    graph was captured at falls on the same side as the real count an eager step sees. A cut-over
+    between buckets would run W8A8 in the graph and weight-only eagerly: other greedy tokens."""
+    limit = min(1024, max(64, -(-int(setting(key)) // 64) * 64))
+    return tokens > limit
 
 
 def tile(op: str, mode: str, n: int, k: int, tokens: int, rows_per_block: int, m_tiles: int = 1) -> Tile:

@@ -1,8 +1,8 @@
 """The dense FP8 linear of the attention projections, shared experts and dense MLPs:
 y = x W^T + b with W [N, K] block-scaled FP8, x [M, K] in the compute dtype.
 
-Up to dense_w8a8_min_tokens rows the activations stay in the compute dtype (weight-only: the step
-reads each weight byte once, and W is converted exactly to the dtype in registers); from there they
+Up to dense_w8a8_over_tokens rows the activations stay in the compute dtype (weight-only: the step
+reads each weight byte once, and W is converted exactly to the dtype in registers); above, they
 are quantized per token group of 128 (act_quant) and the dot runs in FP8 (W8A8). Tiles come from the
 table (configs.py).
 
@@ -24,7 +24,7 @@ from actors.model.kernels.gemm.grouped import gemm
 
 
 def dense_mode(tokens: int) -> str:
-    return "w8a8" if tokens >= configs.setting("dense_w8a8_min_tokens") else "wo"
+    return "w8a8" if configs.w8a8(tokens, "dense_w8a8_over_tokens") else "wo"
 
 
 def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,

@@ -29,7 +29,7 @@ def moe_mode(tokens: int, fp8: bool, gemv_max_tokens: int | None = None) -> str:
     limit = configs.setting("gemv_max_tokens") if gemv_max_tokens is None else gemv_max_tokens
     if tokens <= limit:
         return "gemv"
-    return "w8a8" if tokens >= configs.setting("w8a8_min_tokens") else "wo"
+    return "w8a8" if configs.w8a8(tokens) else "wo"
 
 
 def takes(w13, x: torch.Tensor, tokens: int, gemv_max_tokens: int) -> bool:
