@@ -16,18 +16,7 @@ export TQDM_DISABLE=1 MOGE_REPORT_DIR=$OUT; mkdir -p "$OUT/inv"
 BUDGET=${GPU_BUDGET_S:-430}
 START=$SECONDS
 
-STEPS=${STEPS:-fp8_tests invariant_tests pangu invariant_cost}
 
-step() {  # step NAME TIMEOUT_S command...
-  local name=$1 limit=$2; shift 2
-  [[ " $STEPS " == *" $name "* ]] || return 0
-  local left=$((BUDGET - (SECONDS - START)))
-  if (( left < 30 )); then echo "== $name: skipped (budget)" | tee -a "$OUT/steps.txt"; return; fi
-  (( limit > left )) && limit=$left
-  echo "== $name (timeout ${limit}s, at $((SECONDS - START))s)" | tee -a "$OUT/steps.txt"
-  timeout "$limit" "$@"
-  echo "== $name: rc $? after $((SECONDS - START))s" | tee -a "$OUT/steps.txt"
-}
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$OUT/gpu.txt"

@@ -48,7 +48,8 @@ def start_stack(transport: str, max_devices: int, tmp_path_factory):
         elastic={"key_prefix": f"dispatcher-{transport}-{uuid.uuid4().hex[:6]}",
                  "policy": {"name": "none", "min_devices": 1, "max_devices": max_devices, "period_s": 0.5}},
     )
-    return start_elastic(config, redis_data_dir=str(tmp_path_factory.mktemp("redis")))
+    return start_elastic(config, namespace=f"dispatcher-{uuid.uuid4().hex[:6]}",
+                         redis_data_dir=str(tmp_path_factory.mktemp("redis")))
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import asyncio
 import os
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -50,7 +51,10 @@ def stack(ray_local, elastic_config, tmp_path_factory):
 
     # Append-only file so the Redis restart below keeps state; the no-persistence path (controller
     # restores Redis) is covered by test_controller_restores_an_emptied_redis.
-    s = start_elastic(elastic_config, redis_data_dir=str(tmp_path_factory.mktemp("redis")))
+    # a namespace of its own: the controller restores an empty Redis from the live workers it finds
+    # there, so another module's stragglers must not be in it
+    s = start_elastic(elastic_config, namespace=f"elastic-test-{uuid.uuid4().hex[:6]}",
+                      redis_data_dir=str(tmp_path_factory.mktemp("redis")))
     try:
         yield s
     finally:
@@ -63,7 +67,7 @@ def replica(stack):
     from cluster.replica.elastic_side import ElasticReplica
     from cluster.replica.assemble import build_engine
 
-    er = ElasticReplica.connect(stack.config, "test-replica")
+    er = ElasticReplica.connect(stack.config, "test-replica", namespace=stack.namespace)
     engine, loaded = build_engine(stack.config, experts=er.experts)
     async_engine = AsyncEngine(engine)
     er.attach(async_engine)

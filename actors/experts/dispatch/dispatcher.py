@@ -240,6 +240,7 @@ class Dispatcher(ExpertCompute):
         return out
 
     def close(self) -> None:
+        self.failover.close()
         if self.per_step is not None:
             self.per_step.carrier.close()
         self.carrier.close()

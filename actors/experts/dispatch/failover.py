@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
@@ -90,6 +91,10 @@ class Failover:
         self.replacer, self.fallback = replacer, fallback
         self.max_attempts, self.restage_poll_s = max_attempts, restage_poll_s
         self.retries = 0  # group calls re-sent after a failure (metric)
+        # replacements in flight: close() waits for them, so none starts a worker after its replica
+        # is gone (a stray actor the next deployment in the namespace would find by name)
+        self._threads: set[threading.Thread] = set()
+        self._closed = threading.Event()
         self._replacing: set[str] = set()
         self._lock = threading.Lock()
 
@@ -175,7 +180,7 @@ class Failover:
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting step
                 box.set_exception(exc)
 
-        threading.Thread(target=replace, name=f"replace-{worker_id}", daemon=True).start()
+        self._spawn(replace, worker_id)
         while True:
             try:
                 return box.result(timeout=self.restage_poll_s)
@@ -203,12 +208,36 @@ class Failover:
                 with self._lock:
                     self._replacing.discard(worker_id)
 
-        threading.Thread(target=replace, name=f"replace-{worker_id}", daemon=True).start()
+        self._spawn(replace, worker_id)
+
+    def _spawn(self, target, worker_id: str) -> None:
+        def run() -> None:
+            try:
+                target()
+            finally:
+                with self._lock:
+                    self._threads.discard(thread)
+
+        thread = threading.Thread(target=run, name=f"replace-{worker_id}", daemon=True)
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """No replacement starts from now on; wait (bounded) for those in flight."""
+        self._closed.set()
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def _replace(self, worker_id: str) -> str:
         """A replacement of `worker_id` holding its groups, connected under the same id."""
         if self.replacer is None:
             raise ExpertCallFailed(f"worker {worker_id}: every holder failed and no replacer is configured")
+        if self._closed.is_set():
+            raise ExpertCallFailed(f"worker {worker_id}: not replaced, the dispatcher is closed")
         ref = self.replacer(worker_id, self.d.placement.groups_of(worker_id), self.d.workers.get(worker_id))
         self.d.replaced(ref)
         return worker_id
