@@ -85,6 +85,24 @@ class ServerSection(_Section):
         128, ge=8, description="Serve slots beyond the admitted generation requests, for /health, /metrics "
         "and clients still sending their body")
     max_n: int = Field(8, ge=1, description="cap on n (choices per request)")
+    stream_interval_ms: float = Field(
+        0, ge=0, le=1000, description="a stream's outputs are sent at most this often, together (0: as "
+        "each step makes them); fewer messages through the ingress hop, burstier tokens (vLLM's "
+        "stream_interval, Ray Serve LLM's 50 ms batching)")
+    resume_window_s: float = Field(
+        3, gt=0, description="how long the ingress tries to resume a request on another replica after its "
+        "replica died; past it the request ends (503 / an in-band error)")
+    max_partial_bodies: int = Field(
+        512, ge=1, description="bodies still arriving at once, all clients together (more: 429); a body "
+        "that arrives whole never waits")
+    max_partial_bodies_per_client: int = Field(
+        128, ge=1, description="bodies still arriving at once from one client address (more: 429)")
+    piece_carrier: Literal["socket", "serve"] = Field(
+        "socket", description="how a replica's pieces reach the ingress: socket = one authenticated TCP "
+        "connection per (ingress, replica) pair on the node address, a step's pieces in one frame; "
+        "serve = a Serve streaming call per request (a Ray message per piece; no port beyond Ray's)")
+    ingress_num_replicas: int = Field(1, ge=1, description="replicas of the HTTP ingress deployment")
+    ingress_num_cpus: float = Field(0, ge=0, description="logical CPUs of each ingress replica (it mostly waits on sockets)")
     max_tokens_default: int | None = Field(
         None, ge=1, description="cap on the completion of a request that omits max_tokens; None = until the "
         "context ends (as OpenAI and vLLM do)")

@@ -24,6 +24,10 @@ target="."
 # bytecode at install time: Ray workers start about twice as fast (PYTHONDONTWRITEBYTECODE is set here)
 "$venv/bin/python" -m pip install -q --compile "${pip_args[@]}" -c "$cons" -e "$target"
 rm -f "$cons"
+if [[ ",$extras," == *",rayllm,"* ]]; then
+  # only SGLang's protocol models are used (by ray.serve.llm at import): not its engine, not its deps
+  "$venv/bin/python" -m pip install -q --no-deps "sglang==0.5.23"
+fi
 "$venv/bin/python" -m protos.generate >/dev/null 2>&1 || true
 bash scripts/venv_stamp.sh "$extras" > "$venv/.moge-setup-stamp"
 echo "ready: $venv"

@@ -53,7 +53,7 @@ class AsyncEngine:
         # an idle thread still wakes this often, so step-boundary hooks run without traffic
         self.idle_wait_s = idle_wait_s
         self._lock = threading.Lock()  # guards the inbox, the streams and the hooks
-        self._inbox: list[tuple[Any, ...]] = []  # ("add", id, prompt ids, params) | ("abort", id)
+        self._inbox: list[tuple[Any, ...]] = []  # ("add", id, prompt ids, params, generated) | ("abort", id)
         self._streams: dict[str, _Stream] = {}
         self._hooks: list[Callable[[], None]] = []
         self._once: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
@@ -65,10 +65,12 @@ class AsyncEngine:
     # ---- caller side (any thread / event loop) -----------------------------------------------
 
     def generate(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams | None = None
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams | None = None,
+        generated: list[int] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Validate now (RequestRejected raises here, before any streaming starts) and return the
-        stream of outputs; the request is queued when iteration begins."""
+        stream of outputs; the request is queued when iteration begins. `generated`: resume a request
+        that already produced these tokens (LLMEngine.add_request)."""
         params = params or SamplingParams()
         if self._stopping:
             raise EngineStopped("the engine is shutting down")
@@ -76,10 +78,11 @@ class AsyncEngine:
         with self._lock:
             if request_id in self._streams:
                 raise RequestRejected(f"request id {request_id!r} is already running")
-        return self._stream(request_id, list(prompt_ids), params)
+        return self._stream(request_id, list(prompt_ids), params, list(generated or ()))
 
-    async def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        text = TextStream(self.engine.tokenizer, prompt_ids, params)
+    async def _stream(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                      generated: list[int]) -> AsyncIterator[RequestOutput]:
+        text = TextStream(self.engine.tokenizer, prompt_ids, params, generated)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), text)
         with self._lock:
             if self._stopping:
@@ -87,7 +90,7 @@ class AsyncEngine:
             if request_id in self._streams:
                 raise RequestRejected(f"request id {request_id!r} is already running")
             self._streams[request_id] = stream
-            self._inbox.append(("add", request_id, prompt_ids, params))
+            self._inbox.append(("add", request_id, prompt_ids, params, generated))
         self._wake.set()
         done = False
         try:
@@ -208,9 +211,9 @@ class AsyncEngine:
             once, self._once = self._once, []
         for item in inbox:
             if item[0] == "add":
-                _, rid, prompt, params = item
+                _, rid, prompt, params, generated = item
                 try:
-                    self.engine.add_request(rid, prompt, params)
+                    self.engine.add_request(rid, prompt, params, generated or None)
                 except Exception as exc:  # e.g. a duplicate id that raced past generate()
                     self._deliver_to(rid, exc)
             else:

@@ -154,22 +154,36 @@ class LLMEngine:
             )
         return max_tokens
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    generated: list[int] | None = None) -> None:
+        """`generated`: a continuation — tokens this request already produced elsewhere (a replica
+        that died mid-stream). They are prefilled with the prompt (none of them PENDING: async
+        scheduling starts from known tokens), the grammar matcher and the text stream (here with
+        make_text, else the async engine's) are replayed over them, so stop strings and held-back
+        text are as they were, and the sampling slot's step counter starts at their count, so a
+        seeded or greedy request goes on with exactly the tokens it would have had (counter-based
+        noise: sampling/noise.py)."""
         params = params or SamplingParams()
         if request_id in self._seqs:
             raise RequestRejected(f"request id {request_id!r} is already running")
         max_tokens = self.check_request(prompt_token_ids, params)
         prompt = [int(t) for t in prompt_token_ids]
+        done = [int(t) for t in generated or ()]
+        if len(done) >= max(max_tokens, 1) or any(not 0 <= t < self.cfg.vocab_size for t in done):
+            raise RequestRejected(f"a continuation of {len(done)} tokens does not fit max_tokens {max_tokens}")
+        matcher = None if params.grammar is None else self.grammars.matcher(params.grammar)
+        for t in done if matcher is not None else ():  # the state the first replica had after these tokens
+            matcher.consume_token(t)
         seq = Sequence(
             request_id=request_id,
-            token_ids=list(prompt),
+            token_ids=prompt + done,
             num_prompt_tokens=len(prompt),
             params=params,
             max_total_tokens=len(prompt) + max_tokens,
             arrival=next(self._arrivals),
-            text_stream=TextStream(self.tokenizer, prompt, params) if self.make_text else None,
-            matcher=None if params.grammar is None else self.grammars.matcher(params.grammar),
-            prompt_logprobs=None if params.prompt_logprobs is None else [None],
+            text_stream=TextStream(self.tokenizer, prompt, params, done) if self.make_text else None,
+            matcher=matcher,
+            prompt_logprobs=None if params.prompt_logprobs is None or done else [None],
         )
         if seq.matcher is not None:
             seq.grammar_mask = self.grammars.prefetch(seq.matcher)

@@ -214,6 +214,10 @@ class LocalCluster:
         except Exception:  # noqa: BLE001 - no Serve controller in this cluster
             running = False
         self._owns_serve = not running
+        if not running:  # a new proxy: its port must be ours alone (cluster/cli/ports.py)
+            from cluster.cli.ports import check_free
+
+            check_free(host, port)
         serve.start(http_options={"host": host, "port": port})
         if not running:
             return port, "/"

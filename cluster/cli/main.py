@@ -137,15 +137,14 @@ def check_model_dir(source: str) -> str | None:
 
 
 def check_port(host: str, port: int) -> str | None:
-    """A clear message when the HTTP port is already taken, before Ray starts."""
-    import socket
+    """A clear message when the HTTP port is already taken (and by what), before Ray starts;
+    LocalCluster checks again right before Serve binds it (cluster/cli/ports.py)."""
+    from cluster.cli.ports import PortTaken, check_free
 
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            return f"cannot listen on {host}:{port}: {e.strerror or e} (another server there? pick --port)"
+    try:
+        check_free(host, port)
+    except (PortTaken, OSError) as e:
+        return f"cannot listen on {host}:{port}: {e}"
     return None
 
 
@@ -173,6 +172,7 @@ def example_curl(base_url: str, model: str, api_key: str | None) -> str:
 def serve_command(args: argparse.Namespace) -> int:
     from cluster.config import MogeConfig
     from cluster.cli.local_cluster import LocalCluster
+    from cluster.cli.ports import PortTaken
 
     try:
         config = MogeConfig.load(args.config, **overrides_from_args(args))
@@ -212,6 +212,9 @@ def serve_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("moge: shutting down", flush=True)
         return 0
+    except PortTaken as e:
+        print(f"moge: {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # start-up failed: say why, leave nothing running but the logs
         failed = True
         print(f"moge: failed to start: {e}", file=sys.stderr)

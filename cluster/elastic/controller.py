@@ -54,7 +54,9 @@ class ElasticController:
 
     def __init__(self, config: dict, namespace: str | None = None, run_loop: bool = True,
                  clock: Callable[[], float] = time.time) -> None:
-        self.cfg = MogeConfig.model_validate(config)
+        from cluster.security.serving_secrets import unseal
+
+        self.cfg = MogeConfig.model_validate(unseal(config))
         el = self.cfg.elastic
         if not el.redis_url:
             raise ValueError("the controller needs elastic.redis_url (the embedded Redis sets it at start)")
@@ -215,7 +217,9 @@ def start_controller(config: MogeConfig, namespace: str | None = None) -> Any:
         # on the head node, like Serve's own controller: worker nodes come and go with scaling
         resources={HEAD_NODE_RESOURCE: 0.001},
     )
-    return actor.remote(config.model_dump(mode="json"), namespace)
+    from cluster.security.serving_secrets import seal
+
+    return actor.remote(seal(config.model_dump(mode="json")), namespace)  # no secret in the actor's args
 
 
 def get_controller(namespace: str | None = None) -> Any:

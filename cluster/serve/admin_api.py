@@ -21,15 +21,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from cluster.serve.middleware.auth import ApiKeys
-from cluster.serve.errors import APIError, InvalidRequest
+from cluster.serve.errors import AdminDisabled, APIError, InvalidRequest
 
 ADMIN_PREFIX = "/admin"
-
-
-class AdminDisabled(APIError):
-    status = 403
-    type = "permission_error"
-    code = "admin_disabled"
 
 
 class OperationInFlight(APIError):

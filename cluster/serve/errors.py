@@ -8,6 +8,7 @@ replaced here so no non-OpenAI body ever leaves the server.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -55,6 +56,12 @@ class AuthenticationFailed(APIError):
     code = "invalid_api_key"
 
 
+class AdminDisabled(APIError):
+    status = 403
+    type = "permission_error"
+    code = "admin_disabled"
+
+
 class NotFound(APIError):
     status = 404
     type = "not_found_error"
@@ -98,22 +105,38 @@ class UnsupportedMediaType(APIError):
     code = "unsupported_media_type"
 
 
-class Overloaded(APIError):
-    """The replica's waiting queue is full: come back after Retry-After seconds."""
-
-    status = 429
-    type = "overloaded_error"
-    code = "server_overloaded"
+class RetryLater(APIError):
+    """An answer with Retry-After: the request is fine, the server cannot take it now."""
 
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message)
         self.headers = {"Retry-After": str(max(1, int(retry_after_s)))}
 
 
+class Overloaded(RetryLater):
+    """The replica's waiting queue is full: come back after Retry-After seconds."""
+
+    status = 429
+    type = "overloaded_error"
+    code = "server_overloaded"
+
+
 class DeadlineExceeded(APIError):
     status = 504
     type = "server_error"
     code = "request_deadline_exceeded"
+
+
+def is_disconnect(exc: BaseException) -> bool:
+    """A client that left: Starlette's ClientDisconnect, or Ray Serve cancelling the ASGI receive or
+    the request itself (TaskCancelledError, RequestCancelledError) when the proxy saw it go."""
+    from starlette.requests import ClientDisconnect
+
+    if isinstance(exc, (ClientDisconnect, asyncio.CancelledError)):
+        return True
+    # by name (no Ray import here); Ray may hand the error over as RayTaskError(TaskCancelledError),
+    # a class made at run time whose bases carry the name
+    return any(c.__name__ in ("TaskCancelledError", "RequestCancelledError") for c in type(exc).__mro__)
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -188,10 +211,12 @@ class ErrorBoundary:
     """ASGI middleware just inside the metrics middleware: an exception that escapes the app (a bug)
     becomes the OpenAI 500 body here, so the metrics middleware sees and counts the 500 (Starlette's
     catch-all handler would answer it outside every user middleware). After the response started
-    nothing can be sent: the exception is logged and the connection ends."""
+    nothing can be sent: the exception is logged and the connection ends. A client that left
+    (is_disconnect) is no error: it is counted as a disconnect and logged in one line."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, metrics: Any = None) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -208,6 +233,11 @@ class ErrorBoundary:
         try:
             await self.app(scope, receive, tracking_send)
         except Exception as exc:  # noqa: BLE001 - the boundary: nothing escapes as a bare 500
+            if is_disconnect(exc):
+                log.info("client left %s before its answer was complete (%s)", scope.get("path"), type(exc).__name__)
+                if self.metrics is not None:
+                    self.metrics.count_disconnect("response" if started else "body")
+                return
             if started:
                 log.exception("error after the response started", exc_info=exc)
                 return

@@ -128,7 +128,7 @@ class _SamplingFields(_Request):
     @classmethod
     def _bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for key, value in (bias or {}).items():
-            if not key.isdigit() or len(key) > 9:
+            if not (key.isascii() and key.isdigit()) or len(key) > 9:  # "²" is isdigit() but no int
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
             if not -100 <= value <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {value}")
@@ -367,10 +367,17 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 def _arguments(text: str) -> Any:
-    """Chat templates render tool-call arguments as an object; keep text that is not JSON as is."""
+    """Chat templates render tool-call arguments as an object; keep text that is not JSON as is.
+    Parsed with the bodies' depth bound: arguments nested deeper are a 400 naming the limit."""
+    from cluster.serve.errors import InvalidRequest
+    from cluster.serve.ingress.json_body import MAX_JSON_DEPTH, loads_bounded
+
     try:
-        return json.loads(text)
-    except ValueError:
+        return loads_bounded(text, what="tool_calls[].function.arguments")
+    except InvalidRequest as e:
+        if e.code == "json_too_deep":
+            raise InvalidRequest(f"messages[].tool_calls[].function.arguments is nested deeper than the limit of "
+                                 f"{MAX_JSON_DEPTH} levels", param="messages", code="json_too_deep") from None
         return text
 
 

@@ -1,27 +1,27 @@
-"""The OpenAI routes of an attention replica, as a plain FastAPI app over an async engine.
-
-Kept apart from Ray Serve (cluster/serve/app.py) so the whole HTTP surface can also run in one
-process over a fake engine in unit tests. What this file decides:
-- a request body is read with a byte limit *before* it is parsed (413), then validated strictly;
-- every client mistake is a 4xx in OpenAI's error shape (cluster/serve/errors.py), checked before any
-  engine work starts;
+"""The server half of the OpenAI API: what an attention replica does with one request, over an
+async engine, as a stream of pieces (cluster/serve/ingress/pieces.py) that the ingress
+(cluster/serve/ingress/) or Ray Serve LLM's own ingress (cluster/serve/app.py, server_cls) turns
+into HTTP. Kept apart from Ray Serve so the whole surface also runs in one process over a fake
+engine in unit tests. What this file decides:
+- every client mistake is a 4xx in OpenAI's error shape (cluster/serve/errors.py), checked before
+  any engine work starts; only then is the request admitted (429 past this replica's bound);
 - n choices (× prompts) are n independent engine requests, merged into one stream;
-- a streamed response closes its generators when the client goes away, which makes the engine
-  abort those requests and free their KV blocks;
-- latencies run from the request's arrival at this replica (stamped by the outermost middleware)
-  to what is handed to the client (cluster/serve/metrics/request_timer.py), and a stream that fell
-  behind its engine requests sends what is waiting as one chunk per choice.
+- each piece carries the engine outputs behind its bytes, so a request resumed on another replica
+  (`RequestContext.resume`) replays them into its formatter and continues each choice where it
+  stopped; a stream the consumer closes aborts its engine requests and frees their KV blocks;
+- latencies run from the request's arrival at the ingress (`RequestContext.arrival`, the time the
+  client's TTFT starts) to what is handed out (cluster/serve/metrics/request_timer.py), and a stream
+  that fell behind its engine requests sends what is waiting as one chunk per choice.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
-
-from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from typing import Any, AsyncIterator, Callable, Iterator, Protocol
 
 from actors.engine.request_rejected import RequestRejected
 from actors.engine.sampling_params import SamplingParams
@@ -30,23 +30,22 @@ from cluster.serve.openai_params import (
     TokenText, chat_logprobs, check_vocab, completion_logprobs, first_prompt_entry, output_grammar, sampling_params,
     vllm_prompt_logprobs,
 )
+from cluster.serve.responses.protocol import ResponseRef, ResponsesRequest
+from cluster.serve.responses.service import ResponsesService
+from cluster.serve.responses.store import ResponseStore
+from cluster.serve.streaming import merge_batches
 from cluster.serve.tools.formats import choose_format, keeps_special_tokens, tools_system_prompt
 from cluster.serve.tools.grammar import forced_call_grammar
 from cluster.serve.tools.parsing import StreamingToolParser, parse_tool_calls
-from cluster.serve.middleware.auth import ApiKeyMiddleware, ApiKeys
 from cluster.config import ServerSection
-from cluster.serve.errors import (BodyTooLarge, ErrorBoundary, InvalidRequest, ModelNotFound, as_api_error,
-                                  install_handlers)
-from cluster.serve.metrics.replica import CONTENT_TYPE, ReplicaMetrics
-from cluster.serve.middleware.scope import ARRIVAL, arrival_of, route_path
-from cluster.serve.openapi_doc import body_schema, install_docs_ui, install_request_schemas, parse_request, report_ignored
-from cluster.serve.middleware.request_guard import GuardLimits, RequestGuard, post_route_matcher
-from cluster.serve.responses.routes import install_responses
-from cluster.serve.streaming import ClosingStreamingResponse, _merge
+from cluster.serve.errors import APIError, InvalidRequest, ModelNotFound, NotFound, Overloaded, as_api_error
+from cluster.serve.ingress.pieces import Piece, RequestContext, json_piece
+from cluster.serve.metrics.replica import ReplicaMetrics
+from cluster.serve.openapi_doc import IGNORED_HEADER, ignored_header, parse_request
 
-KNOWN_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics",
-                "/admin/status", "/admin/scale", "/admin/migrate", "/tokenize", "/detokenize",
-                "/openapi.json", "/docs", "/redoc", "/v1/responses")
+log = logging.getLogger(__name__)
+
+COLLECT_INTERVAL_S = 0.25  # progress pieces of a whole (non-stream) answer
 
 
 class Tokenizer(Protocol):
@@ -85,7 +84,8 @@ class _Choice:
 
 class OpenAIServer:
     def __init__(
-        self, engine: GenerationEngine, model: ServedModel, settings: ServerSection, metrics: ReplicaMetrics
+        self, engine: GenerationEngine, model: ServedModel, settings: ServerSection, metrics: ReplicaMetrics,
+        max_in_flight: int = 96,
     ) -> None:
         self.engine = engine
         self.model = model
@@ -94,6 +94,53 @@ class OpenAIServer:
         decode = getattr(model.tokenizer, "decode", None)
         self.token_text = TokenText(decode) if decode is not None else None
         self.tool_format = choose_format(settings.tool_call_parser, model.tokenizer, model.family)
+        # admission: sequences (max(n, best_of) x prompts) of unfinished requests on this replica
+        self.max_in_flight = max_in_flight
+        self.retry_after_s = settings.retry_after_s
+        self.in_flight = 0
+        self.responses_api = ResponsesService(self, ResponseStore(settings.responses_max_stored,
+                                                                  settings.responses_max_stored_bytes))
+
+    # ------------------------------------------------------------------------- the server half
+
+    async def run(self, route: str, body: Any, ctx: RequestContext | None = None) -> AsyncIterator[Piece]:
+        """One request to `route` with its parsed JSON `body`, answered as pieces: the only method
+        the ingress calls. Errors become an error piece (before anything was sent) or an in-band
+        SSE error event (inside a started stream); nothing raises out of here."""
+        ctx = ctx or RequestContext()
+        sent = False
+        try:
+            for path, model, method in ROUTES:
+                if path == route:
+                    break
+            else:
+                raise NotFound("Unknown route", code="unknown_url")
+            req, ignored = parse_request(model, body)
+            async for piece in getattr(self, method)(req, ctx):
+                if not sent and ignored:
+                    piece.headers = {**(piece.headers or {}), IGNORED_HEADER: ignored_header(ignored)}
+                sent = True
+                yield piece
+        except Exception as exc:  # noqa: BLE001 - every failure is an answer
+            yield error_piece(as_api_error(exc))
+
+    def model_info(self) -> dict:
+        return {"name": self.model.name, "max_model_len": self.model.max_model_len}
+
+    @contextmanager
+    def _admitted(self, choices: list["_Choice"], ctx: RequestContext) -> Iterator[None]:
+        """Admit only while this replica's sequences fit its bound (429 with Retry-After beyond:
+        a bounded waiting queue instead of unbounded TTFT). A resumed request was admitted once and
+        is not refused again. A request larger than the whole bound waits for an empty replica."""
+        seqs = min(len(choices), self.max_in_flight)
+        if ctx.resume is None and self.in_flight + seqs > self.max_in_flight:
+            raise Overloaded(f"This replica is at its limit of {self.max_in_flight} sequences in flight; "
+                             f"retry after {self.retry_after_s}s", self.retry_after_s)
+        self.in_flight += seqs
+        try:
+            yield
+        finally:
+            self.in_flight -= seqs
 
     # ------------------------------------------------------------------------------------ routes
 
@@ -105,9 +152,8 @@ class OpenAIServer:
             raise ModelNotFound(model_id, self.model.name)
         return p.ModelCard(id=self.model.name, max_model_len=self.model.max_model_len)
 
-    async def completions(self, req: p.CompletionRequest, arrival: float | None = None) -> Response:
-        """`arrival`: when the request reached this replica (metrics clock); None: now."""
-        self._check_common(req)
+    async def completions(self, req: p.CompletionRequest, ctx: RequestContext) -> AsyncIterator[Piece]:
+        self._check_common(req, ctx)
         prompts = [self._prompt_ids(x, "prompt") for x in req.prompts()]
         texts = [x if isinstance(x, str) else None for x in req.prompts()]
         k = req.logprobs
@@ -118,15 +164,19 @@ class OpenAIServer:
         choices = self._plan(req, prompts, req.max_tokens, candidates, lambda j, budget: sampling_params(
             req, j, budget, logprobs=scored, prompt_logprobs=max(wanted) if wanted else None, grammar=grammar,
         ))
-        rid = p.new_id("cmpl")
+        rid = "cmpl-" + ctx.id_suffix
         echo = _Echo(self, req, prompts, texts)
+        chunks = lambda: _CompletionChunks(rid, self.model.name, echo, [c.prompt_index for c in choices], ctx.created)  # noqa: E731
+        outs: list[_Result] = []
+        async for piece in self._respond(rid, req, choices, ctx, chunks, outs):
+            yield piece
         if req.stream:
-            return await self._stream(rid, req, choices, _CompletionChunks(rid, self.model.name, echo, [c.prompt_index for c in choices]), arrival)
-        outs = await self.collect(rid, choices, arrival)
+            return
         picked = _best(choices, outs, req.n, candidates)
-        return JSONResponse(
+        yield json_piece(
             p.CompletionResponse(
                 id=rid,
+                created=ctx.created,
                 model=self.model.name,
                 choices=[
                     p.CompletionChoice(
@@ -141,30 +191,34 @@ class OpenAIServer:
                     for i, (c, o) in enumerate(picked)
                 ],
                 usage=_usage(choices, outs),
-            ).model_dump(mode="json")
+            )
         )
 
-    async def chat(self, req: p.ChatCompletionRequest, arrival: float | None = None) -> Response:
-        choices, k, tools = await self.chat_plan(req)
-        rid = p.new_id("chatcmpl")
+    async def chat(self, req: p.ChatCompletionRequest, ctx: RequestContext) -> AsyncIterator[Piece]:
+        choices, k, tools = await self.chat_plan(req, ctx)
+        rid = "chatcmpl-" + ctx.id_suffix
+        outs: list[_Result] = []
+        async for piece in self._respond(rid, req, choices, ctx, lambda: _ChatChunks(
+                rid, self.model.name, self, k, tools, ctx.created, req.calls_parallel), outs):
+            yield piece
         if req.stream:
-            chunks = _ChatChunks(rid, self.model.name, self, k, tools, req.calls_parallel)
-            return await self._stream(rid, req, choices, chunks, arrival)
-        outs = await self.collect(rid, choices, arrival)
-        return JSONResponse(
+            return
+        yield json_piece(
             p.ChatCompletionResponse(
                 id=rid,
+                created=ctx.created,
                 model=self.model.name,
                 choices=[self._chat_choice(c, o, k, tools, req) for c, o in zip(choices, outs)],
                 usage=_usage(choices, outs),
-            ).model_dump(mode="json")
+            )
         )
 
-    async def chat_plan(self, req: p.ChatCompletionRequest) -> tuple[list[_Choice], int | None, set[str] | None]:
+    async def chat_plan(self, req: p.ChatCompletionRequest,
+                        ctx: RequestContext) -> tuple[list[_Choice], int | None, set[str] | None]:
         """Everything a chat request needs before generation (shared with /v1/responses): checks,
         the templated prompt, the grammar (compiled off the loop), the engine requests.
         -> (choices, top logprobs k or None, names of the offered tools or None)."""
-        self._check_common(req)
+        self._check_common(req, ctx)
         text = self._chat_prompt(req)
         prompts = [self._prompt_ids(text, "messages", chat=True)]
         if req.forced_tools:
@@ -197,7 +251,6 @@ class OpenAIServer:
 
     def _chat_choice(self, c: _Choice, o: "_Result", k: int | None, tools: set[str] | None,
                      req: p.ChatCompletionRequest) -> p.ChatChoice:
-        with_ids = req.return_token_ids
         content, calls = self.tool_calls(o.text, tools, req.calls_parallel)
         message = p.AssistantMessage(
             content=content,
@@ -209,7 +262,7 @@ class OpenAIServer:
             message=message,
             finish_reason="tool_calls" if calls and o.finish_reason == "stop" else o.finish_reason,
             logprobs=chat_logprobs(o.logprobs, self._token_text(), k) if k is not None else None,
-            token_ids=o.token_ids if with_ids else None,
+            token_ids=o.token_ids if req.return_token_ids else None,
         )
 
     def _chat_prompt(self, req: p.ChatCompletionRequest) -> str:
@@ -226,6 +279,24 @@ class OpenAIServer:
             system["content"] = messages[0]["content"] + "\n\n" + system["content"]
             messages = messages[1:]
         return tok.apply_chat_template([system, *messages])
+
+    def responses(self, req: ResponsesRequest, ctx: RequestContext) -> AsyncIterator[Piece]:
+        return self.responses_api.create(req, ctx)
+
+    def response_retrieve(self, ref: ResponseRef, ctx: RequestContext) -> AsyncIterator[Piece]:
+        return self.responses_api.retrieve(ref, ctx)
+
+    def response_delete(self, ref: ResponseRef, ctx: RequestContext) -> AsyncIterator[Piece]:
+        return self.responses_api.delete(ref, ctx)
+
+    def response_cancel(self, ref: ResponseRef, ctx: RequestContext) -> AsyncIterator[Piece]:
+        return self.responses_api.cancel(ref, ctx)
+
+    async def tokenize_route(self, req: p.TokenizeRequest, ctx: RequestContext) -> AsyncIterator[Piece]:
+        yield json_piece(self.tokenize(req))
+
+    async def detokenize_route(self, req: p.DetokenizeRequest, ctx: RequestContext) -> AsyncIterator[Piece]:
+        yield json_piece(self.detokenize(req))
 
     def tokenize(self, req: p.TokenizeRequest) -> p.TokenizeResponse:
         self._check_model_field(req.model)
@@ -256,12 +327,14 @@ class OpenAIServer:
 
     # ---------------------------------------------------------------------------- validation
 
-    def _check_common(self, req: p._SamplingFields) -> None:
+    def _check_common(self, req: p._SamplingFields, ctx: RequestContext) -> None:
         if req.model != self.model.name:
             raise ModelNotFound(req.model, self.model.name)
         if req.n > self.settings.max_n:
             raise InvalidRequest(f"n must be at most {self.settings.max_n}, got {req.n}", param="n")
         check_vocab(req, self.model.tokenizer.vocab_size)
+        if req.seed is None:  # the ingress's seed: a resumed sampled choice draws what it would have
+            req.seed = ctx.seed
 
     def _prompt_ids(self, prompt: str | list[int], param: str, chat: bool = False) -> list[int]:
         if isinstance(prompt, str):
@@ -326,74 +399,116 @@ class OpenAIServer:
 
     # ---------------------------------------------------------------------------- generation
 
-    def _generators(self, rid: str, choices: list[_Choice]) -> list[AsyncIterator[Any]]:
-        return [self.engine.generate(f"{rid}-{c.index}", c.prompt_ids, c.params) for c in choices]
+    def _generators(self, rid: str, choices: list[_Choice], ctx: RequestContext) -> dict[int, AsyncIterator[Any]]:
+        """One engine stream per unfinished choice; a resumed choice continues after its tokens."""
+        resume = ctx.resume
+        gens: dict[int, AsyncIterator[Any]] = {}
+        for c in choices:
+            if resume is None or not resume.outputs.get(c.index):
+                gens[c.index] = self.engine.generate(f"{rid}-{c.index}", c.prompt_ids, c.params)
+            elif not resume.finished(c.index):
+                params = c.params
+                if params.prompt_logprobs is not None:  # already sent with the first output
+                    params = _without_prompt_logprobs(params)
+                gens[c.index] = self.engine.generate(f"{rid}-{c.index}", c.prompt_ids, params,
+                                                     generated=resume.tokens(c.index))
+        return gens
 
-    def outputs(self, rid: str, choices: list[_Choice]) -> AsyncIterator[tuple[int, Any]]:
-        """The engine outputs of every choice, merged as (choice index, output); closing it aborts them."""
-        return _merge(self._generators(rid, choices))
+    def _replayed(self, choices: list[_Choice], ctx: RequestContext) -> list[tuple[int, Any]]:
+        """What the client already has (a resume), in the order it was sent."""
+        if ctx.resume is None:
+            return []
+        return [(c.index, out) for c in choices for out in ctx.resume.outputs.get(c.index, ())]
 
-    async def collect(self, rid: str, choices: list[_Choice], arrival: float | None = None) -> list["_Result"]:
-        results = [_Result(c.prompt_index) for c in choices]
+    def _respond(self, rid: str, req: p._SamplingFields, choices: list[_Choice], ctx: RequestContext,
+                 chunks: Callable[[], "_Chunks"], results: list["_Result"]) -> AsyncIterator[Piece]:
+        """The whole stream's pieces, or a whole answer's progress pieces (filling `results`; the
+        caller then yields the body)."""
+        if req.stream:
+            return self.stream_events(rid, choices, _ChunkEvents(chunks(), req, choices), ctx)
+        return self.collect_pieces(rid, choices, ctx, results)
+
+    def _timers(self, choices: list[_Choice], ctx: RequestContext) -> list[Any]:
+        """One RequestTimer per choice, from the ingress's arrival; a resumed choice's client had
+        its first token from the lost replica, so its TTFT is not taken again."""
+        arrival = ctx.local_arrival(self.metrics.clock)
         timers = [self.metrics.request_timer(arrival) for _ in choices]
+        if ctx.resume is not None:
+            for c in choices:
+                if ctx.resume.tokens(c.index):
+                    timers[c.index].resumed()
+        return timers
+
+    async def collect_pieces(self, rid: str, choices: list[_Choice], ctx: RequestContext,
+                       results: list["_Result"]) -> AsyncIterator[Piece]:
+        """Fill `results`, yielding progress-only pieces (nothing for the client until the end)."""
+        results[:] = [_Result(c.prompt_index) for c in choices]
+        for i, out in self._replayed(choices, ctx):
+            results[i].add(out)
+        timers = self._timers(choices, ctx)
         failed = True
         try:
-            async for i, out in self.outputs(rid, choices):
-                results[i].add(out)
-                timers[i].observe(out)
+            with self._admitted(choices, ctx):
+                # progress only serves a resume: a few messages a second are enough
+                async for batch in merge_batches(self._generators(rid, choices, ctx), COLLECT_INTERVAL_S):
+                    for i, out in batch:
+                        results[i].add(out)
+                        timers[i].observe(out)
+                    yield Piece(progress=batch)
             failed = False
         finally:
             for t in timers:
                 t.close(error=failed)
-        self.count_tokens(choices, results)
-        return results
+        self._count_tokens(choices, results)
 
-    async def _stream(self, rid: str, req: p._SamplingFields, choices: list[_Choice], chunks: "_Chunks",
-                      arrival: float | None) -> Response:
-        events = self.outputs(rid, choices)
-        # Wait for the first output before answering 200, so a request the engine refuses at
-        # admission still gets a proper 4xx instead of an error inside a started stream.
-        try:
-            first = await anext(events, None)
-        except BaseException:
-            await events.aclose()
-            raise
+    async def stream_events(self, rid: str, choices: list[_Choice], events: "StreamEvents",
+                      ctx: RequestContext) -> AsyncIterator[Piece]:
+        """A stream's pieces: each batch of engine outputs as the events `events` makes of them, as
+        soon as it arrives; then a last piece with the stream's end (usage, [DONE] or its own)."""
         results = [_Result(c.prompt_index) for c in choices]
-        timers = [self.metrics.request_timer(arrival) for _ in choices]
-
-        async def body() -> AsyncIterator[bytes]:
+        resume = ctx.resume
+        head = events.opening()  # dropped below if the client has it: its state counts all the same
+        for i, out in self._replayed(choices, ctx):  # the formatter's state as the client saw it
+            results[i].add(out)
+            events.delta(i, out, results)
+        timers = self._timers(choices, ctx)
+        with self._admitted(choices, ctx):
+            batches = merge_batches(self._generators(rid, choices, ctx), self.settings.stream_interval_ms / 1000)
+            # Wait for the first output before answering 200, so a request the engine refuses at
+            # admission still gets a proper 4xx instead of an error inside a started stream.
+            try:
+                first = await anext(batches, None)
+            except BaseException:
+                await batches.aclose()
+                for t in timers:
+                    t.close(error=True)
+                raise
+            if resume is not None and resume.opened:
+                head = b""
+            batch = first
             failed = False
             try:
-                for c in choices:
-                    head = chunks.opening(c.index)
-                    if head is not None:
-                        yield p.sse_event(head)
-                item = first
-                while item is not None:
-                    i, out = item
-                    results[i].add(out)
-                    timers[i].observe(out)
-                    usage = _usage(choices, results) if req.continuous_usage else None
-                    for chunk in chunks.delta(i, out, req.return_token_ids, usage):
-                        yield p.sse_event(chunk)
-                    item = await anext(events, None)
-                self.count_tokens(choices, results)
-                if req.include_usage_in_stream:
-                    yield p.sse_event(chunks.usage(_usage(choices, results)))
+                while batch is not None:
+                    data = bytearray(head)
+                    head = b""
+                    for i, out in batch:
+                        results[i].add(out)
+                        timers[i].observe(out)
+                        data += events.delta(i, out, results)
+                    yield Piece(bytes(data), progress=batch, stream=True)
+                    batch = await anext(batches, None)
+                self._count_tokens(choices, results)
+                yield Piece(head + events.end(results), stream=True, final=True)
             except Exception as exc:  # the stream has started: report in-band, then end it
                 failed = True
                 err = as_api_error(exc)
-                self.metrics.count_stream_error(err.status)
-                yield p.sse_event(err.body())
+                yield Piece(events.error(err), stream=True, final=True, error_status=err.status)
             finally:
-                await events.aclose()
-                for t in timers:  # a client gone mid-stream ends here too: its requests count as aborted
+                await batches.aclose()
+                for t in timers:  # a consumer gone mid-stream ends here too: its requests count as aborted
                     t.close(error=failed)
-            yield p.SSE_DONE
 
-        return ClosingStreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-    def count_tokens(self, choices: list[_Choice], results: list["_Result"]) -> None:
+    def _count_tokens(self, choices: list[_Choice], results: list["_Result"]) -> None:
         self.metrics.count_tokens(*_token_totals(choices, results)[:2])
 
 
@@ -404,12 +519,15 @@ class _Result:
         self.token_ids: list[int] = []
         self.finish_reason: str | None = None
         self.cached_tokens = 0
+        self.outputs = 0
         self.logprobs: list = []  # TokenLogprob per generated token, when asked
         self.prompt_logprobs: list | None = None
 
     def add(self, out: Any) -> None:
+        if not self.outputs:  # fixed at first admission; a continuation elsewhere reports its own
+            self.cached_tokens = getattr(out, "cached_tokens", 0)
+        self.outputs += 1
         self.text += out.new_text
-        self.cached_tokens = getattr(out, "cached_tokens", 0)
         self.token_ids.extend(out.new_token_ids)
         self.logprobs.extend(getattr(out, "logprobs", None) or [])
         if getattr(out, "prompt_logprobs", None) is not None:
@@ -502,11 +620,46 @@ class _Chunks(Protocol):
     def usage(self, usage: p.Usage) -> Any: ...
 
 
+class StreamEvents(Protocol):
+    """What a stream sends, as bytes: its opening, the events of each output (also called, output
+    discarded, for the outputs a resumed stream's client already has), its end, an in-band error."""
+
+    def opening(self) -> bytes: ...
+
+    def delta(self, index: int, out: Any, results: list[_Result]) -> bytes: ...
+
+    def end(self, results: list[_Result]) -> bytes: ...
+
+    def error(self, err: APIError) -> bytes: ...
+
+
+class _ChunkEvents:
+    """The chat and completion streams: one SSE `data:` event per chunk, then usage and [DONE]."""
+
+    def __init__(self, chunks: _Chunks, req: p._SamplingFields, choices: list[_Choice]) -> None:
+        self.chunks, self.req, self.choices = chunks, req, choices
+
+    def opening(self) -> bytes:
+        openings = (self.chunks.opening(c.index) for c in self.choices)
+        return b"".join(p.sse_event(o) for o in openings if o is not None)
+
+    def delta(self, index: int, out: Any, results: list[_Result]) -> bytes:
+        usage = _usage(self.choices, results) if self.req.continuous_usage else None
+        return b"".join(p.sse_event(c) for c in self.chunks.delta(index, out, self.req.return_token_ids, usage))
+
+    def end(self, results: list[_Result]) -> bytes:
+        usage = p.sse_event(self.chunks.usage(_usage(self.choices, results))) if self.req.include_usage_in_stream else b""
+        return usage + p.SSE_DONE
+
+    def error(self, err: APIError) -> bytes:
+        return p.sse_event(err.body()) + p.SSE_DONE
+
+
 class _CompletionChunks:
-    def __init__(self, rid: str, model: str, echo: _Echo, prompt_of: list[int]) -> None:
+    def __init__(self, rid: str, model: str, echo: _Echo, prompt_of: list[int], created: int) -> None:
         self.rid, self.model, self.echo = rid, model, echo
         self.prompt_of = prompt_of  # choice index -> prompt index
-        self.created = p.now()
+        self.created = created
         self._offsets: dict[int, int] = {}  # choice -> text offset of its next token
 
     def opening(self, index: int) -> None:
@@ -554,9 +707,9 @@ class _CompletionChunks:
 
 class _ChatChunks:
     def __init__(self, rid: str, model: str, server: OpenAIServer, k: int | None, tools: set[str] | None,
-                 parallel: bool = True) -> None:
+                 created: int, parallel: bool = True) -> None:
         self.rid, self.model, self.server, self.k = rid, model, server, k
-        self.created = p.now()
+        self.created = created
         self.tools = tools
         self.parallel = parallel
         self._parsers: dict[int, StreamingToolParser] = {}
@@ -606,124 +759,29 @@ class _ChatChunks:
         return self._chunk([], usage)
 
 
-# ---------------------------------------------------------------------------------------- app
+# ------------------------------------------------------------------------------ pieces and routes
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing with 413 as soon as it is known to exceed `limit` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise InvalidRequest("Invalid Content-Length header")
-        if int(declared) > limit:
-            raise BodyTooLarge(limit)
-    body = bytearray()
-    async for part in request.stream():
-        body += part
-        if len(body) > limit:
-            raise BodyTooLarge(limit)
-    return bytes(body)
+def error_piece(err: APIError) -> Piece:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else {}
+    headers.update(err.headers or {})
+    return json_piece(err.body(), err.status, headers or None)
 
 
-class RouteMetricsMiddleware:
-    """Count every answered request by route and status (unknown paths share one label). Being the
-    outermost, it also stamps the request's arrival, where every latency metric starts."""
-
-    def __init__(self, app: ASGIApp, metrics: ReplicaMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        scope[ARRIVAL] = self.metrics.clock()
-        path = route_path(scope)
-        route = path if path in KNOWN_ROUTES else "other"
-
-        async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                self.metrics.count_request(route, int(message["status"]))
-            await send(message)
-
-        await self.app(scope, receive, counting_send)
+def _without_prompt_logprobs(params: SamplingParams) -> SamplingParams:
+    return dataclasses.replace(params, prompt_logprobs=None)
 
 
-def build_http_app(
-    server: OpenAIServer, health: Callable[[], Awaitable[bool]] | None = None, admin: APIRouter | None = None,
-    ready: Callable[[], Awaitable[dict]] | None = None, limits: GuardLimits | None = None,
-) -> FastAPI:
-    """The ASGI app of one replica: routes, OpenAI error bodies, auth, per-route counters.
-    `admin`: the elastic admin routes (cluster/serve/admin_api.py), which check the admin keys themselves.
-    `ready`: -> {"ready": bool, ...details} for /ready (degraded while a group has no live holder).
-    `limits`: body deadline, admission and total deadline (cluster/serve/middleware/request_guard.py)."""
-    app = FastAPI(title="moge-serve", summary="OpenAI-compatible API of one attention replica",
-                  version="1", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
-    install_handlers(app)
-    install_docs_ui(app)
-    own_keys: tuple[str, ...] = ()
-    if admin is not None:
-        app.include_router(admin)
-        own_keys = (admin.prefix,)
-    limit = server.settings.max_body_bytes
-
-    @app.post("/v1/completions", openapi_extra=body_schema(p.CompletionRequest),
-              responses={200: {"model": p.CompletionResponse, "description": "the completion, or an SSE stream of CompletionChunk"}})
-    async def completions(request: Request) -> Response:
-        req, ignored = parse_request(p.CompletionRequest, await read_body(request, limit))
-        return report_ignored(await server.completions(req, arrival_of(request.scope)), ignored)
-
-    @app.post("/v1/chat/completions", openapi_extra=body_schema(p.ChatCompletionRequest),
-              responses={200: {"model": p.ChatCompletionResponse, "description": "the completion, or an SSE stream of ChatCompletionChunk"}})
-    async def chat_completions(request: Request) -> Response:
-        req, ignored = parse_request(p.ChatCompletionRequest, await read_body(request, limit))
-        return report_ignored(await server.chat(req, arrival_of(request.scope)), ignored)
-
-    install_responses(app, server, read_body)
-
-    @app.get("/v1/models", response_model=p.ModelList)
-    async def models() -> Response:
-        return JSONResponse(server.models().model_dump(mode="json"))
-
-    @app.get("/v1/models/{model_id:path}", response_model=p.ModelCard)
-    async def model(model_id: str) -> Response:
-        return JSONResponse(server.model_card(model_id).model_dump(mode="json"))
-
-    @app.post("/tokenize", openapi_extra=body_schema(p.TokenizeRequest), response_model=p.TokenizeResponse)
-    async def tokenize(request: Request) -> Response:
-        req, ignored = parse_request(p.TokenizeRequest, await read_body(request, limit))
-        return report_ignored(JSONResponse(server.tokenize(req).model_dump(mode="json")), ignored)
-
-    @app.post("/detokenize", openapi_extra=body_schema(p.DetokenizeRequest), response_model=p.DetokenizeResponse)
-    async def detokenize(request: Request) -> Response:
-        req, ignored = parse_request(p.DetokenizeRequest, await read_body(request, limit))
-        return report_ignored(JSONResponse(server.detokenize(req).model_dump(mode="json")), ignored)
-
-    @app.get("/health")
-    async def healthy() -> Response:
-        ok = True if health is None else await health()
-        return JSONResponse({"status": "ok" if ok else "unhealthy"}, status_code=200 if ok else 503)
-
-    @app.get("/ready")
-    async def readiness() -> Response:
-        """Readiness, unlike /health (liveness): 503 'degraded' while some expert group has no live
-        holder (its steps wait for a failover), so a balancer can prefer another replica."""
-        alive = True if health is None else await health()
-        state = {"ready": alive} if ready is None else await ready()
-        ok = alive and bool(state.get("ready"))
-        body = {**state, "status": "ready" if ok else ("degraded" if alive else "unhealthy"), "ready": ok}
-        return JSONResponse(body, status_code=200 if ok else 503)
-
-    @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
-
-    install_request_schemas(app)
-    # Outermost last: counting sees the 401s that auth answers itself and every 500 (ErrorBoundary);
-    # the guard runs after auth, so an unauthenticated client's body is never read.
-    app.add_middleware(RequestGuard, limits=limits or GuardLimits(max_body_bytes=limit),
-                       takes_body=post_route_matcher(app.router))
-    app.add_middleware(ApiKeyMiddleware, keys=ApiKeys(server.settings.api_keys), own_keys_prefixes=own_keys)
-    app.add_middleware(ErrorBoundary)
-    app.add_middleware(RouteMetricsMiddleware, metrics=server.metrics)
-    return app
+# (path, request model, OpenAIServer method): what `run` serves; a new route is one more line here
+# and one in the ingress's route table (cluster/serve/ingress/http_app.py)
+ROUTES: tuple[tuple[str, type, str], ...] = (
+    ("/v1/completions", p.CompletionRequest, "completions"),
+    ("/v1/chat/completions", p.ChatCompletionRequest, "chat"),
+    ("/tokenize", p.TokenizeRequest, "tokenize_route"),
+    ("/detokenize", p.DetokenizeRequest, "detokenize_route"),
+    ("/v1/responses", ResponsesRequest, "responses"),
+    # GET, DELETE /v1/responses/{id} and POST .../cancel: the id in the body
+    ("responses.retrieve", ResponseRef, "response_retrieve"),
+    ("responses.delete", ResponseRef, "response_delete"),
+    ("responses.cancel", ResponseRef, "response_cancel"),
+)

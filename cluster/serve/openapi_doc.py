@@ -89,18 +89,23 @@ def install_request_schemas(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def parse_request(model: type[M], body: bytes) -> tuple[M, list[str]]:
-    """Validate a body (known fields strictly) and list the unknown fields it carried."""
-    req = model.model_validate_json(body)
+def parse_request(model: type[M], body: bytes | dict) -> tuple[M, list[str]]:
+    """Validate a body (known fields strictly) and list the unknown fields it carried. A dict is a
+    body the ingress already parsed (once, with a bounded depth: cluster/serve/ingress/json_body.py)."""
+    req = model.model_validate(body) if isinstance(body, dict) else model.model_validate_json(body)
     ignored = req.ignored_fields() if hasattr(req, "ignored_fields") else []
     if ignored:
         log.info("ignored unknown request fields: %s", ", ".join(ignored)[:1000])
     return req, ignored
 
 
+def ignored_header(ignored: list[str]) -> str:
+    """The X-Ignored-Fields value: header values must be printable ASCII, so anything else a client
+    sent is shown as '?'."""
+    return "".join(c if " " <= c <= "~" else "?" for c in ", ".join(ignored))[:1024]
+
+
 def report_ignored(response: Response, ignored: list[str]) -> Response:
     if ignored:
-        text = ", ".join(ignored)
-        # header values must be printable ASCII: anything else a client sent is shown as '?'
-        response.headers[IGNORED_HEADER] = "".join(c if " " <= c <= "~" else "?" for c in text)[:1024]
+        response.headers[IGNORED_HEADER] = ignored_header(ignored)
     return response

@@ -74,7 +74,10 @@ def moge_server_config() -> MogeConfig:
     return MogeConfig.load(
         env={},  # the developer's MOGE_* variables must not change what the tests exercise
         model={"source": "preset:tiny-moge", "device": "cpu", "dtype": "float32"},
-        server={"host": "127.0.0.1", "port": free_port(), "api_keys": [TEST_API_KEY]},
+        # caps on partial bodies above test_slow_clients.py's clients (every one held for the whole
+        # body deadline, the slot-count cliff's scenario; the caps themselves are unit-tested)
+        server={"host": "127.0.0.1", "port": free_port(), "api_keys": [TEST_API_KEY],
+                "max_partial_bodies": 2000, "max_partial_bodies_per_client": 2000},
     )
 
 

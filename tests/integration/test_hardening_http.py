@@ -28,6 +28,7 @@ import pytest
 from actors.model.reference import greedy_reference
 from cluster.cli.local_cluster import LocalCluster, free_port
 from cluster.config import MogeConfig
+from tests.integration.test_slow_clients import slow_client
 
 pytestmark = pytest.mark.integration
 
@@ -116,29 +117,6 @@ def test_overflowing_values_get_400_while_four_streams_keep_the_reference_tokens
     assert "64-bit" in bad[0].json()["error"]["message"] and "seed + n" in bad[2].json()["error"]["message"]
 
 
-async def _slow_client(port: int, path: str, stop_at: float, stats: dict) -> None:
-    """Headers and 9 bytes of a declared 1,000-byte body, then nothing; reconnect when dropped."""
-    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
-            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\":").encode()
-    while time.monotonic() < stop_at:
-        try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.1)
-            continue
-        try:
-            writer.write(head)
-            await writer.drain()
-            stats["connections"] += 1
-            line = await asyncio.wait_for(reader.readline(), max(0.1, stop_at - time.monotonic()))
-            if b" 408 " in line:
-                stats["408"] += 1
-        except (asyncio.TimeoutError, OSError):
-            pass
-        finally:
-            writer.close()
-
-
 def test_slow_body_clients_cannot_freeze_health_or_normal_requests(server, reference_model):
     base_url, _ = server
     port = int(base_url.split(":")[2].split("/")[0])
@@ -149,7 +127,8 @@ def test_slow_body_clients_cannot_freeze_health_or_normal_requests(server, refer
     async def main():
         stats = {"connections": 0, "408": 0}
         stop_at = time.monotonic() + SLOW_HOLD_S
-        slow = [asyncio.create_task(_slow_client(port, path, stop_at, stats)) for _ in range(SLOW_CLIENTS)]
+        slow = [asyncio.create_task(slow_client(port, path, stop_at, stats, key=API_KEY, back_after_s=0))
+                for _ in range(SLOW_CLIENTS)]
         await asyncio.sleep(0.5)  # let them connect
         health, normal = [], []
         async with client(base_url, timeout=30) as c:

@@ -13,7 +13,8 @@ from cluster.serve.admin_api import admin_keys, admin_router
 from cluster.config import MogeConfig
 from cluster.elastic.controller import BadRequest, ControllerBusy
 from cluster.serve.metrics.replica import ReplicaMetrics
-from cluster.serve.openai_server import OpenAIServer, ServedModel, build_http_app
+from cluster.serve.ingress.http_app import build_http_app
+from cluster.serve.openai_server import OpenAIServer, ServedModel
 
 API_KEY, ADMIN_KEY = "sk-api", "sk-admin"
 
@@ -77,7 +78,9 @@ def test_admin_routes_take_admin_keys_only():
     assert ok.status_code == 200 and ok.json()["devices"] == 2
     assert request(app, "GET", "/v1/models", ADMIN_KEY).status_code == 401  # nor the other way round
     assert request(app, "GET", "/v1/models", API_KEY).status_code == 200
-    assert request(app, "GET", "/admin/nothing", None).status_code == 404
+    # the admin keys guard the whole prefix, before any body is read: unknown paths too
+    assert request(app, "GET", "/admin/nothing", None).status_code == 401
+    assert request(app, "GET", "/admin/nothing", ADMIN_KEY).status_code == 404
 
 
 def test_admin_is_off_without_an_admin_key_even_with_api_keys():

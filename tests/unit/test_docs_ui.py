@@ -19,7 +19,8 @@ import pytest
 
 from cluster.config import MogeConfig
 from cluster.serve.metrics.replica import ReplicaMetrics
-from cluster.serve.openai_server import OpenAIServer, ServedModel, build_http_app
+from cluster.serve.ingress.http_app import build_http_app
+from cluster.serve.openai_server import OpenAIServer, ServedModel
 from tests.unit.test_openai_server import LetterTokenizer, ScriptedEngine, call, run
 
 PAGES = ("/docs", "/redoc")

@@ -11,7 +11,8 @@ from actors.engine.sampling.logprobs import TokenLogprob
 from cluster.config import MogeConfig
 from cluster.serve.metrics.replica import ReplicaMetrics
 from cluster.serve.openai_params import TokenText, strict_schema, vllm_prompt_logprobs
-from cluster.serve.openai_server import OpenAIServer, ServedModel, build_http_app
+from cluster.serve.ingress.http_app import build_http_app
+from cluster.serve.openai_server import OpenAIServer, ServedModel
 from tests.unit.test_openai_server import KEY, LetterTokenizer, Out, ScriptedEngine, call, make_app, run
 
 

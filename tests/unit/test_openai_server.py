@@ -16,7 +16,9 @@ from cluster.serve.middleware.auth import ApiKeys
 from cluster.config import MogeConfig
 from cluster.serve.errors import AuthenticationFailed
 from cluster.serve.metrics.replica import ReplicaMetrics
-from cluster.serve.openai_server import ClosingStreamingResponse, OpenAIServer, ServedModel, _merge, build_http_app
+from cluster.serve.ingress.http_app import build_http_app
+from cluster.serve.streaming import ClosingStreamingResponse, _merge
+from cluster.serve.openai_server import OpenAIServer, ServedModel
 
 KEY = "sk-unit"
 

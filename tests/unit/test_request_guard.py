@@ -12,7 +12,8 @@ import pytest
 
 from cluster.config import MogeConfig
 from cluster.serve.metrics.replica import ReplicaMetrics
-from cluster.serve.openai_server import OpenAIServer, ServedModel, build_http_app
+from cluster.serve.ingress.http_app import build_http_app
+from cluster.serve.openai_server import OpenAIServer, ServedModel
 from cluster.serve.middleware.request_guard import GuardLimits
 from tests.unit.test_openai_server import KEY, LetterTokenizer, Out, ScriptedEngine
 
@@ -256,3 +257,16 @@ def test_sequences_of_reads_n_and_best_of_and_falls_back_to_one():
     assert sequences_of(b'{"n": 3}') == 3 and sequences_of(b'{"n": 2, "best_of": 5}') == 5
     assert sequences_of(b'{}') == 1 and sequences_of(b'[1]') == 1 and sequences_of(b'not json') == 1
     assert sequences_of(b'{"n": true}') == 1 and sequences_of(b'{"n": -4}') == 1 and sequences_of(b'{"n": "9"}') == 1
+
+
+def test_a_receive_that_ray_cancels_is_a_disconnect_however_ray_wraps_it():
+    """Serve cancels the ASGI receive of a client that left; Ray may raise it as a run-time class
+    RayTaskError(TaskCancelledError): both are disconnects, never a 500."""
+    from ray.exceptions import RayTaskError, TaskCancelledError
+
+    from cluster.serve.errors import is_disconnect
+
+    wrapped = RayTaskError("receive_asgi_messages", "traceback", TaskCancelledError()).as_instanceof_cause()
+    assert type(wrapped).__name__ != "TaskCancelledError"
+    assert is_disconnect(TaskCancelledError()) and is_disconnect(wrapped)
+    assert not is_disconnect(RayTaskError("f", "traceback", ValueError("x")).as_instanceof_cause())

@@ -105,7 +105,7 @@ STREAMS, MAX_NUM_SEQS, MAX_TOKENS = 8, 2, 12
 
 @pytest.fixture(scope="module")
 def served():
-    """A tiny-moge engine behind the replica's HTTP app, on a free 127.0.0.1 port (uvicorn)."""
+    """A tiny-moge engine behind the HTTP app (ingress and server in one process), on a free 127.0.0.1 port (uvicorn)."""
     import uvicorn
 
     from actors.engine.async_engine import AsyncEngine
@@ -113,7 +113,8 @@ def served():
     from actors.weights.loader import load_model
     from cluster.cli.local_cluster import free_port
     from cluster.config import MogeConfig
-    from cluster.serve.openai_server import OpenAIServer, ServedModel, build_http_app
+    from cluster.serve.ingress.http_app import build_http_app
+    from cluster.serve.openai_server import OpenAIServer, ServedModel
 
     tiny = load_model("preset:tiny-moge", "float32", "cpu")
     engine = AsyncEngine(LLMEngine(tiny, EngineSpec(256, 128, 16, MAX_NUM_SEQS, 256)))

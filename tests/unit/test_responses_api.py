@@ -14,7 +14,8 @@ import pytest
 
 from cluster.config import MogeConfig
 from cluster.serve.metrics.replica import ReplicaMetrics
-from cluster.serve.openai_server import OpenAIServer, ServedModel, build_http_app
+from cluster.serve.ingress.http_app import build_http_app
+from cluster.serve.openai_server import OpenAIServer, ServedModel
 from cluster.serve.responses.protocol import ResponseObject
 from cluster.serve.responses.store import ResponseStore
 from tests.unit.test_openai_defaults import SayingEngine

@@ -17,10 +17,16 @@ from actors.engine.sampling_params import SamplingParams
 
 
 class TextStream:
-    def __init__(self, tokenizer: Any, prompt_ids: list[int], params: SamplingParams) -> None:
+    def __init__(self, tokenizer: Any, prompt_ids: list[int], params: SamplingParams,
+                 generated: list[int] = ()) -> None:
+        """`generated`: a continuation's tokens already sent elsewhere (LLMEngine.add_request): the
+        detokenizer is replayed over them, so held-back text and partial stop-string matches are
+        what they were when the first replica sent them, and nothing of theirs is sent again."""
         self.detokenizer = IncrementalDetokenizer(
             tokenizer, prompt_ids, params.stop, params.skip_special_tokens, params.include_stop_str_in_output
         )
+        for t in generated:
+            self.detokenizer.step(t)
         self.done = False  # the request has ended; later outputs are dropped
 
     def apply(self, out: Any) -> Any | None:

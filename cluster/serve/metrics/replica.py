@@ -89,18 +89,32 @@ class VllmFamilies:
 
 
 class ReplicaMetrics:
+    """`part`: which families this registry renders. The ingress holds "http" (what HTTP answered:
+    statuses, in-band errors, disconnects, resumes), each attention replica "engine" (tokens,
+    latencies, engine and data-plane gauges), and the ingress's /metrics renders both, disjoint;
+    "all" is one process doing both (unit tests, one-process tools)."""
+
     def __init__(self, model: str, engine_stats: Callable[[], Any] | None = None, max_model_len: int = 32768,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, part: str = "all") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._engine_stats = engine_stats
         self.clock = clock  # arrival and token times; the engine's timestamps use time.monotonic too
-        r = self.registry
+        http = self.registry if part in ("all", "http") else CollectorRegistry()
+        # the other part's families still exist (callers need not know the part) but are never rendered
+        r = self.registry if part in ("all", "engine") else CollectorRegistry()
         self.requests = Counter(
-            "moge_requests", "HTTP requests answered, by route and status code", ["route", "status"], registry=r
+            "moge_requests", "HTTP requests answered, by route and status code", ["route", "status"], registry=http
         )
         self.stream_errors = Counter(
             "moge_stream_errors", "errors reported inside an already started (200) stream, by the status "
-            "they would have had", ["status"], registry=r)
+            "they would have had", ["status"], registry=http)
+        self.disconnects = Counter(
+            "moge_client_disconnects", "clients that left before their answer was complete, by phase (body: "
+            "while sending it; response: while it was being sent) - never counted as a status", ["phase"],
+            registry=http)
+        self.resumes = Counter(
+            "moge_stream_resumes", "requests resumed on another attention replica after theirs was lost",
+            registry=http)
         self.prompt_tokens = Counter("moge_prompt_tokens", "prompt tokens of finished requests", registry=r)
         self.completion_tokens = Counter(
             "moge_completion_tokens", "tokens generated for finished requests", registry=r
@@ -125,6 +139,12 @@ class ReplicaMetrics:
 
     def count_stream_error(self, status: int) -> None:
         self.stream_errors.labels(status=str(status)).inc()
+
+    def count_disconnect(self, phase: str) -> None:
+        self.disconnects.labels(phase=phase).inc()
+
+    def count_resume(self) -> None:
+        self.resumes.inc()
 
     def count_tokens(self, prompt: int, completion: int) -> None:
         self.prompt_tokens.inc(prompt)

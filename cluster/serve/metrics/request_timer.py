@@ -4,10 +4,11 @@
        └──────────── TTFT ────────────────────────┘   (ITL between tokens)
        └──────────────────────── E2E ────────────────────────────┘
 
-Arrival is when the HTTP request reached the replica (stamped by the outermost middleware), TTFT
-and ITL are taken when the front handles an output to send it, E2E when the request ends; queue,
-prefill and decode come from the engine's own timestamps (RequestOutput.scheduled_at,
-first_token_at, produced_at), all on this process's monotonic clock. An output that carries
+Arrival is when the HTTP request reached the ingress (stamped by its outermost middleware and carried
+to the attention replica in RequestContext.arrival, so TTFT includes the hop and Serve's routing),
+TTFT and ITL are taken when the replica hands an output to the ingress, E2E when the request ends;
+queue, prefill and decode come from the engine's own timestamps (RequestOutput.scheduled_at,
+first_token_at, produced_at), all on the replica's monotonic clock. An output that carries
 several tokens (a stream that fell behind) spreads its gap evenly over them.
 """
 
@@ -25,6 +26,11 @@ class RequestTimer:
         self._last: float | None = None
         self._out: Any = None  # the latest output
         self._ended = False
+
+    def resumed(self) -> None:
+        """A continuation (the ingress resumed the request here after its replica died): the client
+        had its first token already, so TTFT is not taken again; gaps count from now."""
+        self._first = self._last = self._clock()
 
     def observe(self, out: Any) -> None:
         """One engine output is about to be sent (or collected)."""

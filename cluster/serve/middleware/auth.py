@@ -1,4 +1,6 @@
-"""Optional Bearer API keys on every route but the probes /health and /ready (and routes that check their own keys).
+"""Optional Bearer API keys on every route but the probes /health and /ready; routes under a prefix
+with keys of their own (/admin: the admin keys) are checked against those instead, here too, so an
+unauthenticated client's body is never read (the request guard runs after this middleware).
 
 An ASGI middleware rather than a FastAPI dependency so that it also guards routes nobody declared
 (an unauthenticated client learns nothing, not even which paths exist) and answers before a request
@@ -13,7 +15,7 @@ from typing import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cluster.serve.errors import AuthenticationFailed
+from cluster.serve.errors import AdminDisabled, APIError, AuthenticationFailed
 from cluster.serve.middleware.scope import header, route_path
 
 OPEN_PATHS = frozenset({"/health", "/ready"})  # probes carry no keys
@@ -45,26 +47,32 @@ class ApiKeys:
 
 
 class ApiKeyMiddleware:
-    """`own_keys_prefixes`: path prefixes whose routes authenticate with keys of their own (the
-    admin API uses server.admin_keys), so an OpenAI key neither opens nor is needed for them."""
+    """`own_keys`: path prefix -> the keys its routes take instead of the API keys (the admin API
+    uses server.admin_keys, and no admin key means 403 for everyone), so an OpenAI key neither opens
+    nor is needed for them."""
 
-    def __init__(self, app: ASGIApp, keys: ApiKeys, own_keys_prefixes: tuple[str, ...] = ()) -> None:
+    def __init__(self, app: ASGIApp, keys: ApiKeys, own_keys: dict[str, ApiKeys] | None = None) -> None:
         self.app = app
         self.keys = keys
-        self.own_keys_prefixes = own_keys_prefixes
+        self.own_keys = dict(own_keys or {})
 
-    def _exempt(self, path: str) -> bool:
+    def _keys_for(self, path: str) -> tuple[ApiKeys | None, bool]:
+        """(the keys that guard `path`, whether it has keys of its own)."""
         if path in OPEN_PATHS:
-            return True
-        return any(path == p or path.startswith(p + "/") for p in self.own_keys_prefixes)
+            return None, False
+        for prefix, keys in self.own_keys.items():
+            if path == prefix or path.startswith(prefix + "/"):
+                return keys, True
+        return self.keys, False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys.enabled or self._exempt(route_path(scope)):
-            await self.app(scope, receive, send)
-            return
+        keys, own = (None, False) if scope["type"] != "http" else self._keys_for(route_path(scope))
         try:
-            self.keys.check(header(scope, b"authorization"))
-        except AuthenticationFailed as err:
+            if own and not keys.enabled:
+                raise AdminDisabled("The admin API is disabled: set server.admin_keys (--admin-key)")
+            if keys is not None and keys.enabled:
+                keys.check(header(scope, b"authorization"))
+        except APIError as err:
             await err.response()(scope, receive, send)
             return
         await self.app(scope, receive, send)

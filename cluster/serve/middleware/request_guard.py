@@ -1,18 +1,20 @@
-"""Slow and abusive clients, answered before they cost the replica anything (ASGI middleware).
+"""Slow, leaving and abusive clients, answered in the ingress before they cost a replica anything
+(ASGI middleware).
 
 For every POST it (1) requires a JSON content type (415), (2) reads the whole body under a deadline
 (408: a client that sends headers and then trickles or stalls its body holds a connection for at most
-`body_read_timeout_s`) and a size limit (413, smaller for /admin), then replays the buffered body to
-the app; (3) for the generation routes, admits the request only while its sequences fit under
-`max_in_flight` sequences running on this replica (429 with Retry-After: a bounded waiting queue
-instead of unbounded TTFT); a request counts as max(n, best_of) sequences, as it costs the engine;
-and (4) bounds every request by `request_timeout_s` in total (504 if nothing was
-answered yet; a started stream is ended).
+`body_read_timeout_s`) and a size limit (413, smaller for /admin), counting bodies that did not
+arrive whole in their first message against a per-client and a total cap (429 past either: a body
+that arrives whole never waits, so no number of slow clients delays a well-behaved one), (3) parses
+it once with a bounded depth (400 naming the limit: cluster/serve/ingress/json_body.py) and checks
+n/best_of (400, before any admission), then hands the parsed body to the route (scope[PARSED_BODY])
+and replays the raw bytes to the app; and (4) bounds every request by `request_timeout_s` in total
+(504 if nothing was answered yet; a started stream is ended).
 
-Admission counts requests whose body has arrived, so clients still sending their body never take a
-generation slot, and /health, /ready and /metrics never wait for one. Ray Serve's own per-replica
-limit (max_ongoing_requests, cluster/serve/app.py) is sized above `max_in_flight` so that these
-cheap routes and slow bodies always find a Serve slot; otherwise Serve would queue them in the proxy.
+A client that leaves while sending its body (http.disconnect, or Serve cancelling the ASGI receive)
+is counted as a disconnect, never as an error. Generation admission (429 past a replica's bound of
+sequences) is the replica's: cluster/serve/openai_server.py `OpenAIServer._admitted`, after
+validation.
 """
 
 from __future__ import annotations
@@ -31,11 +33,14 @@ from cluster.serve.errors import (
     Overloaded,
     RequestTimeout,
     UnsupportedMediaType,
+    is_disconnect,
 )
+from cluster.serve.ingress.json_body import check_choices, loads_bounded
 from cluster.serve.middleware.scope import header, route_path
 
 GENERATION_ROUTES = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses"})
 ADMIN_PREFIX = "/admin"
+PARSED_BODY = "moge.parsed_body"  # scope key: the body parsed once, for the route
 
 
 @dataclass(frozen=True)
@@ -44,8 +49,10 @@ class GuardLimits:
     admin_max_body_bytes: int = 16 << 10
     body_read_timeout_s: float = 10.0
     request_timeout_s: float = 600.0
-    max_in_flight: int = 96  # sequences admitted at once (batch + waiting queue)
+    max_in_flight: int = 96  # sequences a replica admits at once (batch + waiting queue)
     retry_after_s: int = 1
+    max_partial_bodies: int = 512  # bodies still arriving, all clients
+    max_partial_bodies_per_client: int = 128
 
     @classmethod
     def from_settings(cls, server, max_num_seqs: int) -> "GuardLimits":
@@ -57,17 +64,23 @@ class GuardLimits:
             request_timeout_s=server.request_timeout_s,
             max_in_flight=max_num_seqs + server.max_waiting_requests,
             retry_after_s=server.retry_after_s,
+            max_partial_bodies=server.max_partial_bodies,
+            max_partial_bodies_per_client=server.max_partial_bodies_per_client,
         )
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, limits: GuardLimits, takes_body: Callable[[Scope], bool] | None = None) -> None:
+    def __init__(self, app: ASGIApp, limits: GuardLimits, max_n: int = 8, metrics=None,
+                 takes_body: Callable[[Scope], bool] | None = None) -> None:
         """`takes_body(scope)`: whether a route answers this POST (`post_route_matcher`); a POST
         anywhere else goes to the app unread, which answers 405 (GET routes) or 404, not 415."""
         self.app = app
         self.limits = limits
+        self.max_n = max_n
+        self.metrics = metrics  # cluster.serve.metrics.ReplicaMetrics: disconnects
         self.takes_body = takes_body
-        self.in_flight = 0  # sequences of admitted, unfinished requests (this event loop only)
+        self.partial = 0  # bodies still arriving (this event loop only)
+        self.partial_by_client: dict[str, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -101,43 +114,68 @@ class RequestGuard:
             raise UnsupportedMediaType("The request body must be JSON: send 'Content-Type: application/json'")
         is_admin = path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/")
         limit = self.limits.admin_max_body_bytes if is_admin else self.limits.max_body_bytes
-        body, disconnected = await self._read_body(scope, receive, limit)
-        if disconnected:
+        body = await self._read_body(scope, receive, limit)
+        if body is None:
+            if self.metrics is not None:
+                self.metrics.count_disconnect("body")
             return  # the client left while sending: nobody to answer
+        parsed = loads_bounded(body)
         if path in GENERATION_ROUTES:
-            # a request larger than the whole bound waits for an empty replica instead of never fitting
-            seqs = min(sequences_of(body), self.limits.max_in_flight)
-            if self.in_flight + seqs > self.limits.max_in_flight:
-                raise Overloaded(
-                    f"This replica is at its limit of {self.limits.max_in_flight} sequences in flight; "
-                    f"retry after {self.limits.retry_after_s}s", self.limits.retry_after_s)
-            self.in_flight += seqs
-            try:
-                await self.app(scope, _replay(body, receive), send)
-            finally:
-                self.in_flight -= seqs
-            return
+            check_choices(parsed, self.max_n)
+        scope[PARSED_BODY] = parsed
         await self.app(scope, _replay(body, receive), send)
 
-    async def _read_body(self, scope: Scope, receive: Receive, limit: int) -> tuple[bytes, bool]:
+    async def _read_body(self, scope: Scope, receive: Receive, limit: int) -> bytes | None:
+        """The whole body, or None if the client left. Only a body that did not arrive whole in its
+        first message is counted against the caps on partial bodies."""
         declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise BodyTooLarge(limit)
+        client = (scope.get("client") or ("?", 0))[0]
         body = bytearray()
+        counted = False
         try:
             async with asyncio.timeout(self.limits.body_read_timeout_s):
                 while True:
                     message = await receive()
                     if message["type"] == "http.disconnect":
-                        return b"", True
+                        return None
                     body += message.get("body", b"")
                     if len(body) > limit:
                         raise BodyTooLarge(limit)
                     if not message.get("more_body", False):
-                        return bytes(body), False
+                        return bytes(body)
+                    whole = declared is not None and declared.isdigit() and len(body) >= int(declared)
+                    if not counted and not whole:  # some of it is still on its way
+                        self._hold(client)
+                        counted = True
         except TimeoutError:
             raise RequestTimeout(
                 f"The request body was not received within {self.limits.body_read_timeout_s:g}s") from None
+        except Exception as exc:  # noqa: BLE001 - Serve cancels the receive of a client that left
+            if is_disconnect(exc):
+                return None
+            raise
+        finally:
+            if counted:
+                self._release(client)
+
+    def _hold(self, client: str) -> None:
+        mine = self.partial_by_client.get(client, 0)
+        if self.partial >= self.limits.max_partial_bodies or mine >= self.limits.max_partial_bodies_per_client:
+            raise Overloaded(
+                f"Too many request bodies are still arriving ({self.partial} in all, {mine} from this client); "
+                f"send the body at once or retry after {self.limits.retry_after_s}s", self.limits.retry_after_s)
+        self.partial += 1
+        self.partial_by_client[client] = mine + 1
+
+    def _release(self, client: str) -> None:
+        self.partial -= 1
+        left = self.partial_by_client.get(client, 1) - 1
+        if left:
+            self.partial_by_client[client] = left
+        else:
+            self.partial_by_client.pop(client, None)
 
 
 def post_route_matcher(router) -> Callable[[Scope], bool]:
@@ -153,7 +191,7 @@ def sequences_of(body: bytes) -> int:
     refuse anyway (not JSON, not an object, not positive integers): it answers those with a 400."""
     try:
         req = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return 1
     if not isinstance(req, dict):
         return 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.types import Scope
 
-ARRIVAL = "moge.arrival"  # scope key: when the request reached this replica (metrics clock, seconds)
+ARRIVAL = "moge.arrival"  # scope key: when the request reached the ingress (metrics clock, seconds)
 
 
 def route_path(scope: Scope) -> str:

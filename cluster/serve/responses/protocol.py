@@ -212,3 +212,9 @@ class ResponseObject(_Response):
     @property
     def output_text(self) -> str:
         return "".join(c.text for item in self.output if isinstance(item, OutputMessage) for c in item.content)
+
+
+class ResponseRef(_Request):
+    """GET / DELETE /v1/responses/{id} and its cancel, as the ingress hands them to a replica."""
+
+    response_id: str = Field(max_length=256)

@@ -1,4 +1,5 @@
-"""Create, stream, retrieve and delete responses on top of the chat path of an OpenAIServer.
+"""Create, stream, retrieve and delete responses on top of the chat path of an OpenAIServer, as the
+server half's pieces (cluster/serve/ingress/pieces.py) like every other route.
 
 A create is the chat request conversation.chat_request builds (so the prompt, the grammar of
 `text.format` or a forced tool call, and the served tool-call format are the chat route's), run as
@@ -10,22 +11,26 @@ function_call_arguments.delta, .done, output_item.done), then response.completed
 response.incomplete when max_output_tokens cut it, response.failed on an error), every event with
 its sequence_number. The first engine output is awaited before the 200, so a request the engine
 refuses still gets a 4xx.
+
+The response's id, its creation time and its message items' ids come from the request's context,
+so a stream resumed on another replica after its replica died (cluster/serve/ingress/resume.py)
+replays what its client has into the same state and goes on with the same ids and numbering. The
+store is this replica's memory: a resumed response is stored by the replica that finished it.
 """
 
 from __future__ import annotations
 
 from typing import Any, AsyncIterator
 
-from fastapi.responses import JSONResponse, Response
-
 from cluster.serve import openai_protocol as p
-from cluster.serve.errors import InvalidRequest, NotFound, as_api_error
+from cluster.serve.errors import APIError, InvalidRequest, NotFound
+from cluster.serve.ingress.pieces import Piece, RequestContext, json_piece
 from cluster.serve.openai_params import chat_logprobs
 from cluster.serve.responses.conversation import chat_request, input_messages, output_messages
 from cluster.serve.responses.protocol import (FunctionCall, IncompleteDetails, InputTokensDetails, OutputMessage,
-                                              OutputText, ResponseError, ResponseObject, ResponsesRequest, Usage)
+                                              OutputText, ResponseError, ResponseObject, ResponseRef,
+                                              ResponsesRequest, Usage)
 from cluster.serve.responses.store import ResponseStore
-from cluster.serve.streaming import ClosingStreamingResponse
 from cluster.serve.tools.parsing import StreamingToolParser
 
 
@@ -44,8 +49,7 @@ class ResponsesService:
 
     # ------------------------------------------------------------------------------ routes
 
-    async def create(self, req: ResponsesRequest, arrival: float | None = None) -> Response:
-        """`arrival`: when the request reached this replica (where its latency metrics start)."""
+    async def create(self, req: ResponsesRequest, ctx: RequestContext) -> AsyncIterator[Piece]:
         history: list[dict[str, Any]] = []
         if req.previous_response_id is not None:
             prev = self.store.get(req.previous_response_id)
@@ -53,8 +57,9 @@ class ResponsesService:
                 raise ResponseNotFound(req.previous_response_id, param="previous_response_id")
             history = prev.history
         chat = chat_request(req, history)
-        choices, k, tools = await self.server.chat_plan(chat)
+        choices, k, tools = await self.server.chat_plan(chat, ctx)
         response = ResponseObject(
+            id="resp_" + ctx.id_suffix, created_at=ctx.created,
             model=self.server.model.name, instructions=req.instructions, max_output_tokens=req.max_output_tokens,
             max_tool_calls=req.max_tool_calls, parallel_tool_calls=req.parallel_tool_calls,
             previous_response_id=req.previous_response_id, temperature=req.temperature, top_p=req.top_p,
@@ -63,29 +68,35 @@ class ResponsesService:
             text=req.text.model_dump(by_alias=True, exclude_none=True) if req.text and req.text.format else
             {"format": {"type": "text"}}, store=req.store, metadata=req.metadata or {}, user=req.user,
         )
-        turn = _Turn(self, req, response, chat, k, tools, history + input_messages(req.input))
+        turn = _Turn(self, req, response, chat, k, tools, history + input_messages(req.input), choices)
         if req.stream:
-            return await turn.stream(self.server.outputs(response.id, choices), len(choices[0].prompt_ids), arrival)
-        (result,) = await self.server.collect(response.id, choices, arrival)
+            async for piece in self.server.stream_events(response.id, choices, turn, ctx):
+                yield piece
+            return
+        results: list = []
+        async for piece in self.server.collect_pieces(response.id, choices, ctx, results):
+            yield piece
+        (result,) = results
         turn.finish(result.text, result.finish_reason, len(choices[0].prompt_ids), len(result.token_ids),
                     result.cached_tokens, result.logprobs)
-        return JSONResponse(response.model_dump(mode="json"))
+        yield json_piece(response)
 
-    def retrieve(self, response_id: str) -> Response:
-        stored = self.store.get(response_id)
+    async def retrieve(self, ref: ResponseRef, ctx: RequestContext) -> AsyncIterator[Piece]:
+        stored = self.store.get(ref.response_id)
         if stored is None:
-            raise ResponseNotFound(response_id)
-        return JSONResponse(stored.response.model_dump(mode="json"))
+            raise ResponseNotFound(ref.response_id)
+        yield json_piece(stored.response)
 
-    def delete(self, response_id: str) -> Response:
-        if not self.store.delete(response_id):
-            raise ResponseNotFound(response_id)
-        return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+    async def delete(self, ref: ResponseRef, ctx: RequestContext) -> AsyncIterator[Piece]:
+        if not self.store.delete(ref.response_id):
+            raise ResponseNotFound(ref.response_id)
+        yield json_piece({"id": ref.response_id, "object": "response", "deleted": True})
 
-    def cancel(self, response_id: str) -> Response:
-        if self.store.get(response_id) is None:
-            raise ResponseNotFound(response_id)
+    async def cancel(self, ref: ResponseRef, ctx: RequestContext) -> AsyncIterator[Piece]:
+        if self.store.get(ref.response_id) is None:
+            raise ResponseNotFound(ref.response_id)
         raise InvalidRequest("Only background responses can be cancelled, and this server runs none", param="response_id")
+        yield  # an async generator like the other routes
 
 
 def _echo(value: Any, default: Any) -> Any:
@@ -95,14 +106,22 @@ def _echo(value: Any, default: Any) -> Any:
 
 
 class _Turn:
-    """One response being made: its output items, and what to store at the end."""
+    """One response being made: its output items, and what to store at the end. As a stream's
+    events (openai_server.StreamEvents): opening, per engine output, end, error."""
 
     def __init__(self, service: ResponsesService, req: ResponsesRequest, response: ResponseObject,
                  chat: p.ChatCompletionRequest, k: int | None, tools: set[str] | None,
-                 conversation: list[dict[str, Any]]) -> None:
+                 conversation: list[dict[str, Any]], choices: list) -> None:
         self.service, self.req, self.response, self.chat = service, req, response, chat
         self.k, self.tools, self.conversation = k, tools, conversation
         self.max_calls = req.max_tool_calls
+        self.prompt = len(choices[0].prompt_ids)
+        # streaming state
+        self.sse = _Events()
+        self.parser = StreamingToolParser(tools, service.server.tool_format, chat.calls_parallel) \
+            if tools is not None else None
+        self.message: _OpenMessage | None = None
+        self.pending = ""  # whitespace before anything else: kept unless calls are all there is
 
     def _logprobs(self, entries: list) -> list[dict[str, Any]]:
         if self.k is None or not entries:
@@ -120,12 +139,17 @@ class _Turn:
         content, calls = self.service.server.tool_calls(text, self.tools, self.chat.calls_parallel)
         items: list[OutputMessage | FunctionCall] = []
         if content or not calls:
-            items.append(OutputMessage(content=[OutputText(text=content or "", logprobs=self._logprobs(logprobs))]))
+            items.append(OutputMessage(id=self._message_id(0),
+                                       content=[OutputText(text=content or "", logprobs=self._logprobs(logprobs))]))
         items += self._calls(calls)
         self.response.output = items
-        self._close(finish_reason, prompt, completion, cached, count=False)  # collect() counted them
+        self._close(finish_reason, prompt, completion, cached)
 
-    def _close(self, finish_reason: str | None, prompt: int, completion: int, cached: int, count: bool = True) -> None:
+    def _message_id(self, index: int) -> str:
+        return f"msg_{self.response.id[5:]}{index:04x}"
+
+    def _close(self, finish_reason: str | None, prompt: int, completion: int, cached: int) -> None:
+        """Status, usage and the store (the server half counted the tokens)."""
         r = self.response
         r.usage = Usage(input_tokens=prompt, input_tokens_details=InputTokensDetails(cached_tokens=cached),
                         output_tokens=completion, total_tokens=prompt + completion)
@@ -135,96 +159,67 @@ class _Turn:
                 item.status = "incomplete"
         else:
             r.status = "completed"
-        if count:
-            self.service.server.metrics.count_tokens(prompt, completion)
         if self.req.store:
             self.service.store.put(r, self.conversation + output_messages(r.output))
 
     # ------------------------------------------------------------------------------ streaming
 
-    async def stream(self, outputs: AsyncIterator[tuple[int, Any]], prompt: int, arrival: float | None) -> Response:
-        try:
-            first = await anext(outputs, None)
-        except BaseException:
-            await outputs.aclose()
-            raise
-        return ClosingStreamingResponse(self._events(outputs, first, prompt, arrival), media_type="text/event-stream",
-                                        headers={"Cache-Control": "no-cache"})
+    def opening(self) -> bytes:
+        r = self.response.model_dump(mode="json")
+        return self.sse("response.created", response=r) + self.sse("response.in_progress", response=r)
 
-    async def _events(self, outputs: AsyncIterator[tuple[int, Any]], first: Any, prompt: int,
-                      arrival: float | None) -> AsyncIterator[bytes]:
-        sse = _Events()
+    def delta(self, index: int, out: Any, results: list) -> bytes:
+        r, sse = self.response, self.sse
+        data = bytearray()
+        text, calls = out.new_text, []
+        if self.parser is not None:
+            text, calls = self.parser.feed(out.new_text)
+            if out.finished:
+                rest, more = self.parser.finish()
+                text, calls = text + rest, calls + more
+        if self.message is None and not text.strip():
+            self.pending += text
+            text = ""
+        if text:
+            if self.message is None:
+                self.message = _OpenMessage(len(r.output), self._message_id(len(r.output)))
+                r.output.append(self.message.item)
+                data += self.message.open(sse)
+                text, self.pending = self.pending + text, ""
+            data += self.message.delta(sse, text, self._logprobs(getattr(out, "logprobs", None) or []))
+        for _, parsed in calls:
+            if self.max_calls is not None and sum(isinstance(i, FunctionCall) for i in r.output) >= self.max_calls:
+                break
+            call = FunctionCall(id=f"fc_{r.id[5:]}{len(r.output):04x}", call_id=parsed.id, name=parsed.name,
+                                arguments=parsed.arguments)
+            if self.message is not None:
+                data += self.message.close(sse)
+                self.message = None
+            data += _call_events(sse, call, len(r.output))
+            r.output.append(call)
+        return bytes(data)
+
+    def end(self, results: list) -> bytes:
+        r, sse = self.response, self.sse
+        data = bytearray()
+        if self.message is None and not r.output:  # an empty answer is still one message
+            self.message = _OpenMessage(0, self._message_id(0))
+            r.output.append(self.message.item)
+            data += self.message.open(sse)
+            if self.pending:
+                data += self.message.delta(sse, self.pending, [])
+        if self.message is not None:
+            data += self.message.close(sse)
+        (result,) = results
+        self._close(result.finish_reason, self.prompt, len(result.token_ids), result.cached_tokens)
+        kind = "response.incomplete" if r.status == "incomplete" else "response.completed"
+        return bytes(data + sse(kind, response=r.model_dump(mode="json")))
+
+    def error(self, err: APIError) -> bytes:
         r = self.response
-        parser = StreamingToolParser(self.tools, self.service.server.tool_format, self.chat.calls_parallel) \
-            if self.tools is not None else None
-        message: _OpenMessage | None = None
-        pending = ""  # whitespace before anything else: kept unless calls are all there is
-        completion, cached, finish = 0, 0, None
-        timer = self.service.server.metrics.request_timer(arrival)
-        failed = False
-        try:
-            yield sse("response.created", response=r.model_dump(mode="json"))
-            yield sse("response.in_progress", response=r.model_dump(mode="json"))
-            item = first
-            while item is not None:
-                _, out = item
-                completion += len(out.new_token_ids)
-                timer.observe(out)
-                cached = getattr(out, "cached_tokens", 0)
-                text, calls = out.new_text, []
-                if parser is not None:
-                    text, calls = parser.feed(out.new_text)
-                    if out.finished:
-                        rest, more = parser.finish()
-                        text, calls = text + rest, calls + more
-                if message is None and not text.strip():
-                    pending += text
-                    text = ""
-                if text:
-                    if message is None:
-                        message = _OpenMessage(len(r.output))
-                        r.output.append(message.item)
-                        for ev in message.open(sse):
-                            yield ev
-                        text, pending = pending + text, ""
-                    yield message.delta(sse, text, self._logprobs(getattr(out, "logprobs", None) or []))
-                for _, parsed in calls:
-                    if self.max_calls is not None and sum(isinstance(i, FunctionCall) for i in r.output) >= self.max_calls:
-                        break
-                    call = FunctionCall(call_id=parsed.id, name=parsed.name, arguments=parsed.arguments)
-                    if message is not None:
-                        for ev in message.close(sse):
-                            yield ev
-                        message = None
-                    for ev in _call_events(sse, call, len(r.output)):
-                        yield ev
-                    r.output.append(call)
-                if out.finished:
-                    finish = out.finish_reason
-                item = await anext(outputs, None)
-            if message is None and not r.output:  # an empty answer is still one message
-                message = _OpenMessage(0)
-                r.output.append(message.item)
-                for ev in message.open(sse):
-                    yield ev
-                if pending:
-                    yield message.delta(sse, pending, [])
-            if message is not None:
-                for ev in message.close(sse):
-                    yield ev
-            self._close(finish, prompt, completion, cached)
-            kind = "response.incomplete" if r.status == "incomplete" else "response.completed"
-            yield sse(kind, response=r.model_dump(mode="json"))
-        except Exception as exc:  # the stream has started: report in-band, then end it
-            failed = True
-            err = as_api_error(exc)
-            self.service.server.metrics.count_stream_error(err.status)
-            r.status, r.error = "failed", ResponseError(code=err.code or err.type, message=err.message)
-            yield sse("error", code=err.code or err.type, message=err.message, param=err.param)
-            yield sse("response.failed", response=r.model_dump(mode="json"))
-        finally:
-            await outputs.aclose()
-            timer.close(error=failed)  # a client gone mid-stream ends here too
+        r.status, r.error = "failed", ResponseError(code=err.code or err.type, message=err.message)
+        return (self.sse("error", code=err.code or err.type, message=err.message, param=err.param)
+                + self.sse("response.failed", response=r.model_dump(mode="json")))
 
 
 class _Events:
@@ -240,37 +235,36 @@ class _Events:
 
 
 class _OpenMessage:
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, item_id: str) -> None:
         self.index = index
-        self.item = OutputMessage(status="in_progress")
+        self.item = OutputMessage(id=item_id, status="in_progress")
         self.text = ""
         self.logprobs: list = []
 
     def _ids(self) -> dict[str, Any]:
         return {"item_id": self.item.id, "output_index": self.index, "content_index": 0}
 
-    def open(self, sse: _Events) -> list[bytes]:
-        return [sse("response.output_item.added", output_index=self.index, item=self.item.model_dump(mode="json")),
-                sse("response.content_part.added", **self._ids(),
-                    part=OutputText(text="").model_dump(mode="json"))]
+    def open(self, sse: _Events) -> bytes:
+        return (sse("response.output_item.added", output_index=self.index, item=self.item.model_dump(mode="json"))
+                + sse("response.content_part.added", **self._ids(), part=OutputText(text="").model_dump(mode="json")))
 
     def delta(self, sse: _Events, text: str, logprobs: list) -> bytes:
         self.text += text
         self.logprobs += logprobs
         return sse("response.output_text.delta", **self._ids(), delta=text, logprobs=logprobs)
 
-    def close(self, sse: _Events) -> list[bytes]:
+    def close(self, sse: _Events) -> bytes:
         part = OutputText(text=self.text, logprobs=self.logprobs)
         self.item.content, self.item.status = [part], "completed"
-        return [sse("response.output_text.done", **self._ids(), text=self.text, logprobs=self.logprobs),
-                sse("response.content_part.done", **self._ids(), part=part.model_dump(mode="json")),
-                sse("response.output_item.done", output_index=self.index, item=self.item.model_dump(mode="json"))]
+        return (sse("response.output_text.done", **self._ids(), text=self.text, logprobs=self.logprobs)
+                + sse("response.content_part.done", **self._ids(), part=part.model_dump(mode="json"))
+                + sse("response.output_item.done", output_index=self.index, item=self.item.model_dump(mode="json")))
 
 
-def _call_events(sse: _Events, call: FunctionCall, index: int) -> list[bytes]:
+def _call_events(sse: _Events, call: FunctionCall, index: int) -> bytes:
     opened = call.model_copy(update={"arguments": "", "status": "in_progress"})
     ids = {"item_id": call.id, "output_index": index}
-    return [sse("response.output_item.added", output_index=index, item=opened.model_dump(mode="json")),
-            sse("response.function_call_arguments.delta", **ids, delta=call.arguments),
-            sse("response.function_call_arguments.done", **ids, name=call.name, arguments=call.arguments),
-            sse("response.output_item.done", output_index=index, item=call.model_dump(mode="json"))]
+    return (sse("response.output_item.added", output_index=index, item=opened.model_dump(mode="json"))
+            + sse("response.function_call_arguments.delta", **ids, delta=call.arguments)
+            + sse("response.function_call_arguments.done", **ids, name=call.name, arguments=call.arguments)
+            + sse("response.output_item.done", output_index=index, item=call.model_dump(mode="json")))
