@@ -84,6 +84,12 @@ class WorkerFleet:
             self._wait_released(worker_id, ready_timeout_s)
         raise RuntimeError(f"worker {worker_id}: a worker of another model spec keeps the name")
 
+    def serves_this_model(self, worker_id: str, timeout_s: float = 10.0) -> bool:
+        """Does the live worker of this id serve this fleet's model spec over its carrier (not a
+        detached leftover of another deployment)?"""
+        reply = ray.get(self.handle(worker_id).ping.remote(), timeout=timeout_s)
+        return reply.get("spec") == model_spec(self.config) and reply.get("transport") == self.config.data_plane.transport
+
     def _wait_released(self, worker_id: str, timeout_s: float, poll_s: float = 0.1) -> None:
         deadline = time.monotonic() + timeout_s
         while worker_id in self.running() and time.monotonic() < deadline:

@@ -289,7 +289,7 @@ def test_redis_restart_mid_load_keeps_serving(stack, replica, expected):
         load.wait_for(CONCURRENCY)
         stack.redis.stop()
         load.wait_for(CONCURRENCY)  # serving goes on with Redis down (invariant 5)
-        stack.redis.start()
+        stack.redis.start().supervise()  # as the stack runs it (start_elastic)
         wait_until(lambda: er.listener.redis_errors > 0 and _acked(stack, er), 60, "replica re-acknowledging")
         r = ctl(stack, "scale", 2)
         load.wait_for(CONCURRENCY)

@@ -59,6 +59,10 @@ class Recovery:
         held: dict[int, list[str]] = {}
         for wid in self.fleet.running():
             try:
+                if not self.fleet.serves_this_model(wid):  # another deployment's: never adopted
+                    log.warning("worker %s serves another model spec or carrier; stopping it", wid)
+                    self.fleet.stop(wid)
+                    continue
                 for g in ray.get(self.fleet.handle(wid).held_groups.remote(), timeout=10):
                     held.setdefault(int(g), []).append(wid)
                 self.inventory.set_state(wid, WorkerState.SERVING)
