@@ -67,7 +67,8 @@ def expected(replica, reference_model):
     from actors.model.reference import greedy_reference
 
     _, loaded, _ = replica
-    return {p: greedy_reference(reference_model, loaded.tokenizer.encode(p), MAX_TOKENS) for p in PROMPTS}
+    # (tokens, None): this module serves in the default mode, so log-probabilities are not compared
+    return {p: (greedy_reference(reference_model, loaded.tokenizer.encode(p), MAX_TOKENS), None) for p in PROMPTS}
 
 
 def test_scale_one_device_to_two_and_back_under_load(stack, replica, expected):
