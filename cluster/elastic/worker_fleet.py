@@ -76,7 +76,7 @@ class WorkerFleet:
         for attempt in range(2):
             handle = self._actor_cls.options(**opts).remote(worker_id, spec, dp.transport, transport_options(self.config))
             reply = self._ready(worker_id, handle, opts, ready_timeout_s)
-            if reply.get("spec") == spec and reply.get("transport") == dp.transport:
+            if self._ours(reply):
                 return handle
             log.warning("worker %s is alive with another model spec or carrier (%s, %s); replacing it",
                         worker_id, reply.get("spec"), reply.get("transport"))
@@ -87,8 +87,11 @@ class WorkerFleet:
     def serves_this_model(self, worker_id: str, timeout_s: float = 10.0) -> bool:
         """Does the live worker of this id serve this fleet's model spec over its carrier (not a
         detached leftover of another deployment)?"""
-        reply = ray.get(self.handle(worker_id).ping.remote(), timeout=timeout_s)
-        return reply.get("spec") == model_spec(self.config) and reply.get("transport") == self.config.data_plane.transport
+        return self._ours(ray.get(self.handle(worker_id).ping.remote(), timeout=timeout_s))
+
+    def _ours(self, ping_reply: dict) -> bool:
+        return (ping_reply.get("spec") == model_spec(self.config)
+                and ping_reply.get("transport") == self.config.data_plane.transport)
 
     def _wait_released(self, worker_id: str, timeout_s: float, poll_s: float = 0.1) -> None:
         deadline = time.monotonic() + timeout_s
