@@ -14,6 +14,7 @@ what it knows (ElasticController._restore_if_empty).
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import secrets
 import shutil
@@ -97,8 +98,7 @@ class EmbeddedRedis:
         # The password travels on argv; redis-server is only reachable on loopback. Its own session
         # (process group): a terminal's Ctrl-C goes to the foreground group only, so it reaches the
         # server process, which stops Redis last, not redis-server itself mid-shutdown.
-        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                        start_new_session=True, preexec_fn=_die_with_parent)
+        self.process = _spawn(args)
         self._wait_ready(timeout_s)
         return self
 
@@ -171,6 +171,24 @@ class EmbeddedRedis:
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+
+# PR_SET_PDEATHSIG fires when the *thread* that forked the child exits, not its process: a
+# redis-server that the supervisor thread restarted got SIGTERM as soon as that thread was replaced
+# (stop_supervising, then supervise again). Every redis-server is therefore forked by this one
+# thread, which lives as long as the process (one per process: a forked child makes its own).
+_spawner: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+_spawner_lock = threading.Lock()
+
+
+def _spawn(args: list[str]) -> subprocess.Popen:
+    global _spawner
+    with _spawner_lock:
+        if _spawner is None or _spawner[0] != os.getpid():
+            _spawner = (os.getpid(), concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="redis-spawner"))
+        spawner = _spawner[1]
+    return spawner.submit(subprocess.Popen, args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           start_new_session=True, preexec_fn=_die_with_parent).result()
 
 
 def _die_with_parent() -> None:

@@ -162,7 +162,12 @@ def test_overload_beyond_the_queue_bound_gets_429_with_retry_after_and_health_st
 
     async def main():
         async with client(base_url) as c:
-            load = [asyncio.create_task(stream_tokens(c, f"overload {i}", 48)) for i in range(3 * (MAX_NUM_SEQS + MAX_WAITING))]
+            async def timed(i):
+                t0 = time.monotonic()
+                status, tokens = await stream_tokens(c, f"overload {i}", 48)
+                return status, time.monotonic() - t0
+
+            load = [asyncio.create_task(timed(i)) for i in range(3 * (MAX_NUM_SEQS + MAX_WAITING))]
             health = []
             async with client(base_url, timeout=10) as probe:
                 while not all(t.done() for t in load):
@@ -170,19 +175,25 @@ def test_overload_beyond_the_queue_bound_gets_429_with_retry_after_and_health_st
                     r = await probe.get("/health")
                     health.append((r.status_code, time.monotonic() - t0))
                     await asyncio.sleep(0.05)
-            statuses = [s for s, _ in await asyncio.wait_for(asyncio.gather(*load), 300)]
-            return statuses, health
+            done = await asyncio.wait_for(asyncio.gather(*load), 300)
+            return [s for s, _ in done], [d for s, d in done if s == 200], health
 
-    statuses, health = asyncio.run(main())
+    statuses, served, health = asyncio.run(main())
     print(f"overload: {statuses.count(200)} served, {statuses.count(429)} refused; /health max "
           f"{max(d for _, d in health) * 1000:.0f} ms, p50 {sorted(d for _, d in health)[len(health) // 2] * 1000:.0f} ms "
-          f"over {len(health)} probes")
+          f"over {len(health)} probes; served stream median {sorted(served)[len(served) // 2] * 1000:.0f} ms")
     assert set(statuses) <= {200, 429} and statuses.count(429) > 0 and statuses.count(200) >= MAX_NUM_SEQS + MAX_WAITING
     assert RETRY_AFTER == ["2"] * statuses.count(429)
-    # p95 under 100 ms; the max gets a looser bound, the CI machine's 2 cores are shared
+    # /health is answered beside the engine, never queued behind it: its median stays far under 100 ms
+    # and its p95 far under what a served stream takes. The bounds leave room for the CI machine's two
+    # shared cores (this client's own 24 streams share its event loop); a queued /health would take as
+    # long as a stream.
     latencies = sorted(d for _, d in health)
-    assert all(s == 200 for s, _ in health) and latencies[int(0.95 * (len(latencies) - 1))] < 0.1, latencies
-    assert latencies[-1] < 0.5, latencies
+    p50, p95 = latencies[len(latencies) // 2], latencies[int(0.95 * (len(latencies) - 1))]
+    median_stream = sorted(served)[len(served) // 2]
+    assert all(s == 200 for s, _ in health), health
+    assert p50 < 0.1 and p95 < 0.25 and p95 < median_stream / 2, (latencies, median_stream)
+    assert latencies[-1] < 1.0, latencies
     assert metric(base_url, "moge_requests_total", 'route="/v1/completions",status="429"') - before == statuses.count(429)
 
 

@@ -173,3 +173,26 @@ def test_a_killed_embedded_redis_is_restarted_with_its_data_and_clients_reconnec
     finally:
         srv.stop()
     assert not srv.running()
+
+
+def test_a_redis_server_outlives_the_thread_that_started_it():
+    """PR_SET_PDEATHSIG is tied to the forking thread: a redis-server started (or restarted by the
+    supervisor) on a thread that later exits must keep running while its process lives."""
+    import subprocess
+
+    srv = EmbeddedRedis()
+    starter = threading.Thread(target=srv.start)
+    starter.start()
+    starter.join(30)
+    try:
+        assert srv.running()
+        with pytest.raises(subprocess.TimeoutExpired):  # the bug: SIGTERM on the thread's exit, gone in ms
+            srv.process.wait(timeout=2)
+        srv.supervise(poll_s=0.05).stop_supervising()  # the supervisor thread is replaced, as tests do
+        srv.supervise(poll_s=0.05)
+        with pytest.raises(subprocess.TimeoutExpired):
+            srv.process.wait(timeout=1)
+        assert connect(srv.url).ping() and srv.restarts == 0
+    finally:
+        srv.stop()
+    assert not srv.running()
