@@ -16,8 +16,6 @@ export TQDM_DISABLE=1 MOGE_REPORT_DIR=$OUT; mkdir -p "$OUT/inv"
 BUDGET=${GPU_BUDGET_S:-430}
 START=$SECONDS
 
-
-
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' | tee -a "$OUT/gpu.txt"
 

@@ -7,7 +7,6 @@ grammar library and compiler are as fresh as a new replica's."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -15,13 +14,13 @@ import httpx
 import pytest
 
 from cluster.cli.local_cluster import LocalCluster
+from tests.integration.health_bound import fast
 
 pytestmark = pytest.mark.integration
 
 STREAMS = 4
 STREAM_TOKENS = 400
 SLACK_S = 0.100
-HEALTH_P99_S = float(os.environ.get("MOGE_HEALTH_P99_S", "0.5"))
 BIG_SCHEMA = {"type": "object", "properties": {f"field_{i}": {"type": "string", "maxLength": 4} for i in range(5000)}}
 
 
@@ -106,8 +105,5 @@ def test_structured_output_does_not_stall_other_streams_or_health(fresh_app, mog
                        reverse=True)[:5]
         assert max(inside) <= normal + SLACK_S, (normal, worst, first_done - window_start, window_end - window_start)
     # /health runs beside the step thread: a compile or mask on the event loop would hold it for the
-    # schema's whole compile. Median under 100 ms; the p99 bound leaves room for the CI machine's two
-    # shared cores (test_slow_clients uses the same one)
-    health.sort()
-    p50, p99 = health[len(health) // 2], health[int(0.99 * (len(health) - 1))]
-    assert len(health) >= 10 and p50 < 0.100 and p99 < HEALTH_P99_S, (p50, p99, len(health))
+    # schema's whole compile
+    assert len(health) >= 10 and fast(health), (sorted(health)[-5:], len(health))
