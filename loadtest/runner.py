@@ -82,6 +82,12 @@ def _tail(log: Path | None, lines: int = 30) -> str:
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
+def key_args(api_key: str) -> list[str]:
+    """`moge serve` options making `api_key` its API and admin key. "--opt=value": a key that starts
+    with "-" (token_urlsafe gives one in 32) would read as an option after a separate "--api-key"."""
+    return [f"--api-key={api_key}", f"--admin-key={api_key}"]
+
+
 def start_server(port: int, out: Path, config: str | None, extra: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "cluster.cli.main", "serve", "--port", str(port), *(["--config", config] if config else []), *extra]
     log = (out / "server.log").open("w")
@@ -167,8 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             # A key of our own, as API and admin key (the admin API is off without one): it opens
             # /admin/status (the device count) and exercises the auth path.
             args.api_key = args.api_key or secrets.token_urlsafe(16)
-            server = start_server(port, out, args.config, [*args.server_arg, "--api-key", args.api_key,
-                                                               "--admin-key", args.api_key])
+            server = start_server(port, out, args.config, [*args.server_arg, *key_args(args.api_key)])
         wait_healthy(url, args.server_timeout, server, out / "server.log" if server else None)
         poller = DevicePoller(url, api_key=args.api_key)
         poller.start()

@@ -63,7 +63,9 @@ class EmbeddedRedis:
     """A redis-server child bound to loopback. `start()` it, read `.url`, `stop()` it."""
 
     port: int = 0
-    password: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    # hex: redis-server reads an argv word that starts with "--" as an option name, so a urlsafe
+    # password (1 in 4,096 starts so) made it exit with "wrong number of arguments"
+    password: str = field(default_factory=lambda: secrets.token_hex(24))
     data_dir: str | None = None  # set: append-only file there (survives a restart); None: no persistence
     binary: str | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
@@ -79,6 +81,9 @@ class EmbeddedRedis:
     def start(self, timeout_s: float = 10.0) -> "EmbeddedRedis":
         if self.process is not None and self.process.poll() is None:
             return self
+        if self.password.startswith("--"):
+            raise ValueError("an embedded Redis password must not start with '--' (redis-server would read it "
+                             "as an option name)")
         if not self.port:
             self.port = free_port()
         args = [

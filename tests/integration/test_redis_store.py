@@ -196,3 +196,13 @@ def test_a_redis_server_outlives_the_thread_that_started_it():
     finally:
         srv.stop()
     assert not srv.running()
+
+
+def test_a_password_redis_server_would_read_as_an_option_is_refused_and_one_dash_works():
+    with pytest.raises(ValueError, match="must not start with '--'"):
+        EmbeddedRedis(password="--looks-like-an-option").start()
+    srv = EmbeddedRedis(password="-one-dash").start()
+    try:
+        assert connect(srv.url).ping()
+    finally:
+        srv.stop()

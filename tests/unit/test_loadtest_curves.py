@@ -1,4 +1,5 @@
-"""Traffic curves, device-count parsing and the run summary of loadtest/ (no locust, no server)."""
+"""Traffic curves, device-count parsing, the run summary and the server options of loadtest/ (no
+locust, no server)."""
 
 from __future__ import annotations
 
@@ -77,3 +78,13 @@ def test_summary_counts_requests_but_not_latency_samples(tmp_path):
     assert summary.entry("TTFT").p99_ms == 50
     assert "| TTFT | `all streams` | 7 | 0 | 40 | 50 | 1.40 |" in summary.markdown()
     assert "Aggregated" not in summary.markdown()
+
+
+@pytest.mark.parametrize("key", ["plain-key_1", "-starts-with-a-dash", "--two-dashes"])
+def test_the_runner_hands_moge_serve_any_generated_key(key):
+    """token_urlsafe keys can start with "-": `moge serve` must still read them as the key."""
+    from cluster.cli.main import build_parser
+    from loadtest.runner import key_args
+
+    args = build_parser().parse_args(["serve", *key_args(key)])
+    assert args.api_keys == [key] and args.admin_keys == [key]
